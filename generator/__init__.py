@@ -1,0 +1,1 @@
+"""The turbo engine (models, attention, sampler, video) and the single-GPU scheduler."""

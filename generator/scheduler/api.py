@@ -1,0 +1,215 @@
+"""What every front end (Discord, Telegram, web console, CLI) uses to talk to the scheduler.
+
+Front ends only: build a ``GenerationRequest`` (``bots.commands``), call ``Scheduler.submit`` / ``remix`` /
+``cancel`` ..., and register one ``EventSink`` per platform to hear about their jobs. Terminal events are
+delivered exactly once per job: the sink returns normally -> the job is marked delivered; it raises -> the
+event is offered again later (also after a restart). Sinks must therefore be idempotent-friendly and
+quick; long uploads are fine (they run in the front end's event loop, not the scheduler's critical path).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from generator.request import GenerationRequest
+
+EventKind = Literal["queued", "started", "progress", "succeeded", "failed", "cancelled"]
+TERMINAL_KINDS = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asks. ``key`` ("platform:id") is what config's owners/allow/deny lists name."""
+
+    platform: str  # discord, telegram, web, cli
+    user_id: str
+    display_name: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.platform}:{self.user_id}"
+
+
+@dataclass(frozen=True)
+class DeliveryTarget:
+    """Where the job's status and result go (persisted with the job so a restart can still deliver)."""
+
+    platform: str
+    chat_id: str = ""
+    guild_id: str = ""  # Discord guild or "" for DMs; Telegram: "" (chat_id says it)
+    status_message_id: str = ""  # set later with Scheduler.set_status_message
+    reply_to_message_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. Discord application id + interaction token
+
+
+class Refusal(Exception):
+    """A request the scheduler will not accept. ``message`` is friendly and safe to show the user."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retry_at: dt.datetime | None = None,
+        job_id: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        # codes: invalid, blocked, quota_daily, quota_gpu, queued_cap, running_cap, queue_full, chat_rate,
+        #        not_found, forbidden, not_cancellable, model_not_configured, blocked_words
+        self.code = code
+        self.message = message
+        self.retry_at = retry_at
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class OutputView:
+    path: str
+    bytes: int
+    width: int
+    height: int
+    frames: int
+    fps: int
+    duration_s: float
+    sha256: str
+    model_label: str
+    is_demo: bool
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A read-only snapshot of a job, safe to hand to any front end."""
+
+    id: int
+    state: str  # queued, running, succeeded, failed, cancelled
+    request: GenerationRequest  # seed always set
+    requester: Requester
+    target: DeliveryTarget
+    parent_id: int | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    attempts: int
+    progress_step: int
+    progress_total: int
+    position: int | None  # 1-based place in the queue while queued, else None
+    queue_length: int | None
+    eta: dt.datetime | None  # estimated finish time, when known
+    output: OutputView | None
+    error_code: str
+    error_message: str
+    timings: dict[str, float]
+
+    @property
+    def seed(self) -> int:
+        assert self.request.seed is not None
+        return self.request.seed
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    kind: EventKind
+    job: JobView
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_KINDS
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    job: JobView
+    duplicate: bool  # the idempotency key was seen before: this is the earlier job
+
+
+@dataclass(frozen=True)
+class QuotaView:
+    running: int
+    queued: int
+    max_running: int | None  # None = unlimited
+    max_queued: int | None
+    jobs_today: int
+    daily_jobs: int | None
+    gpu_seconds_today: float
+    daily_gpu_seconds: float | None
+    resets_at: dt.datetime
+
+
+EventSink = Callable[[JobEvent], Awaitable[None]]
+
+
+class SchedulerAPI(Protocol):
+    """The verbs front ends use. Implemented by ``generator.scheduler.service.Scheduler``.
+
+    Every method is async and safe to call from the front end's event loop (no GPU work inside).
+    Refusals are raised as ``Refusal`` with a friendly message; ``RequestError`` from validation is turned
+    into ``Refusal(code="invalid")`` too, so front ends need to catch only ``Refusal``.
+    """
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        requester: Requester,
+        target: DeliveryTarget,
+        idempotency_key: str,
+        *,
+        parent_id: int | None = None,
+    ) -> SubmitResult:
+        """Validate, check quotas and enqueue in one transaction. Same key twice -> the first job."""
+
+    async def remix(
+        self,
+        parent_id: int,
+        requester: Requester,
+        target: DeliveryTarget,
+        idempotency_key: str,
+        *,
+        overrides: dict[str, Any] | None = None,
+        new_seed: bool = False,
+    ) -> SubmitResult:
+        """Re-run job ``parent_id``: same seed and parameters, ``overrides`` applied (field -> value,
+        names as in ``GenerationRequest``). ``new_seed=True`` is "Retry": same parameters, fresh seed."""
+
+    async def save_input(self, requester: Requester, png_bytes: bytes, width: int, height: int) -> str:
+        """Store a validated, re-encoded input image; returns its sha256 to put in ``request.image``."""
+
+    async def set_status_message(self, job_id: int, message_id: str, extra: dict[str, Any] | None = None) -> None:
+        """Remember the status message of a job (and platform extras) so later events edit it."""
+
+    async def cancel(self, job_id: int, requester: Requester) -> JobView:
+        """Cancel a queued job at once, or a running one between sampler steps (owner or moderator)."""
+
+    async def delete(self, job_id: int, requester: Requester) -> None:
+        """Delete a finished job's output and row (owner or moderator)."""
+
+    async def get(self, job_id: int) -> JobView | None: ...
+
+    async def jobs_for(self, requester: Requester, *, limit: int = 10, states: tuple[str, ...] | None = None,
+                       query: str = "") -> list[JobView]:
+        """The requester's recent jobs, newest first; ``query`` filters by prompt substring or job id
+        (autocomplete)."""
+
+    async def queue_info(self, requester: Requester) -> tuple[list[JobView], QuotaView, int]:
+        """(the requester's queued and running jobs, their quota, total queue length)."""
+
+    async def forget(self, requester: Requester) -> int:
+        """Delete all of the requester's jobs, inputs, outputs and rows; returns jobs deleted."""
+
+    def subscribe(self, platform: str, sink: EventSink) -> None:
+        """Receive events for jobs whose target platform is ``platform``; undelivered terminal events of
+        that platform (from before a restart) are offered again right after subscribing."""
+
+    def is_owner(self, requester: Requester) -> bool: ...
+
+    def is_moderator(self, requester: Requester) -> bool: ...
+
+    async def set_limits(self, actor: Requester, user_key: str, *, max_queued: int | None = None,
+                         daily_jobs: int | None = None, daily_gpu_seconds: float | None = None) -> None:
+        """Owner only: per-user quota overrides (``user_key`` = "platform:id")."""
+
+    async def block(self, actor: Requester, user_key: str, reason: str = "") -> None: ...
+
+    async def unblock(self, actor: Requester, user_key: str) -> None: ...

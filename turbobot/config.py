@@ -1,0 +1,422 @@
+"""Settings: ``config.toml`` parsed into typed sections, secrets from the environment only.
+
+Every key has a default here equal to the documented one in the repository's ``config.toml``; a test keeps
+them in step. Loading rejects unknown keys, wrong types and values outside their allowed set with a message
+naming the key (``ConfigError``), so a typo fails at start instead of silently doing the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from generator.request import ASPECTS, ATTENTIONS, RESOLUTIONS, SAMPLERS, Limits
+
+MODEL_KINDS = ("tiny-t2v", "tiny-i2v", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-i2v-a14b")
+
+
+class ConfigError(ValueError):
+    """An invalid setting: the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    data_dir: str = "data"  # database, inputs and outputs live under here unless set otherwise
+    outputs_dir: str = "data/outputs"
+    inputs_dir: str = "data/inputs"
+    log_level: str = "INFO"
+    log_format: str = "text"  # "text" or "json"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite+aiosqlite:///data/turbobot.db"
+    busy_timeout_ms: int = 5000
+    synchronous: str = "NORMAL"  # NORMAL or FULL (FULL: an accepted job survives power loss)
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """One configured model. Paths are local files or folders; nothing is ever downloaded."""
+
+    kind: str = "tiny-t2v"
+    transformer: str = ""  # TurboDiffusion .pth file or diffusers transformer folder
+    transformer_low_noise: str = ""  # Wan2.2 I2V low-noise expert (transformer = high-noise expert)
+    vae: str = ""  # Wan2.1_VAE.pth or a diffusers AutoencoderKLWan folder
+    text_encoder: str = ""  # models_t5_umt5-xxl-enc-bf16.pth or a transformers UMT5EncoderModel folder
+    tokenizer: str = ""  # local google/umt5-xxl tokenizer folder
+    quantized: str = "auto"  # auto (detect from file), yes, no
+    label: str = ""  # shown to users; defaults to the model name
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    device: str = "auto"  # auto (cuda when available), cuda, cpu
+    attention: str = "auto"  # auto = our Triton SLA kernels on CUDA, the torch SLA reference elsewhere
+    offload: str = "auto"  # auto, none, model (move idle models to CPU)
+    prompt_cache_size: int = 64
+    compile: bool = False  # regional torch.compile of the transformer blocks (CUDA only)
+    t2v_model: str = ""  # default T2V model name; empty = first configured (or the embedded tiny one)
+    i2v_model: str = ""
+
+
+@dataclass(frozen=True)
+class DefaultsSettings:
+    resolution: str = "480p"
+    aspect: str = "16:9"
+    frames: int = 81
+    steps: int = 4
+    sla_topk: float = 0.1
+    sampler: str = "sde"
+    attention: str = "auto"
+    boundary: float = 0.9
+    i2v_prompt: str = "gentle natural motion, the camera slowly pushes in, cinematic lighting"
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_prompt_chars: int = 800
+    min_frames: int = 5
+    max_frames: int = 81
+    max_steps: int = 4
+    resolutions: tuple[str, ...] = RESOLUTIONS
+    aspects: tuple[str, ...] = ASPECTS
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_image_side: int = 8192
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    max_running_per_user: int = 1
+    max_queued_per_user: int = 3
+    daily_jobs_per_user: int = 50
+    daily_gpu_seconds_per_user: float = 1800.0
+    global_queue_cap: int = 100
+    chat_burst: int = 10  # token bucket per chat/guild: capacity
+    chat_refill_per_minute: float = 6.0
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 5.0
+    max_attempts: int = 3
+    poll_seconds: float = 0.5
+    progress_interval_seconds: float = 1.0
+    worker_devices: tuple[str, ...] = ("auto",)  # one worker per entry: "auto", "cpu", or a CUDA index
+    worker_start_timeout_seconds: float = 300.0
+    watchdog_seconds: float = 120.0  # a worker silent this long is killed and restarted
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    owners: tuple[str, ...] = ()  # "discord:<user id>" / "telegram:<user id>"
+    moderators: tuple[str, ...] = ()
+    unlimited: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()  # when non-empty, only these users may generate
+    deny: tuple[str, ...] = ()
+    blocked_words: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiscordSettings:
+    enabled: str = "auto"  # auto (on when a token is set), yes, no
+    token_env: str = "DISCORD_TOKEN"
+    api_base: str = "https://discord.com/api/v10"
+    gateway_url: str = ""  # empty = ask the API (GET /gateway/bot)
+    dev_guild_ids: tuple[int, ...] = ()
+    sync_commands: str = "guild"  # guild (dev guilds only), global, off
+    status_interval_seconds: float = 4.0
+    default_upload_limit_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TelegramSettings:
+    enabled: str = "auto"
+    token_env: str = "TELEGRAM_TOKEN"
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    mode: str = "polling"  # polling or webhook
+    webhook_url: str = ""
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = 8443
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_download_bytes: int = 20 * 1024 * 1024
+    status_interval_private_seconds: float = 3.0
+    status_interval_group_seconds: float = 12.0
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_token_env: str = "TURBOBOT_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class Settings:
+    app: AppSettings = field(default_factory=AppSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    models: dict[str, ModelSettings] = field(default_factory=dict)
+    defaults: DefaultsSettings = field(default_factory=DefaultsSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    discord: DiscordSettings = field(default_factory=DiscordSettings)
+    telegram: TelegramSettings = field(default_factory=TelegramSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    source: str = ""  # the file these came from, "" for built-in defaults
+    base_dir: str = "."  # relative paths are resolved against this
+
+    # --- derived -------------------------------------------------------------------------------
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def effective_models(self) -> dict[str, ModelSettings]:
+        """Configured models, or the embedded tiny demo pair when none is configured."""
+        if self.models:
+            return dict(self.models)
+        return {"tiny-t2v": ModelSettings(kind="tiny-t2v"), "tiny-i2v": ModelSettings(kind="tiny-i2v")}
+
+    def model_names(self, mode: str) -> tuple[str, ...]:
+        models = self.effective_models
+        names = [n for n, m in models.items() if ("i2v" in m.kind) == (mode == "i2v")]
+        preferred = self.engine.t2v_model if mode == "t2v" else self.engine.i2v_model
+        if preferred in names:
+            names.remove(preferred)
+            names.insert(0, preferred)
+        return tuple(names)
+
+    @property
+    def request_limits(self) -> Limits:
+        lim = self.limits
+        return Limits(
+            max_prompt_chars=lim.max_prompt_chars,
+            min_frames=lim.min_frames,
+            max_frames=lim.max_frames,
+            max_steps=lim.max_steps,
+            resolutions=lim.resolutions,
+            aspects=lim.aspects,
+            t2v_models=self.model_names("t2v"),
+            i2v_models=self.model_names("i2v"),
+        )
+
+    @property
+    def database_url(self) -> str:
+        """The URL with a relative SQLite path resolved against ``base_dir``."""
+        url = self.database.url
+        prefix = "sqlite+aiosqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+            return prefix + str(self.path(url[len(prefix):]).resolve())
+        return url
+
+    def secret(self, env_name: str) -> str | None:
+        """A secret from ``$NAME`` or from the file named by ``$NAME_FILE``; None when unset."""
+        return read_secret(env_name)
+
+
+def read_secret(env_name: str) -> str | None:
+    value = os.environ.get(env_name, "").strip()
+    if value:
+        return value
+    file_path = os.environ.get(env_name + "_FILE", "").strip()
+    if file_path:
+        try:
+            value = Path(file_path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{env_name}_FILE points to {file_path!r}, which cannot be read: {exc}") from None
+        return value or None
+    return None
+
+
+# Allowed values for string settings, keyed "section.key".
+CHOICES: dict[str, tuple[str, ...]] = {
+    "app.log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "app.log_format": ("text", "json"),
+    "database.synchronous": ("NORMAL", "FULL"),
+    "engine.device": ("auto", "cuda", "cpu"),
+    "engine.attention": ATTENTIONS,
+    "engine.offload": ("auto", "none", "model"),
+    "models.*.kind": MODEL_KINDS,
+    "models.*.quantized": ("auto", "yes", "no"),
+    "defaults.resolution": RESOLUTIONS,
+    "defaults.aspect": ASPECTS,
+    "defaults.sampler": SAMPLERS,
+    "defaults.attention": ATTENTIONS,
+    "limits.resolutions": RESOLUTIONS,
+    "limits.aspects": ASPECTS,
+    "discord.enabled": ("auto", "yes", "no"),
+    "discord.sync_commands": ("guild", "global", "off"),
+    "telegram.enabled": ("auto", "yes", "no"),
+    "telegram.mode": ("polling", "webhook"),
+}
+
+# Keys that must never hold a secret value in the file.
+_SECRET_HINTS = ("token", "password", "secret")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be {_type_name(tp)} (got {value!r}).")
+        inner = typing.get_args(tp)[0]
+        return tuple(_convert(key, inner, v) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported type")  # pragma: no cover - no such settings
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (got {value!r}).")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer (got {value!r}).")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number (got {value!r}).")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string (got {value!r}).")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _check_choice(key: str, pattern: str, value: Any) -> None:
+    allowed = CHOICES.get(pattern)
+    if allowed is None:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if v not in allowed:
+            raise ConfigError(f"{key} = {v!r} is not allowed; use one of: {', '.join(allowed)}.")
+
+
+def _build_section(cls: type, section: str, data: Any, pattern: str | None = None) -> Any:
+    pattern = pattern or section
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{section}] must be a table of settings.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{section}.{key}"
+        if key not in names:
+            raise ConfigError(f"Unknown setting {full}; known keys in [{section}]: {', '.join(sorted(names))}.")
+        if isinstance(value, str) and value and any(h in key.lower() for h in _SECRET_HINTS) and not key.endswith("_env"):
+            raise ConfigError(f"{full} looks like a secret; secrets come from environment variables only.")
+        converted = _convert(full, hints[key], value)
+        _check_choice(full, f"{pattern}.{key}", converted)
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _validate(settings: Settings) -> None:
+    d = settings.defaults
+    lim = settings.limits
+    if d.resolution not in lim.resolutions:
+        raise ConfigError(f"defaults.resolution = {d.resolution!r} is not in limits.resolutions {list(lim.resolutions)}.")
+    if d.aspect not in lim.aspects:
+        raise ConfigError(f"defaults.aspect = {d.aspect!r} is not in limits.aspects {list(lim.aspects)}.")
+    if not 1 <= lim.max_steps <= 4:
+        raise ConfigError(f"limits.max_steps must be from 1 to 4 (got {lim.max_steps}).")
+    if not 1 <= d.steps <= lim.max_steps:
+        raise ConfigError(f"defaults.steps must be from 1 to limits.max_steps={lim.max_steps} (got {d.steps}).")
+    if d.frames % 4 != 1 or not lim.min_frames <= d.frames <= lim.max_frames:
+        raise ConfigError(
+            f"defaults.frames must be 1 mod 4 and within limits.min_frames..max_frames "
+            f"({lim.min_frames}..{lim.max_frames}); got {d.frames}."
+        )
+    if not 0 < d.sla_topk <= 1:
+        raise ConfigError(f"defaults.sla_topk must be in (0, 1] (got {d.sla_topk}).")
+    if not 0 <= d.boundary <= 1:
+        raise ConfigError(f"defaults.boundary must be from 0 to 1 (got {d.boundary}).")
+    for name, model in settings.models.items():
+        needs = [] if model.kind.startswith("tiny") else ["transformer", "vae", "text_encoder"]
+        if model.kind == "wan2.2-i2v-a14b":
+            needs.append("transformer_low_noise")
+        for key in needs:
+            if not getattr(model, key):
+                raise ConfigError(f"models.{name}.{key} must be set to a local path for kind {model.kind!r}.")
+    for mode, name in (("t2v", settings.engine.t2v_model), ("i2v", settings.engine.i2v_model)):
+        if name and name not in settings.model_names(mode):
+            raise ConfigError(
+                f"engine.{mode}_model = {name!r} is not a configured {mode} model; "
+                f"configured: {', '.join(settings.model_names(mode)) or 'none'}."
+            )
+    q = settings.quotas
+    for key in ("max_running_per_user", "max_queued_per_user", "global_queue_cap"):
+        if getattr(q, key) < 1:
+            raise ConfigError(f"quotas.{key} must be at least 1 (got {getattr(q, key)}).")
+    if settings.scheduler.max_attempts < 1:
+        raise ConfigError("scheduler.max_attempts must be at least 1.")
+    if not settings.scheduler.worker_devices:
+        raise ConfigError("scheduler.worker_devices must list at least one device (e.g. [\"auto\"]).")
+    if not 0 < settings.web.port < 65536:
+        raise ConfigError(f"web.port must be from 1 to 65535 (got {settings.web.port}).")
+
+
+def settings_from_dict(data: dict[str, Any], *, source: str = "", base_dir: str = ".") -> Settings:
+    sections = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("source", "base_dir")}
+    hints = typing.get_type_hints(Settings)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in sections:
+            raise ConfigError(f"Unknown section [{name}]; known sections: {', '.join(sections)}.")
+        if name == "models":
+            if not isinstance(value, dict):
+                raise ConfigError("[models] must hold one table per model, e.g. [models.wan13b].")
+            kwargs["models"] = {
+                mname: _build_section(ModelSettings, f"models.{mname}", mdata, "models.*")
+                for mname, mdata in value.items()
+            }
+            continue
+        kwargs[name] = _build_section(hints[name], name, value)
+    settings = Settings(**kwargs, source=source, base_dir=base_dir)
+    _validate(settings)
+    return settings
+
+
+def default_config_path() -> Path | None:
+    env = os.environ.get("TURBOBOT_CONFIG")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "config.toml"
+    return local if local.exists() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load ``path`` (or $TURBOBOT_CONFIG, or ./config.toml); built-in defaults when there is none."""
+    cfg_path = Path(path) if path is not None else default_config_path()
+    if cfg_path is None:
+        return settings_from_dict({}, base_dir=str(Path.cwd()))
+    try:
+        raw = cfg_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read config file {cfg_path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{cfg_path} is not valid TOML: {exc}") from None
+    return settings_from_dict(data, source=str(cfg_path), base_dir=str(cfg_path.resolve().parent))
