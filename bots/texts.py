@@ -1,0 +1,209 @@
+"""User-facing text, the same wording on every front end.
+
+``flavor`` picks the markup: "discord" (Markdown, live ``<t:EPOCH:R>`` countdowns), "telegram" (HTML parse
+mode, escaped) or "plain" (CLI, logs, web).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from collections.abc import Sequence
+
+from generator.request import ASPECTS, RESOLUTIONS
+from generator.scheduler.api import JobView, QuotaView, Refusal
+
+DEMO_NOTE = "Made by the untrained demo model (random weights): expect noise, not a real video."
+
+_STATE_WORDS = {
+    "queued": "Queued",
+    "running": "Rendering",
+    "succeeded": "Done",
+    "failed": "Failed",
+    "cancelled": "Cancelled",
+}
+
+
+def _bold(text: str, flavor: str) -> str:
+    if flavor == "discord":
+        return f"**{text}**"
+    if flavor == "telegram":
+        return f"<b>{html.escape(text)}</b>"
+    return text
+
+
+def _code(text: str, flavor: str) -> str:
+    if flavor == "discord":
+        safe = text.replace("`", "'")
+        return f"`{safe}`"
+    if flavor == "telegram":
+        return f"<code>{html.escape(text)}</code>"
+    return text
+
+
+def _esc(text: str, flavor: str) -> str:
+    if flavor == "telegram":
+        return html.escape(text)
+    if flavor == "discord":
+        # Keep user text from pinging people or breaking formatting.
+        return text.replace("@", "@\u200b").replace("`", "'").replace("*", "\\*").replace("_", "\\_")
+    return text
+
+
+def _when(moment: dt.datetime, flavor: str, now: dt.datetime | None = None) -> str:
+    if flavor == "discord":
+        return f"<t:{int(moment.timestamp())}:R>"
+    now = now or dt.datetime.now(dt.UTC)
+    seconds = max(0, round((moment - now).total_seconds()))
+    return f"in about {seconds} s" if seconds < 120 else f"in about {round(seconds / 60)} min"
+
+
+def _short_prompt(prompt: str, limit: int = 120) -> str:
+    return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+
+
+def progress_bar(step: int, total: int, width: int = 12) -> str:
+    total = max(total, 1)
+    step = min(max(step, 0), total)
+    filled = round(width * step / total)
+    return "█" * filled + "░" * (width - filled) + f" {round(100 * step / total)}%"
+
+
+def model_name(job: JobView) -> str:
+    if job.output is not None and job.output.model_label:
+        return job.output.model_label
+    return job.request.model or "default"
+
+
+def params_line(job: JobView) -> str:
+    r = job.request
+    parts = [f"{r.mode}", f"{r.resolution} {r.aspect}", f"{r.frames} frames", f"{r.steps} steps"]
+    if r.sampler != "sde":
+        parts.append(r.sampler)
+    return " · ".join(parts)
+
+
+def status_text(job: JobView, flavor: str = "plain", *, now: dt.datetime | None = None) -> str:
+    """The one status message of a job, edited in place while it waits and runs."""
+    head = f"{_STATE_WORDS.get(job.state, job.state)} · job #{job.id} · seed {job.seed}"
+    lines = [_bold(head, flavor), _esc(_short_prompt(job.request.prompt), flavor), params_line(job)]
+    if job.state == "queued":
+        if job.position is not None:
+            of = f" of {job.queue_length}" if job.queue_length else ""
+            lines.append(f"Position in queue: #{job.position}{of}")
+        if job.eta is not None:
+            lines.append(f"Expected done {_when(job.eta, flavor, now)}")
+    elif job.state == "running":
+        if job.progress_total:
+            lines.append(f"{progress_bar(job.progress_step, job.progress_total)} (step {job.progress_step}/{job.progress_total})")
+        else:
+            lines.append("Starting…")
+        if job.eta is not None:
+            lines.append(f"Expected done {_when(job.eta, flavor, now)}")
+    elif job.state == "failed":
+        lines.append(_esc(job.error_message or "Something went wrong while rendering.", flavor))
+    elif job.state == "cancelled":
+        lines.append("This job was cancelled.")
+    return "\n".join(lines)
+
+
+def result_caption(job: JobView, flavor: str = "plain") -> str:
+    """Caption of a delivered video: job id, seed, model, steps, time taken (and the demo note)."""
+    took = job.timings.get("total")
+    if took is None and job.started_at and job.finished_at:
+        took = (job.finished_at - job.started_at).total_seconds()
+    head = f"Job #{job.id} · seed {job.seed} · {model_name(job)} · {job.request.steps} steps"
+    if took is not None:
+        head += f" · {took:.1f} s"
+    lines = [_bold(head, flavor), _esc(_short_prompt(job.request.prompt, 300), flavor)]
+    if job.parent_id:
+        lines.append(f"Remix of job #{job.parent_id}")
+    if job.output is not None and job.output.is_demo:
+        lines.append(_esc(DEMO_NOTE, flavor))
+    return "\n".join(lines)
+
+
+def params_text(job: JobView, flavor: str = "plain") -> str:
+    """Every parameter of a job, enough to reproduce it."""
+    r = job.request
+    rows = [
+        ("job", f"#{job.id}" + (f" (remix of #{job.parent_id})" if job.parent_id else "")),
+        ("state", job.state),
+        ("mode", r.mode),
+        ("model", model_name(job)),
+        ("seed", str(job.seed)),
+        ("resolution", f"{r.resolution} {r.aspect} ({r.size[0]}x{r.size[1]})"),
+        ("frames", f"{r.frames} ({r.duration_s:.1f} s at 16 fps)"),
+        ("steps", str(r.steps)),
+        ("sampler", r.sampler),
+        ("sla_topk", f"{r.sla_topk:g}"),
+        ("sigma_max", f"{r.effective_sigma_max:g}"),
+        ("attention", r.attention),
+    ]
+    if r.mode == "i2v":
+        rows += [("boundary", f"{r.boundary:g}"), ("adaptive", "on" if r.adaptive_resolution else "off")]
+    body = "\n".join(f"{k}: {v}" for k, v in rows)
+    flags = f"--seed {job.seed} --ar {r.aspect} --res {r.resolution} --steps {r.steps} --frames {r.frames}"
+    return "\n".join(
+        [_bold(f"Parameters of job #{job.id}", flavor), _esc(r.prompt, flavor), _code(body, flavor) if flavor != "discord" else f"```\n{body}\n```", f"Same again: {_code(flags, flavor)}"]
+    )
+
+
+def queue_text(jobs: Sequence[JobView], quota: QuotaView, total: int, flavor: str = "plain") -> str:
+    lines = [_bold(f"Queue: {total} job(s) waiting or running", flavor)]
+    if not jobs:
+        lines.append("You have no jobs queued or running.")
+    for job in jobs:
+        where = f"#{job.position} in queue" if job.state == "queued" and job.position else _STATE_WORDS[job.state].lower()
+        lines.append(f"• job #{job.id} ({where}): {_esc(_short_prompt(job.request.prompt, 60), flavor)}")
+
+    def cap(used: float, limit: float | None, unit: str = "") -> str:
+        return f"{used:g}{unit} (no limit)" if limit is None else f"{used:g}{unit} of {limit:g}{unit}"
+
+    lines.append(f"Jobs today: {cap(quota.jobs_today, quota.daily_jobs)}")
+    lines.append(f"GPU time today: {cap(round(quota.gpu_seconds_today, 1), quota.daily_gpu_seconds, ' s')}")
+    lines.append(f"Quota resets {_when(quota.resets_at, flavor)}")
+    return "\n".join(lines)
+
+
+def jobs_text(jobs: Sequence[JobView], flavor: str = "plain") -> str:
+    if not jobs:
+        return "You have no jobs yet. Try /t2v a fox running through snow at dusk"
+    lines = [_bold("Your recent jobs", flavor)]
+    for job in jobs:
+        lines.append(
+            f"• #{job.id} {job.state} · seed {job.seed} · {job.request.mode}: "
+            f"{_esc(_short_prompt(job.request.prompt, 60), flavor)}"
+        )
+    lines.append("Remix one with /remix <job> [new prompt] [--flags].")
+    return "\n".join(lines)
+
+
+def help_text(flavor: str = "plain") -> str:
+    def c(s: str) -> str:
+        return _code(s, flavor)
+
+    return "\n".join(
+        [
+            _bold("turbobot makes 5-second videos from text or images", flavor),
+            f"{c('/t2v a fox running through snow at dusk')}: text to video",
+            f"{c('/i2v [prompt]')}: animate an image (attach it, or reply to one)",
+            f"{c('/remix <job> [new prompt] [--flags]')}: same seed, changed prompt or settings",
+            f"{c('/queue')} your place and quota · {c('/jobs')} your results · {c('/cancel [job]')} · {c('/forget')} delete your data",
+            "",
+            _bold("Options (add them to the prompt)", flavor),
+            f"{c('--ar')} {'/'.join(ASPECTS)} · {c('--res')} {'/'.join(RESOLUTIONS)} · {c('--steps')} 1-4 · "
+            f"{c('--seed')} N · {c('--frames')} 5-81 (1 mod 4) · {c('--model')} NAME · {c('--topk')} 0.1-0.15 · "
+            f"{c('--ode')} · {c('--adaptive')} · {c('--boundary')} 0-1",
+            "",
+            "Tip: describe subject + action + setting + light/mood + style, with concrete motion verbs.",
+        ]
+    )
+
+
+def refusal_text(refusal: Refusal) -> str:
+    text = refusal.message
+    if refusal.retry_at is not None:
+        now = dt.datetime.now(dt.UTC)
+        text += f" Try again {_when(refusal.retry_at, 'plain', now)}."
+    return text
