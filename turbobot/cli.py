@@ -1,0 +1,389 @@
+"""The ``turbobot`` command: db upgrade/check, generate (one job), run (bots + console + worker), jobs.
+
+Every path goes through the same storage and scheduler the bots use; nothing here renders directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from turbobot.config import ConfigError, Settings, load_settings, read_secret
+
+log = logging.getLogger("turbobot")
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------- args
+def _add_request_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation options (the same as the chat --flags)")
+    g.add_argument("--image", type=Path, help="local image to animate (makes the job image-to-video)")
+    g.add_argument("--mode", choices=("t2v", "i2v"), help="default: i2v with --image, else t2v")
+    g.add_argument("--model", help="configured model name (default: the first one for the mode)")
+    g.add_argument("--res", "--resolution", dest="resolution", help="480p or 720p")
+    g.add_argument("--ar", "--aspect", dest="aspect", help="16:9, 9:16, 1:1, 4:3 or 3:4")
+    g.add_argument("--frames", type=int, help="number of frames, 1 mod 4 (81 = 5 s)")
+    g.add_argument("--steps", type=int, help="sampling steps, 1-4")
+    g.add_argument("--seed", type=int, help="seed (0 or omitted = random; the seed used is printed)")
+    g.add_argument("--topk", dest="sla_topk", type=float, help="SLA top-k fraction (0.1-0.15)")
+    g.add_argument("--sigma-max", dest="sigma_max", type=float, help="initial sigma (default 80 T2V, 200 I2V)")
+    g.add_argument("--ode", action="store_true", default=None, help="ODE sampling instead of SDE")
+    g.add_argument("--adaptive", dest="adaptive_resolution", action="store_true", default=None,
+                   help="I2V: keep the image's aspect ratio at the chosen area")
+    g.add_argument("--boundary", type=float, help="I2V expert switch point on t (default 0.9)")
+    g.add_argument("--attention", help="auto, sagesla, sla or dense")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turbobot",
+        description="Chat bots that turn messages into short videos (TurboDiffusion-style Wan models).",
+    )
+    parser.add_argument("--config", type=Path, help="config file (default: $TURBOBOT_CONFIG or ./config.toml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (secrets stay redacted)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub.add_parser("upgrade", help="create or migrate the database to the latest schema")
+    db_sub.add_parser("check", help="fail if the models and the migrations disagree")
+
+    gen = sub.add_parser("generate", help="make one video through the scheduler and print where it is")
+    gen.add_argument("prompt", nargs="+", help="what to make; inline --flags work here too when quoted")
+    _add_request_options(gen)
+    gen.add_argument("--out", type=Path, help="also copy the finished mp4 here")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("run", help="start the configured bots, the web console and the GPU worker")
+
+    jobs = sub.add_parser("jobs", help="list recent jobs with state and seed")
+    jobs.add_argument("-n", "--limit", type=int, default=20)
+    jobs.add_argument("--json", action="store_true")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _request_options(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("model", "resolution", "aspect", "frames", "steps", "seed", "sla_topk", "sigma_max",
+            "adaptive_resolution", "boundary", "attention")
+    opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.ode:
+        opts["sampler"] = "ode"
+    return opts
+
+
+def _local_requester() -> Any:
+    from generator.scheduler.api import Requester
+
+    try:
+        name = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        name = "local"
+    return Requester(platform="cli", user_id=name, display_name=name)
+
+
+class _ProgressPrinter:
+    """A one-line progress bar on stderr (only when it is a terminal, unless forced)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.last = ""
+
+    def show(self, text: str) -> None:
+        if not self.enabled or text == self.last:
+            return
+        self.last = text
+        sys.stderr.write("\r\033[K" + text if sys.stderr.isatty() else text + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and sys.stderr.isatty() and self.last:
+            sys.stderr.write("\n")
+
+
+async def _open_database(settings: Settings) -> Any:
+    from storage.db import Database
+    from storage.migrate import upgrade_database
+
+    url = settings.database_url
+    await upgrade_database(url)
+    return Database(url, busy_timeout_ms=settings.database.busy_timeout_ms,
+                    synchronous=settings.database.synchronous, echo=settings.database.echo)
+
+
+# ------------------------------------------------------------------------------------------ commands
+async def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    from storage.migrate import check_migrations, upgrade_database
+
+    url = settings.database_url
+    await upgrade_database(url)
+    if args.db_command == "upgrade":
+        print(f"Database is up to date: {_safe_url(url)}")
+        return 0
+    diffs = await asyncio.to_thread(check_migrations, url)
+    if diffs:
+        print("Models and migrations disagree:", file=sys.stderr)
+        for d in diffs:
+            print(f"  {d}", file=sys.stderr)
+        return EXIT_FAILED
+    print("Models and migrations agree.")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
+    from bots.commands import build_request
+    from bots.images import ImageRejected, load_image
+    from bots.texts import DEMO_NOTE, progress_bar
+    from generator.request import RequestError
+    from generator.scheduler.api import DeliveryTarget, JobEvent, Refusal
+    from generator.scheduler.service import Scheduler
+
+    prompt = " ".join(args.prompt)
+    mode = args.mode or ("i2v" if args.image else "t2v")
+    if mode == "i2v" and not args.image:
+        raise UserError("Image-to-video needs --image PATH.")
+    image_bytes: bytes | None = None
+    if args.image:
+        try:
+            image_bytes = args.image.read_bytes()
+        except OSError as exc:
+            raise UserError(f"Cannot read image {args.image}: {exc.strerror or exc}") from None
+        try:
+            validated = load_image(image_bytes, settings.limits)
+        except ImageRejected as exc:
+            raise UserError(exc.message) from None
+    try:  # validate before starting anything heavy
+        build_request(settings, mode, prompt, image="0" * 64 if args.image else None, options=_request_options(args))
+    except RequestError as exc:
+        raise UserError(exc.message) from None
+
+    db = await _open_database(settings)
+    scheduler = Scheduler(settings, db)
+    requester = _local_requester()
+    done: asyncio.Future[JobEvent] = asyncio.get_running_loop().create_future()
+    printer = _ProgressPrinter(enabled=not args.no_progress and not args.json)
+    job_id: int | None = None
+
+    async def sink(event: JobEvent) -> None:
+        if job_id is not None and event.job.id != job_id:
+            raise RuntimeError("not ours")  # leave other CLI jobs' events undelivered for their owners
+        job = event.job
+        if event.kind == "queued" and job.position:
+            printer.show(f"job #{job.id}: queued (#{job.position})")
+        elif event.kind in ("started", "progress"):
+            total = job.progress_total or job.request.steps
+            printer.show(f"job #{job.id}: {progress_bar(job.progress_step, total)} step {job.progress_step}/{total}")
+        if event.terminal and not done.done():
+            done.set_result(event)
+
+    try:
+        await scheduler.start(run_workers=True)
+        image_ref = None
+        if args.image:
+            image_ref = await scheduler.save_input(requester, validated.png_bytes, validated.width, validated.height)
+        request = build_request(settings, mode, prompt, image=image_ref, options=_request_options(args))
+        try:
+            result = await scheduler.submit(request, requester, DeliveryTarget(platform="cli"), f"cli:{uuid.uuid4()}")
+        except Refusal as exc:
+            raise UserError(exc.message) from None
+        job_id = result.job.id
+        printer.show(f"job #{job_id}: submitted, seed {result.job.seed}")
+        scheduler.subscribe("cli", sink)
+        event = await done
+    finally:
+        printer.done()
+        await scheduler.stop()
+        await db.dispose()
+
+    job = event.job
+    if event.kind != "succeeded" or job.output is None:
+        reason = job.error_message or event.kind
+        raise UserError(f"Job #{job.id} {event.kind}: {reason}")
+    path = Path(job.output.path)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, args.out)
+    info = {
+        "job_id": job.id,
+        "seed": job.seed,
+        "output": str(path),
+        "copied_to": str(args.out) if args.out else None,
+        "model": job.output.model_label,
+        "demo_model": job.output.is_demo,
+        "width": job.output.width,
+        "height": job.output.height,
+        "frames": job.output.frames,
+        "bytes": job.output.bytes,
+        "seconds": job.timings.get("total"),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"job {job.id} succeeded")
+        print(f"seed: {job.seed}")
+        print(f"output: {path}")
+        if args.out:
+            print(f"copied to: {args.out}")
+        print(f"model: {job.output.model_label} · {job.output.width}x{job.output.height} · {job.output.frames} frames")
+        if job.output.is_demo:
+            print(f"note: {DEMO_NOTE}")
+    return 0
+
+
+async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from storage.models import Job
+
+    db = await _open_database(settings)
+    try:
+        async with db.read() as session:
+            rows = (await session.execute(select(Job).order_by(Job.id.desc()).limit(max(1, args.limit)))).scalars().all()
+            data = [
+                {"id": j.id, "state": j.state, "mode": j.mode, "seed": j.seed, "model": j.model,
+                 "platform": j.platform, "created": j.created_at.isoformat(timespec="seconds"), "prompt": j.prompt}
+                for j in rows
+            ]
+    finally:
+        await db.dispose()
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    if not data:
+        print("No jobs yet. Try: turbobot generate \"a red fox running through snow\"")
+        return 0
+    print(f"{'id':>6}  {'state':<10} {'mode':<4} {'seed':>12}  {'model':<16} {'created':<19}  prompt")
+    for d in data:
+        prompt = d["prompt"] if len(d["prompt"]) <= 50 else d["prompt"][:49] + "…"
+        print(f"{d['id']:>6}  {d['state']:<10} {d['mode']:<4} {d['seed']:>12}  {d['model']:<16} {d['created']:<19}  {prompt}")
+    return 0
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from generator.scheduler.service import Scheduler
+    from turbobot.logs import register_secret
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+    def enabled(flag: str, token: str | None) -> bool:
+        return flag == "yes" or (flag == "auto" and bool(token))
+
+    discord_token = read_secret(settings.discord.token_env)
+    telegram_token = read_secret(settings.telegram.token_env)
+    register_secret(discord_token)
+    register_secret(telegram_token)
+    for name, flag, token in (("discord", settings.discord.enabled, discord_token),
+                              ("telegram", settings.telegram.enabled, telegram_token)):
+        if flag == "yes" and not token:
+            env = getattr(settings, name).token_env
+            raise UserError(f"[{name}] enabled = \"yes\" but ${env} (or ${env}_FILE) is not set.")
+
+    db = await _open_database(settings)
+    scheduler = Scheduler(settings, db)
+    await scheduler.start(run_workers=True)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        if enabled(settings.discord.enabled, discord_token):
+            from bots.discord import run_discord
+
+            tasks.append(asyncio.create_task(run_discord(settings, scheduler, discord_token or "", stop), name="discord"))
+        if enabled(settings.telegram.enabled, telegram_token):
+            from bots.telegram import run_telegram
+
+            tasks.append(asyncio.create_task(run_telegram(settings, scheduler, telegram_token or "", stop), name="telegram"))
+        if settings.web.enabled:
+            from bots.web import run_web
+
+            tasks.append(asyncio.create_task(run_web(settings, scheduler, db, stop), name="web"))
+        if not tasks:
+            print(
+                "No front end is enabled. Set DISCORD_TOKEN or TELEGRAM_TOKEN in the environment to start a bot, "
+                "or enable the web console ([web] enabled = true in config.toml).",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        names = ", ".join(t.get_name() for t in tasks)
+        log.info("turbobot running: %s (Ctrl+C to stop)", names)
+        if settings.web.enabled:
+            print(f"Web console: http://{settings.web.host}:{settings.web.port}/", flush=True)
+        if not discord_token and not telegram_token:
+            print("No chat bot configured: set DISCORD_TOKEN and/or TELEGRAM_TOKEN to start the bots.", flush=True)
+        stopper = asyncio.create_task(stop.wait())
+        finished, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for t in finished:
+            if t is not stopper and t.exception() is not None:
+                log.error("%s stopped: %s", t.get_name(), t.exception())
+                stop.set()
+        stop.set()
+        stopper.cancel()
+        await asyncio.wait(tasks, timeout=15)
+        return 0
+    finally:
+        for t in tasks:
+            t.cancel()
+        await scheduler.stop()
+        await db.dispose()
+
+
+# ---------------------------------------------------------------------------------------------- main
+COMMANDS = {"db": cmd_db, "generate": cmd_generate, "run": cmd_run, "jobs": cmd_jobs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from turbobot.logs import setup_logging
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"turbobot: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging("DEBUG" if args.verbose else settings.app.log_level, settings.app.log_format)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    started = time.perf_counter()
+    try:
+        return asyncio.run(COMMANDS[args.command](settings, args))
+    except UserError as exc:
+        print(f"turbobot: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ConfigError as exc:
+        print(f"turbobot: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"turbobot: interrupted after {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Logging for the whole process: one format, secrets redacted at every level.
+
+PTB puts the bot token in request URLs and httpx logs every URL at INFO, so (chat.md) the httpx logger
+stays at WARNING and a filter on every handler replaces any registered secret, and anything shaped like a
+Telegram or Discord token, with "[redacted]" — verbose logging stays safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+
+_secrets: set[str] = set()
+_lock = threading.Lock()
+
+# Telegram: <digits>:<35 url-safe chars>; Discord: three dot-separated base64url parts.
+_TOKEN_PATTERNS = (
+    re.compile(r"(?<!\d)\d{6,12}:[A-Za-z0-9_-]{30,}"),
+    re.compile(r"\b[A-Za-z0-9_-]{23,28}\.[A-Za-z0-9_-]{6,7}\.[A-Za-z0-9_-]{27,}\b"),
+)
+
+
+def register_secret(value: str | None) -> None:
+    """Every later log record has ``value`` replaced (no-op for empty or very short values)."""
+    if value and len(value) >= 6:
+        with _lock:
+            _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    with _lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for s in secrets:
+        if s in text:
+            text = text.replace(s, "[redacted]")
+    for pattern in _TOKEN_PATTERNS:
+        text = pattern.sub("[redacted]", text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        job_id = getattr(record, "job_id", None)
+        if job_id is not None:
+            data["job_id"] = job_id
+        if record.exc_text:
+            data["exc"] = record.exc_text
+        return json.dumps(data, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text", stream: object = None) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_turbobot", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler._turbobot = True  # type: ignore[attr-defined]
+    handler.addFilter(RedactingFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Never let URL-logging libraries print request URLs (they contain the Telegram token).
+    for noisy in ("httpx", "httpcore", "telegram.request", "hpack"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("discord.gateway").setLevel(max(logging.INFO, logging.getLevelName(level)))
