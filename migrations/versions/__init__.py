@@ -1,0 +1,1 @@
+"""Revision scripts (a package so setuptools ships them; Alembic skips this file)."""
