@@ -175,7 +175,7 @@ def jobs_text(jobs: Sequence[JobView], flavor: str = "plain") -> str:
             f"• #{job.id} {job.state} · seed {job.seed} · {job.request.mode}: "
             f"{_esc(_short_prompt(job.request.prompt, 60), flavor)}"
         )
-    lines.append("Remix one with /remix <job> [new prompt] [--flags].")
+    lines.append(_esc("Remix one with /remix <job> [new prompt] [--flags].", flavor))
     return "\n".join(lines)
 
 
