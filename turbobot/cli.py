@@ -184,7 +184,7 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         raise UserError(exc.message) from None
 
     db = await _open_database(settings)
-    scheduler = Scheduler(settings, db)
+    scheduler = Scheduler(settings, db=db)
     requester = _local_requester()
     done: asyncio.Future[JobEvent] = asyncio.get_running_loop().create_future()
     printer = _ProgressPrinter(enabled=not args.no_progress and not args.json)
@@ -309,7 +309,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             raise UserError(f"[{name}] enabled = \"yes\" but ${env} (or ${env}_FILE) is not set.")
 
     db = await _open_database(settings)
-    scheduler = Scheduler(settings, db)
+    scheduler = Scheduler(settings, db=db)
     await scheduler.start(run_workers=True)
     tasks: list[asyncio.Task[None]] = []
     try:

@@ -1,0 +1,151 @@
+"""Admin endpoints: the whole queue with cancel, users with quota usage, limits and blocking, engine status.
+
+Actions go through the scheduler in the operator's name (it checks the operator is an owner or moderator);
+listings that the scheduler's per-user API lacks come from ``bots.web.queries``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from aiohttp import web
+
+from bots.web import queries
+from bots.web.api_jobs import json_body
+from bots.web.context import console_of
+from bots.web.forms import coerce_number
+from bots.web.health import worker_live
+from bots.web.security import json_error
+from bots.web.serialize import iso, job_json
+from generator.scheduler.api import JobView, Refusal
+from turbobot.config import Settings
+
+_LIMIT_FIELDS = {"max_queued": int, "daily_jobs": int, "daily_gpu_seconds": float}
+
+
+async def _with_positions(request: web.Request, jobs: list[JobView]) -> list[JobView]:
+    """Queue positions and ETAs are the scheduler's to compute; ask it for each queued job."""
+    c = console_of(request)
+    out: list[JobView] = []
+    for job in jobs:
+        fresh = await c.scheduler.get(job.id) if job.state == "queued" else None
+        out.append(fresh or job)
+    return out
+
+
+def _worker_json(w: queries.WorkerRow, now: dt.datetime, settings: Settings) -> dict[str, Any]:
+    age = (now - w.heartbeat_at).total_seconds()
+    return {
+        "id": w.id,
+        "pid": w.pid,
+        "device": w.device,
+        "state": w.state,
+        "heartbeat_at": iso(w.heartbeat_at),
+        "heartbeat_age_s": round(age, 1),
+        "fresh": worker_live(w.state, age, settings),
+        "restarts": w.restarts,
+        "info": w.info,
+    }
+
+
+async def overview(request: web.Request) -> web.Response:
+    c = console_of(request)
+    now = dt.datetime.now(dt.UTC)
+    active = await _with_positions(request, await queries.active_jobs(c.db))
+    return web.json_response(
+        {
+            "workers": [_worker_json(w, now, c.settings) for w in await queries.workers(c.db)],
+            "queue": [job_json(j) for j in active],
+            "counts": await queries.state_counts(c.db),
+            "step_history": [
+                {"job_id": job_id, "step_mean": t.get("step_mean"), "total": t.get("total")}
+                for job_id, t in await queries.recent_timings(c.db)
+            ],
+            "global_queue_cap": c.settings.quotas.global_queue_cap,
+            "live_streams": c.hub.watcher_count(),
+        }
+    )
+
+
+async def users(request: web.Request) -> web.Response:
+    c = console_of(request)
+    q = c.settings.quotas
+    a = c.settings.admin
+    rows = await queries.user_summaries(c.db, query=request.query.get("q", ""))
+    return web.json_response(
+        {
+            "users": [row.__dict__ for row in rows],
+            "defaults": {
+                "max_running": q.max_running_per_user,
+                "max_queued": q.max_queued_per_user,
+                "daily_jobs": q.daily_jobs_per_user,
+                "daily_gpu_seconds": q.daily_gpu_seconds_per_user,
+            },
+            "config_roles": {
+                "owners": list(a.owners), "moderators": list(a.moderators), "unlimited": list(a.unlimited),
+                "deny": list(a.deny), "allow": list(a.allow),
+            },
+        }
+    )
+
+
+def _user_key(body: dict[str, Any]) -> str:
+    key = str(body.get("user_key") or "").strip()
+    platform, sep, uid = key.partition(":")
+    if not (sep and platform and uid) or len(key) > 100:
+        raise web.HTTPBadRequest(text="user_key must look like platform:id, e.g. telegram:12345.")
+    return key
+
+
+async def set_limits(request: web.Request) -> web.Response:
+    c = console_of(request)
+    body = await json_body(request)
+    key = _user_key(body)
+    values: dict[str, Any] = {}
+    for name, kind in _LIMIT_FIELDS.items():
+        raw = body.get(name)
+        if raw is None or raw == "":
+            values[name] = None
+            continue
+        number = coerce_number(raw, kind)
+        if number is None or number < 0:
+            return json_error(400, "invalid", f"{name} must be a number of at least 0, or empty for the default.")
+        values[name] = number
+    try:
+        await c.scheduler.set_limits(c.operator, key, **values)
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"ok": True, "user_key": key, **values})
+
+
+async def block(request: web.Request) -> web.Response:
+    c = console_of(request)
+    body = await json_body(request)
+    key = _user_key(body)
+    reason = str(body.get("reason") or "")[:256]
+    try:
+        await c.scheduler.block(c.operator, key, reason)
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"ok": True, "user_key": key, "blocked": True})
+
+
+async def unblock(request: web.Request) -> web.Response:
+    c = console_of(request)
+    body = await json_body(request)
+    key = _user_key(body)
+    try:
+        await c.scheduler.unblock(c.operator, key)
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"ok": True, "user_key": key, "blocked": False})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/admin/overview", overview)
+    r.add_get("/api/admin/users", users)
+    r.add_post("/api/admin/users/limits", set_limits)
+    r.add_post("/api/admin/users/block", block)
+    r.add_post("/api/admin/users/unblock", unblock)

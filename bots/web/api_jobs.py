@@ -1,0 +1,297 @@
+"""Playground, gallery and job endpoints: thin over bots.commands and the scheduler."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bots.commands import build_request, parse_remix, submit_text
+from bots.web import queries
+from bots.web.context import console_of
+from bots.web.events import stream_job
+from bots.web.forms import FormRejected, coerce_options, read_job_form
+from bots.web.security import json_error
+from bots.web.serialize import job_json, quota_json
+from generator.request import (
+    ASPECTS,
+    ATTENTIONS,
+    MAX_SEED,
+    MODES,
+    SAMPLERS,
+    SIGMA_MAX_DEFAULT,
+    SIZES,
+    RequestError,
+)
+from generator.scheduler.api import Refusal
+from storage.models import JOB_STATES
+from turbobot.config import Settings
+
+log = logging.getLogger(__name__)
+
+_CLIENT_KEY = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_PLACEHOLDER_IMAGE = "0" * 64  # lets us validate an i2v request before the upload is stored
+
+
+def _idempotency_key(raw: Any) -> str:
+    """The browser sends a random key per form submission, so a double click makes one job."""
+    text = str(raw or "")
+    return f"web:{text}" if _CLIENT_KEY.match(text) else f"web:{secrets.token_hex(16)}"
+
+
+def job_id_of(request: web.Request) -> int:
+    try:
+        return int(request.match_info["job_id"])
+    except (KeyError, ValueError):
+        raise web.HTTPNotFound() from None
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(text="Send JSON.")
+    try:
+        data = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="The body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text="The body must be a JSON object.")
+    return data
+
+
+def options_payload(settings: Settings) -> dict[str, Any]:
+    """Every request parameter with its allowed values, for the playground form."""
+    lim = settings.request_limits
+    d = settings.defaults
+    return {
+        "modes": list(MODES),
+        "models": {mode: list(settings.model_names(mode)) for mode in MODES},
+        "resolutions": list(lim.resolutions),
+        "aspects": [a for a in ASPECTS if a in lim.aspects],
+        "sizes": {f"{res} {asp}": list(SIZES[(res, asp)]) for res in lim.resolutions for asp in lim.aspects},
+        "frames": {"min": lim.min_frames, "max": lim.max_frames, "step": 4, "default": d.frames},
+        "steps": {"min": 1, "max": lim.max_steps, "default": d.steps},
+        "samplers": list(SAMPLERS),
+        "attentions": list(ATTENTIONS),
+        "sla_topk": {"min": lim.min_topk, "max": lim.max_topk, "default": d.sla_topk},
+        "sigma_max": {"min": 1.0, "max": lim.max_sigma, "defaults": SIGMA_MAX_DEFAULT},
+        "boundary": {"min": 0.0, "max": 1.0, "default": d.boundary},
+        "seed": {"min": 0, "max": MAX_SEED},
+        "defaults": {
+            "resolution": d.resolution, "aspect": d.aspect, "sampler": d.sampler, "attention": d.attention,
+            "i2v_prompt": d.i2v_prompt,
+        },
+        "max_prompt_chars": lim.max_prompt_chars,
+        "image": {
+            "max_bytes": settings.limits.max_image_bytes,
+            "max_pixels": settings.limits.max_image_pixels,
+            "max_side": settings.limits.max_image_side,
+            "types": ["image/png", "image/jpeg", "image/webp"],
+        },
+    }
+
+
+async def get_options(request: web.Request) -> web.Response:
+    c = console_of(request)
+    payload = options_payload(c.settings)
+    payload["operator"] = c.operator.key
+    payload["auth"] = c.auth.enabled
+    return web.json_response(payload)
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    c = console_of(request)
+    try:
+        form = await read_job_form(request, c.settings.limits)
+    except FormRejected as exc:
+        c.metrics.web_refusals[exc.code] += 1
+        return json_error(exc.status, exc.code, exc.message)
+    fields = dict(form.fields)
+    mode = fields.pop("mode", "t2v").strip().lower()
+    prompt = fields.pop("prompt", "")
+    key = _idempotency_key(fields.pop("client_key", ""))
+    try:
+        options = coerce_options(fields)
+        # Validate before storing an upload, so a bad request leaves no orphan input behind.
+        image_ref = _PLACEHOLDER_IMAGE if form.image is not None else None
+        build_request(c.settings, mode, prompt, image=image_ref, options=options)
+        image = None
+        if form.image is not None:
+            image = await c.scheduler.save_input(c.operator, form.image.png_bytes, form.image.width, form.image.height)
+        result = await submit_text(
+            c.scheduler, c.settings, c.operator, c.target, key, mode, prompt, image=image, options=options
+        )
+    except RequestError as exc:
+        return c.refusal_response(Refusal("invalid", exc.message))
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    log.info("web: job %s submitted (duplicate=%s)", result.job.id, result.duplicate)
+    return web.json_response(
+        {"job": job_json(result.job), "duplicate": result.duplicate}, status=200 if result.duplicate else 201
+    )
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    c = console_of(request)
+    q = request.query
+    state = q.get("state", "")
+    mode = q.get("mode", "")
+    if state and state not in JOB_STATES:
+        return json_error(400, "invalid", f"state must be one of {', '.join(JOB_STATES)}.")
+    if mode and mode not in MODES:
+        return json_error(400, "invalid", f"mode must be one of {', '.join(MODES)}.")
+    try:
+        limit = max(1, min(int(q.get("limit", "30")), queries.MAX_PAGE))
+        before = int(q["before"]) if q.get("before") else None
+    except ValueError:
+        return json_error(400, "invalid", "limit and before must be whole numbers.")
+    filters = queries.JobFilters(
+        user=q.get("user", ""), state=state, mode=mode, platform=q.get("platform", ""), query=q.get("q", "")
+    )
+    jobs = await queries.list_jobs(c.db, filters, limit=limit, before_id=before)
+    return web.json_response(
+        {"jobs": [job_json(j) for j in jobs], "next_before": jobs[-1].id if len(jobs) >= limit else None}
+    )
+
+
+async def get_job(request: web.Request) -> web.Response:
+    c = console_of(request)
+    job_id = job_id_of(request)
+    job = await c.scheduler.get(job_id)
+    if job is None:
+        return json_error(404, "not_found", f"There is no job #{job_id}.")
+    parent = await queries.get_job(c.db, job.parent_id) if job.parent_id else None
+    children = await queries.children_of(c.db, job_id)
+    return web.json_response(
+        {
+            "job": job_json(job),
+            "parent": job_json(parent) if parent else None,
+            "children": [job_json(ch) for ch in children],
+        }
+    )
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    c = console_of(request)
+    return await stream_job(request, c.scheduler, c.hub, job_id_of(request), poll_seconds=c.poll_seconds)
+
+
+async def retry_job(request: web.Request) -> web.Response:
+    c = console_of(request)
+    body = await json_body(request)
+    try:
+        result = await c.scheduler.remix(
+            job_id_of(request), c.operator, c.target, _idempotency_key(body.get("client_key")), new_seed=True
+        )
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"job": job_json(result.job), "duplicate": result.duplicate}, status=201)
+
+
+async def remix_job(request: web.Request) -> web.Response:
+    c = console_of(request)
+    body = await json_body(request)
+    raw_options = body.get("options") or {}
+    if not isinstance(raw_options, dict):
+        return json_error(400, "invalid", "options must be an object.")
+    try:
+        overrides = parse_remix(str(body.get("prompt") or ""), coerce_options(raw_options))
+        result = await c.scheduler.remix(
+            job_id_of(request), c.operator, c.target, _idempotency_key(body.get("client_key")), overrides=overrides
+        )
+    except RequestError as exc:
+        return c.refusal_response(Refusal("invalid", exc.message))
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"job": job_json(result.job), "duplicate": result.duplicate}, status=201)
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    c = console_of(request)
+    try:
+        job = await c.scheduler.cancel(job_id_of(request), c.operator)
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"job": job_json(job)})
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    c = console_of(request)
+    try:
+        await c.scheduler.delete(job_id_of(request), c.operator)
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"deleted": True})
+
+
+async def my_queue(request: web.Request) -> web.Response:
+    c = console_of(request)
+    jobs, quota, total = await c.scheduler.queue_info(c.operator)
+    return web.json_response({"jobs": [job_json(j) for j in jobs], "quota": quota_json(quota), "total": total})
+
+
+def resolve_media(settings: Settings, stored: str, root_setting: str) -> Path | None:
+    """The file a stored path names, only if it lies inside the configured folder (defence in depth:
+    paths are server-generated, but a file outside the folder is never served)."""
+    root = settings.path(root_setting).resolve()
+    candidate = Path(stored)
+    options = [candidate] if candidate.is_absolute() else [settings.path(stored), root / candidate]
+    for path in options:
+        resolved = path.resolve()
+        if resolved.is_relative_to(root) and resolved.is_file():
+            return resolved
+    return None
+
+
+async def job_video(request: web.Request) -> web.StreamResponse:
+    c = console_of(request)
+    job_id = job_id_of(request)
+    output, _ = await queries.media_paths(c.db, job_id)
+    path = resolve_media(c.settings, output, c.settings.app.outputs_dir) if output else None
+    if path is None:
+        raise web.HTTPNotFound(text="No video for this job.")
+    # FileResponse answers Range requests, which <video> needs to seek and to read the duration.
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": "video/mp4",
+            "Content-Disposition": f'inline; filename="turbobot-job-{job_id}.mp4"',
+            "Cache-Control": "private, max-age=3600",
+        },
+    )
+
+
+async def job_input(request: web.Request) -> web.StreamResponse:
+    c = console_of(request)
+    job_id = job_id_of(request)
+    _, stored = await queries.media_paths(c.db, job_id)
+    path = resolve_media(c.settings, stored, c.settings.app.inputs_dir) if stored else None
+    if path is None:
+        raise web.HTTPNotFound(text="No input image for this job.")
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": "image/png",
+            "Content-Disposition": f'inline; filename="turbobot-job-{job_id}-input.png"',
+            "Cache-Control": "private, max-age=3600",
+        },
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/options", get_options)
+    r.add_get("/api/queue", my_queue)
+    r.add_post("/api/jobs", submit_job)
+    r.add_get("/api/jobs", list_jobs)
+    r.add_get(r"/api/jobs/{job_id:\d+}", get_job)
+    r.add_get(r"/api/jobs/{job_id:\d+}/events", job_events)
+    r.add_post(r"/api/jobs/{job_id:\d+}/retry", retry_job)
+    r.add_post(r"/api/jobs/{job_id:\d+}/remix", remix_job)
+    r.add_post(r"/api/jobs/{job_id:\d+}/cancel", cancel_job)
+    r.add_post(r"/api/jobs/{job_id:\d+}/delete", delete_job)
+    r.add_get(r"/media/jobs/{job_id:\d+}/video.mp4", job_video)
+    r.add_get(r"/media/jobs/{job_id:\d+}/input.png", job_input)

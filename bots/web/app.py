@@ -1,0 +1,176 @@
+"""The local web console: application factory and server runner.
+
+``create_web_app(settings, scheduler, db)`` builds the aiohttp application (refusing unsafe settings);
+``run_web(settings, scheduler, db, stop)`` serves it on ``[web] host:port`` until ``stop`` is set.
+Pages are static HTML shells with vanilla JS (package data under templates/ and static/) that talk to the
+JSON API; all text from users is inserted with textContent, never as HTML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib import resources
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from bots.web import api_admin, api_jobs
+from bots.web.context import CONSOLE, Console, console_of
+from bots.web.events import EventHub
+from bots.web.health import readiness, worker_fresh_seconds
+from bots.web.metrics import ConsoleMetrics
+from bots.web.security import (
+    SESSION_COOKIE,
+    Auth,
+    add_security_headers,
+    ensure_csrf_cookie,
+    load_admin_token,
+    make_security_middleware,
+)
+from generator.scheduler.api import SchedulerAPI
+from storage.db import Database
+from turbobot.config import Settings
+
+log = logging.getLogger(__name__)
+
+PAGES = {"/": "playground.html", "/gallery": "gallery.html", "/admin": "admin.html", "/login": "login.html"}
+LOGIN_FAILURE_DELAY_S = 0.25  # slows guessing a little; the token itself must be long
+
+
+def _package_dir(name: str) -> Path:
+    return Path(str(resources.files("bots.web").joinpath(name)))
+
+
+def _page(template: str) -> web.Handler:
+    path = _package_dir("templates") / template
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.Response(
+            body=path.read_bytes(), content_type="text/html", charset="utf-8",
+            headers={"Cache-Control": "no-store"},
+        )
+        ensure_csrf_cookie(request, response)
+        return response
+
+    return handler
+
+
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    c = console_of(request)
+    result = await readiness(c.settings, c.db)
+    return web.json_response(result.detail, status=200 if result.ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    c = console_of(request)
+    await c.metrics.refresh()
+    return web.Response(body=c.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def login(request: web.Request) -> web.Response:
+    c = console_of(request)
+    body = await api_jobs.json_body(request)
+    if not c.auth.token_matches(str(body.get("token") or "")):
+        await asyncio.sleep(LOGIN_FAILURE_DELAY_S)
+        return web.json_response({"error": "unauthorized", "message": "That token is not right."}, status=401)
+    response = web.json_response({"ok": True})
+    if c.auth.enabled:
+        response.set_cookie(
+            SESSION_COOKIE, c.auth.session_value, path="/", httponly=True, samesite="Strict", secure=request.secure
+        )
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    response = web.json_response({"ok": True})
+    response.del_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+async def whoami(request: web.Request) -> web.Response:
+    c = console_of(request)
+    return web.json_response({"operator": c.operator.key, "auth": c.auth.enabled})
+
+
+def create_web_app(settings: Settings, scheduler: SchedulerAPI, db: Database) -> web.Application:
+    """Build the console. Raises ``WebConfigError`` when the bind address needs a token that is not set."""
+    auth = Auth(load_admin_token(settings))
+    hub = EventHub()
+    console = Console(
+        settings=settings,
+        scheduler=scheduler,
+        db=db,
+        auth=auth,
+        hub=hub,
+        metrics=ConsoleMetrics(db, scheduler, worker_fresh_seconds(settings)),
+        poll_seconds=max(0.2, min(settings.scheduler.progress_interval_seconds, 2.0)),
+    )
+    if not scheduler.is_owner(console.operator):
+        log.warning(
+            "the web console acts as %r, which is not in [admin] owners: cancelling other users' jobs, limits "
+            "and blocks will be refused, and the console's own jobs count against the quotas",
+            console.operator.key,
+        )
+    app = web.Application(middlewares=[make_security_middleware(auth)])
+    app[CONSOLE] = console
+    app.on_response_prepare.append(add_security_headers)
+
+    async def on_startup(app: web.Application) -> None:
+        # Results of console jobs that finished while the console was down are offered again here.
+        scheduler.subscribe("web", hub.sink)
+        # "*" observes every platform's events without affecting their delivery: pages showing chat jobs
+        # update at once instead of at the next poll.
+        scheduler.subscribe("*", hub.sink)
+
+    async def on_shutdown(app: web.Application) -> None:
+        hub.closing.set()  # lets open event streams end instead of waiting for the shutdown timeout
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+
+    for path, template in PAGES.items():
+        app.router.add_get(path, _page(template))
+    app.router.add_get(r"/jobs/{job_id:\d+}", _page("job.html"))
+    app.router.add_static("/static", _package_dir("static"), show_index=False, follow_symlinks=False)
+    app.router.add_get("/favicon.ico", favicon)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/api/whoami", whoami)
+    api_jobs.add_routes(app)
+    api_admin.add_routes(app)
+    return app
+
+
+async def start_web(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on host:port (0 = any free port); returns the runner and the base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    shown = f"[{host}]" if ":" in host else host
+    return runner, f"http://{shown}:{bound}"
+
+
+async def run_web(settings: Settings, scheduler: SchedulerAPI, db: Database, stop: asyncio.Event) -> None:
+    """Serve the console until ``stop`` is set. Raises ``WebConfigError`` (clear message) on unsafe settings."""
+    app = create_web_app(settings, scheduler, db)
+    runner, url = await start_web(app, settings.web.host, settings.web.port)
+    log.info("web console listening on %s", url)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,70 @@
+"""The console's shared state, stored on the aiohttp application."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from bots.texts import refusal_text
+from bots.web.events import EventHub
+from bots.web.metrics import ConsoleMetrics
+from bots.web.security import Auth
+from generator.scheduler.api import DeliveryTarget, Refusal, Requester, SchedulerAPI
+from storage.db import Database
+from turbobot.config import Settings
+
+# The person at the console. Every job submitted here belongs to this user; admin actions are taken
+# in its name (config's [admin] owners must list "web:operator" if the scheduler is to allow them).
+OPERATOR = Requester("web", "operator", "Console operator")
+WEB_TARGET = DeliveryTarget(platform="web", chat_id="console")
+
+REFUSAL_STATUS = {
+    "invalid": 400,
+    "blocked_words": 400,
+    "model_not_configured": 400,
+    "blocked": 403,
+    "forbidden": 403,
+    "not_found": 404,
+    "not_cancellable": 409,
+    "not_finished": 409,
+    "quota_daily": 429,
+    "quota_gpu": 429,
+    "queued_cap": 429,
+    "running_cap": 429,
+    "chat_rate": 429,
+    "queue_full": 503,
+}
+
+
+@dataclass
+class Console:
+    settings: Settings
+    scheduler: SchedulerAPI
+    db: Database
+    auth: Auth
+    hub: EventHub
+    metrics: ConsoleMetrics
+    poll_seconds: float = 1.0
+    operator: Requester = OPERATOR
+    target: DeliveryTarget = WEB_TARGET
+
+    def refusal_response(self, refusal: Refusal) -> web.Response:
+        self.metrics.web_refusals[refusal.code] += 1
+        message = refusal_text(refusal)
+        if refusal.code == "forbidden":
+            message += f' The console acts as "{self.operator.key}": list it in [admin] owners in config.toml.'
+        body = {
+            "error": refusal.code,
+            "message": message,
+            "retry_at": refusal.retry_at.isoformat() if refusal.retry_at else None,
+            "job_id": refusal.job_id,
+        }
+        return web.json_response(body, status=REFUSAL_STATUS.get(refusal.code, 400))
+
+
+CONSOLE = web.AppKey("turbobot_console", Console)
+
+
+def console_of(request: web.Request) -> Console:
+    return request.app[CONSOLE]

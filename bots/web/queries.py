@@ -1,0 +1,319 @@
+"""Read-only queries the console needs beyond the scheduler's per-user API: listings across every user and
+platform (gallery, admin queue, users), remix lineage, files by job id, worker rows and metric inputs.
+
+Everything here runs in ``Database.read()`` transactions and never writes. Rows are turned into the same
+``JobView`` the scheduler hands out (without queue position/ETA, which only the scheduler knows).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, case, func, or_, select
+
+from generator.request import GenerationRequest, RequestError
+from generator.scheduler.api import DeliveryTarget, JobView, OutputView, Requester
+from storage.db import Database
+from storage.models import (
+    JOB_STATES,
+    TERMINAL_STATES,
+    AuditLog,
+    InputImage,
+    Job,
+    Output,
+    QuotaUsage,
+    User,
+    WorkerState,
+)
+from storage.repo_users import EXEMPT_ROLES
+
+MAX_PAGE = 200
+
+
+@dataclass(frozen=True)
+class JobFilters:
+    user: str = ""  # "platform:id" exactly, or part of a display name / user id
+    state: str = ""
+    mode: str = ""
+    platform: str = ""
+    query: str = ""  # part of the prompt, or "#123" / "123" for a job id
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    key: str
+    platform: str
+    user_id: str
+    display_name: str
+    role: str
+    blocked: bool
+    blocked_reason: str
+    max_queued: int | None  # per-user overrides (None = configured default)
+    daily_jobs: int | None
+    daily_gpu_seconds: float | None
+    running: int
+    queued: int
+    jobs_today: int
+    gpu_seconds_today: float
+    total_jobs: int
+    exempt: bool  # owners and unlimited users skip quotas and the running cap
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    id: str
+    pid: int
+    device: str
+    state: str
+    heartbeat_at: dt.datetime
+    restarts: int
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FinishedRow:
+    id: int
+    state: str
+    mode: str
+    platform: str
+    error_code: str
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime
+    gpu_seconds: float
+
+
+def _request_of(job: Job) -> GenerationRequest:
+    try:
+        req = GenerationRequest.from_dict(dict(job.request or {}))
+    except (RequestError, TypeError):
+        # A stored request from another version: rebuild it from the queryable columns.
+        req = GenerationRequest(
+            mode=job.mode, prompt=job.prompt, model=job.model, resolution=job.resolution, aspect=job.aspect,
+            frames=job.frames, steps=job.steps, seed=job.seed, sla_topk=job.sla_topk, sigma_max=job.sigma_max,
+            sampler=job.sampler, adaptive_resolution=job.adaptive_resolution, boundary=job.boundary,
+            attention=job.attention,
+        )
+    return req if req.seed is not None else req.with_seed(job.seed)
+
+
+def job_view(job: Job, user: User, output: Output | None) -> JobView:
+    return JobView(
+        id=job.id,
+        state=job.state,
+        request=_request_of(job),
+        requester=Requester(user.platform, user.platform_user_id, user.display_name),
+        target=DeliveryTarget(
+            platform=job.platform, chat_id=job.chat_id, guild_id=job.guild_id,
+            status_message_id=job.status_message_id, reply_to_message_id=job.reply_to_message_id,
+        ),
+        parent_id=job.parent_id,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempts,
+        progress_step=job.progress_step,
+        progress_total=job.progress_total,
+        position=None,
+        queue_length=None,
+        eta=None,
+        output=None
+        if output is None
+        else OutputView(
+            path=output.path, bytes=output.bytes, width=output.width, height=output.height, frames=output.frames,
+            fps=output.fps, duration_s=output.duration_s, sha256=output.sha256, model_label=output.model_label,
+            is_demo=output.is_demo,
+        ),
+        error_code=job.error_code,
+        error_message=job.error_message,
+        timings=dict(job.timings or {}),
+    )
+
+
+def _jobs_select() -> Select[tuple[Job, User, Output]]:
+    return select(Job, User, Output).join(User, Job.user_id == User.id).outerjoin(Output, Output.job_id == Job.id)
+
+
+def _user_clause(text: str) -> Any:
+    platform, sep, uid = text.partition(":")
+    if sep and platform and uid:
+        return (User.platform == platform) & (User.platform_user_id == uid)
+    pattern = f"%{_escape_like(text)}%"
+    return or_(
+        User.display_name.ilike(pattern, escape="\\"), User.platform_user_id.ilike(pattern, escape="\\")
+    )
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+async def list_jobs(
+    db: Database, filters: JobFilters = JobFilters(), *, limit: int = 30, before_id: int | None = None
+) -> list[JobView]:
+    """Newest first, across every platform and user."""
+    stmt = _jobs_select()
+    if filters.state in JOB_STATES:
+        stmt = stmt.where(Job.state == filters.state)
+    if filters.mode:
+        stmt = stmt.where(Job.mode == filters.mode)
+    if filters.platform:
+        stmt = stmt.where(User.platform == filters.platform)
+    if filters.user.strip():
+        stmt = stmt.where(_user_clause(filters.user.strip()))
+    q = filters.query.strip()
+    if q:
+        digits = q.lstrip("#")
+        clause = Job.prompt.ilike(f"%{_escape_like(q)}%", escape="\\")
+        stmt = stmt.where(or_(clause, Job.id == int(digits)) if digits.isdigit() else clause)
+    if before_id is not None:
+        stmt = stmt.where(Job.id < before_id)
+    stmt = stmt.order_by(Job.id.desc()).limit(max(1, min(limit, MAX_PAGE)))
+    async with db.read() as session:
+        rows = (await session.execute(stmt)).all()
+    return [job_view(j, u, o) for j, u, o in rows]
+
+
+async def get_job(db: Database, job_id: int) -> JobView | None:
+    async with db.read() as session:
+        row = (await session.execute(_jobs_select().where(Job.id == job_id))).first()
+    return None if row is None else job_view(*row)
+
+
+async def children_of(db: Database, job_id: int, *, limit: int = 50) -> list[JobView]:
+    stmt = _jobs_select().where(Job.parent_id == job_id).order_by(Job.id).limit(limit)
+    async with db.read() as session:
+        rows = (await session.execute(stmt)).all()
+    return [job_view(j, u, o) for j, u, o in rows]
+
+
+async def media_paths(db: Database, job_id: int) -> tuple[str | None, str | None]:
+    """(output video path, input image path) of a job, as stored by the scheduler; None when absent."""
+    stmt = (
+        select(Output.path, InputImage.path)
+        .select_from(Job)
+        .outerjoin(Output, Output.job_id == Job.id)
+        .outerjoin(InputImage, InputImage.id == Job.input_id)
+        .where(Job.id == job_id)
+    )
+    async with db.read() as session:
+        row = (await session.execute(stmt)).first()
+    return (None, None) if row is None else (row[0], row[1])
+
+
+async def active_jobs(db: Database, *, limit: int = MAX_PAGE) -> list[JobView]:
+    """Every running and queued job, running first, then oldest first (the scheduler orders fairly)."""
+    stmt = (
+        _jobs_select()
+        .where(Job.state.in_(("queued", "running")))
+        .order_by((Job.state == "queued").asc(), Job.priority, Job.created_at, Job.id)
+        .limit(limit)
+    )
+    async with db.read() as session:
+        rows = (await session.execute(stmt)).all()
+    return [job_view(j, u, o) for j, u, o in rows]
+
+
+async def user_summaries(
+    db: Database, *, query: str = "", day: str | None = None, limit: int = 100
+) -> list[UserSummary]:
+    """Users with their queue counts, today's quota usage and overrides; most recently active first."""
+    day = day or dt.datetime.now(dt.UTC).date().isoformat()
+    active = (
+        select(
+            Job.user_id.label("uid"),
+            func.sum(case((Job.state == "running", 1), else_=0)).label("running"),
+            func.sum(case((Job.state == "queued", 1), else_=0)).label("queued"),
+            func.count(Job.id).label("total"),
+            func.max(Job.id).label("last_job"),
+        )
+        .group_by(Job.user_id)
+        .subquery()
+    )
+    usage = select(QuotaUsage).where(QuotaUsage.day == day).subquery()
+    stmt = (
+        select(User, active.c.running, active.c.queued, active.c.total, usage.c.jobs, usage.c.gpu_seconds)
+        .outerjoin(active, active.c.uid == User.id)
+        .outerjoin(usage, usage.c.user_id == User.id)
+    )
+    if query.strip():
+        stmt = stmt.where(_user_clause(query.strip()))
+    stmt = stmt.order_by(func.coalesce(active.c.last_job, 0).desc(), User.id.desc()).limit(max(1, min(limit, 500)))
+    async with db.read() as session:
+        rows = (await session.execute(stmt)).all()
+    return [
+        UserSummary(
+            key=f"{u.platform}:{u.platform_user_id}", platform=u.platform, user_id=u.platform_user_id,
+            display_name=u.display_name, role=u.role, blocked=u.blocked, blocked_reason=u.blocked_reason,
+            max_queued=u.max_queued, daily_jobs=u.daily_jobs, daily_gpu_seconds=u.daily_gpu_seconds,
+            running=int(running or 0), queued=int(queued or 0), jobs_today=int(jobs_today or 0),
+            gpu_seconds_today=float(gpu or 0.0), total_jobs=int(total or 0), exempt=u.role in EXEMPT_ROLES,
+        )
+        for u, running, queued, total, jobs_today, gpu in rows
+    ]
+
+
+async def workers(db: Database) -> list[WorkerRow]:
+    async with db.read() as session:
+        rows = (await session.execute(select(WorkerState).order_by(WorkerState.id))).scalars().all()
+    return [
+        WorkerRow(
+            id=w.id, pid=w.pid, device=w.device, state=w.state, heartbeat_at=w.heartbeat_at,
+            restarts=w.restarts, info=dict(w.info or {}),
+        )
+        for w in rows
+    ]
+
+
+async def state_counts(db: Database) -> dict[str, int]:
+    async with db.read() as session:
+        rows = (await session.execute(select(Job.state, func.count()).group_by(Job.state))).all()
+    counts = dict.fromkeys(JOB_STATES, 0)
+    counts.update({state: int(n) for state, n in rows})
+    return counts
+
+
+async def finished_since(db: Database, since: dt.datetime | None, *, limit: int = 5000) -> list[FinishedRow]:
+    """Terminal jobs with ``finished_at >= since`` (all when None), oldest finish first."""
+    stmt = (
+        select(
+            Job.id, Job.state, Job.mode, Job.platform, Job.error_code, Job.created_at, Job.started_at,
+            Job.finished_at, Job.gpu_seconds,
+        )
+        .where(Job.state.in_(TERMINAL_STATES), Job.finished_at.is_not(None))
+        .order_by(Job.finished_at, Job.id)
+        .limit(limit)
+    )
+    if since is not None:
+        stmt = stmt.where(Job.finished_at >= since)
+    async with db.read() as session:
+        rows = (await session.execute(stmt)).all()
+    return [FinishedRow(*row) for row in rows]
+
+
+async def refusals_after(db: Database, after_id: int, *, limit: int = 5000) -> list[tuple[int, str]]:
+    """(audit id, detail) of refusals logged by the scheduler after ``after_id``, oldest first."""
+    stmt = (
+        select(AuditLog.id, AuditLog.detail)
+        .where(AuditLog.action == "refused", AuditLog.id > after_id)
+        .order_by(AuditLog.id)
+        .limit(limit)
+    )
+    async with db.read() as session:
+        rows = (await session.execute(stmt)).all()
+    return [(int(i), str(d or "")) for i, d in rows]
+
+
+async def recent_timings(db: Database, *, limit: int = 30) -> list[tuple[int, dict[str, Any]]]:
+    """(job id, timings) of the latest succeeded jobs, oldest first: the console's step-time history."""
+    stmt = (
+        select(Job.id, Job.timings)
+        .where(Job.state == "succeeded")
+        .order_by(Job.finished_at.desc(), Job.id.desc())
+        .limit(limit)
+    )
+    async with db.read() as session:
+        rows = (await session.execute(stmt)).all()
+    return [(int(i), dict(t or {})) for i, t in reversed(rows)]
