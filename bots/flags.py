@@ -96,7 +96,8 @@ def parse_flags(text: str) -> ParsedText:
             raise RequestError("flags", f"Unknown option --{name}. Known options: {known_flags()}.")
         field_name, kind = FLAGS[key]
         if field_name in seen:
-            raise RequestError(field_name, f"--{name} is given twice (also as --{seen[field_name]}); keep one.")
+            also = "" if seen[field_name].lower() == key else f" (also as --{seen[field_name]})"
+            raise RequestError(field_name, f"--{name} is given twice{also}; keep one.")
         seen[field_name] = name
         if isinstance(kind, tuple):
             if raw_value is not None:

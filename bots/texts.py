@@ -187,7 +187,10 @@ def help_text(flavor: str = "plain") -> str:
         [
             _bold("turbobot makes 5-second videos from text or images", flavor),
             f"{c('/t2v a fox running through snow at dusk')}: text to video",
-            f"{c('/i2v [prompt]')}: animate an image (attach it, or reply to one)",
+            f"{c('/i2v [prompt]')}: animate an image ("
+            + ("attach it, or use Apps > Animate this image on any message with one" if flavor == "discord"
+               else "attach it, or reply to one")
+            + ")",
             f"{c('/remix <job> [new prompt] [--flags]')}: same seed, changed prompt or settings",
             f"{c('/queue')} your place and quota · {c('/jobs')} your results · {c('/cancel [job]')} · {c('/forget')} delete your data",
             "",

@@ -1,0 +1,79 @@
+"""A fast stand-in engine for the Discord end-to-end tests (plugged in with TURBOBOT_ENGINE_FACTORY).
+
+It writes a real, small H.264 mp4 (seeded noise, so re-encoding it smaller is real work for ffmpeg) and
+reports progress per step. A prompt containing "[hold]" keeps the job running until it is cancelled, so a
+cancel test needs no timing; "[fail]" fails the job with a user-facing message; "[flat]" renders one flat
+colour (a tiny first-frame preview).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+
+from generator.engine.api import EngineError, JobCancelled, Progress, RenderJob, RenderResult
+
+SIDE = 64
+FPS = 16
+HOLD_LIMIT_S = 30.0
+
+
+class FastEngine:
+    def __init__(self, settings: object) -> None:
+        self.settings = settings
+
+    @property
+    def info(self) -> dict[str, object]:
+        return {"models": ["tiny-t2v", "tiny-i2v"], "device": "cpu", "attention": "none"}
+
+    def load(self) -> None:
+        pass
+
+    def render(self, job: RenderJob, *, progress: Callable[[Progress], None],
+               cancelled: Callable[[], bool]) -> RenderResult:
+        req = job.request
+        started = time.monotonic()
+        if "[fail]" in req.prompt:
+            raise EngineError("The test engine was asked to fail.")
+        if "[hold]" in req.prompt:
+            progress(Progress("denoise", 0, req.steps))
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while not cancelled():
+                if time.monotonic() > deadline:
+                    raise EngineError("held too long without a cancel")
+                time.sleep(0.01)
+            raise JobCancelled
+        for step in range(1, req.steps + 1):
+            if cancelled():
+                raise JobCancelled
+            progress(Progress("denoise", step, req.steps, step_seconds=0.001))
+        frames = min(req.frames, 17)
+        rng = np.random.default_rng(req.seed or 0)
+        if "[flat]" in req.prompt:
+            video = np.full((frames, SIDE, SIDE, 3), 90, dtype=np.uint8)
+        else:
+            video = rng.integers(0, 256, size=(frames, SIDE, SIDE, 3), dtype=np.uint8)
+        out = Path(job.output_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = imageio_ffmpeg.write_frames(str(out), (SIDE, SIDE), fps=FPS, codec="libx264", quality=10,
+                                             macro_block_size=16, output_params=["-f", "mp4"])
+        writer.send(None)
+        for frame in video:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        data = out.read_bytes()
+        model = req.model or "tiny-t2v"
+        return RenderResult(
+            path=out, width=SIDE, height=SIDE, frames=frames, fps=FPS, duration_s=frames / FPS, bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(), model_label=f"{model} (test engine)", is_demo=True,
+            timings={"total": time.monotonic() - started},
+        )
+
+
+def create(settings: object) -> FastEngine:
+    return FastEngine(settings)
