@@ -103,6 +103,10 @@ class Job(Base):
         Index("ix_jobs_state_created", "state", "created_at"),
         Index("ix_jobs_user_state", "user_id", "state"),
         Index("ix_jobs_state_lease", "state", "lease_until"),
+        # The scheduler's poll for terminal-but-undelivered jobs must not scan all of history.
+        Index("ix_jobs_delivered_state", "delivered_at", "state"),
+        # Fair claim: each user's first queued job, read from the index alone.
+        Index("ix_jobs_queue_heads", "state", "user_id", "priority", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

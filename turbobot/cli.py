@@ -186,21 +186,19 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     db = await _open_database(settings)
     scheduler = Scheduler(settings, db=db)
     requester = _local_requester()
-    done: asyncio.Future[JobEvent] = asyncio.get_running_loop().create_future()
     printer = _ProgressPrinter(enabled=not args.no_progress and not args.json)
     job_id: int | None = None
 
-    async def sink(event: JobEvent) -> None:
-        if job_id is not None and event.job.id != job_id:
-            raise RuntimeError("not ours")  # leave other CLI jobs' events undelivered for their owners
+    async def show_progress(event: JobEvent) -> None:
+        # Display only (and it marks CLI jobs delivered): completion is awaited with scheduler.wait().
         job = event.job
+        if job.id != job_id:
+            return
         if event.kind == "queued" and job.position:
             printer.show(f"job #{job.id}: queued (#{job.position})")
         elif event.kind in ("started", "progress"):
             total = job.progress_total or job.request.steps
             printer.show(f"job #{job.id}: {progress_bar(job.progress_step, total)} step {job.progress_step}/{total}")
-        if event.terminal and not done.done():
-            done.set_result(event)
 
     try:
         await scheduler.start(run_workers=True)
@@ -210,21 +208,20 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         request = build_request(settings, mode, prompt, image=image_ref, options=_request_options(args))
         try:
             result = await scheduler.submit(request, requester, DeliveryTarget(platform="cli"), f"cli:{uuid.uuid4()}")
+            job_id = result.job.id
+            printer.show(f"job #{job_id}: submitted, seed {result.job.seed}")
+            scheduler.subscribe("cli", show_progress)
+            job = await scheduler.wait(job_id, stop_on_worker_error=True)
         except Refusal as exc:
             raise UserError(exc.message) from None
-        job_id = result.job.id
-        printer.show(f"job #{job_id}: submitted, seed {result.job.seed}")
-        scheduler.subscribe("cli", sink)
-        event = await done
     finally:
         printer.done()
         await scheduler.stop()
         await db.dispose()
 
-    job = event.job
-    if event.kind != "succeeded" or job.output is None:
-        reason = job.error_message or event.kind
-        raise UserError(f"Job #{job.id} {event.kind}: {reason}")
+    if job.state != "succeeded" or job.output is None:
+        reason = job.error_message or job.state
+        raise UserError(f"Job #{job.id} {job.state}: {reason}")
     path = Path(job.output.path)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,8 @@ class Refusal(Exception):
     ) -> None:
         super().__init__(message)
         # codes: invalid, blocked, quota_daily, quota_gpu, queued_cap, running_cap, queue_full, chat_rate,
-        #        not_found, forbidden, not_cancellable, model_not_configured, blocked_words
+        #        not_found, forbidden, not_cancellable, model_not_configured, blocked_words,
+        #        not_finished (delete of a queued/running job), engine_unavailable (Scheduler.wait)
         self.code = code
         self.message = message
         self.retry_at = retry_at
@@ -102,6 +103,7 @@ class JobView:
     error_code: str
     error_message: str
     timings: dict[str, float]
+    cancel_requested: bool = False  # running and asked to stop: it ends "cancelled" after the current step
 
     @property
     def seed(self) -> int:

@@ -133,6 +133,8 @@ def upgrade() -> None:
     sa.UniqueConstraint('idempotency_key', name=op.f('uq_jobs_idempotency_key'))
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.create_index('ix_jobs_delivered_state', ['delivered_at', 'state'], unique=False)
+        batch_op.create_index('ix_jobs_queue_heads', ['state', 'user_id', 'priority', 'created_at'], unique=False)
         batch_op.create_index('ix_jobs_state_created', ['state', 'created_at'], unique=False)
         batch_op.create_index('ix_jobs_state_lease', ['state', 'lease_until'], unique=False)
         batch_op.create_index('ix_jobs_user_state', ['user_id', 'state'], unique=False)
@@ -177,6 +179,8 @@ def downgrade() -> None:
         batch_op.drop_index('ix_jobs_user_state')
         batch_op.drop_index('ix_jobs_state_lease')
         batch_op.drop_index('ix_jobs_state_created')
+        batch_op.drop_index('ix_jobs_queue_heads')
+        batch_op.drop_index('ix_jobs_delivered_state')
 
     op.drop_table('jobs')
     op.drop_table('quota_usage')

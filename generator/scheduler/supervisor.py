@@ -1,0 +1,260 @@
+"""Spawns one worker process per configured device, watches it, kills and restarts it.
+
+Each worker is ``python -m generator.scheduler.worker`` in its own session (a Ctrl-C in the terminal
+reaches only the parent, which then stops the workers). The worker's stdin is the only thing keeping it
+alive: if this process dies, even by SIGKILL, the pipe closes and the worker exits.
+
+Watchdog: a worker is killed (SIGKILL) when it sends nothing for ``watchdog_seconds``, when it reports its
+render stalled for that long, or when it is still loading after ``worker_start_timeout_seconds``. After
+any exit the ``on_exit`` callback runs (the scheduler requeues the worker's job and sweeps files), then the
+worker is restarted with a backoff that grows while it keeps dying young.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from generator.scheduler.worker import ENGINE_FACTORY_ENV, encode_settings
+from turbobot.config import Settings
+
+log = logging.getLogger("turbobot.supervisor")
+
+MIN_BACKOFF = 0.1
+MAX_BACKOFF = 30.0
+HEALTHY_AFTER = 60.0  # a worker that lived this long restarts without delay
+
+
+def worker_ids(settings: Settings, host: str | None = None) -> list[str]:
+    host = host or socket.gethostname()
+    return [f"{host}:{slot}" for slot in range(len(settings.scheduler.worker_devices))]
+
+
+def device_env(device: str) -> dict[str, str]:
+    if device.isdigit():
+        return {"CUDA_VISIBLE_DEVICES": device}
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    return {}
+
+
+@dataclass
+class WorkerHandle:
+    slot: int
+    worker_id: str
+    device: str
+    proc: asyncio.subprocess.Process | None = None
+    state: str = "stopped"  # starting, idle, busy, stopped
+    job_id: int | None = None
+    spawned_at: float = 0.0
+    last_message: float = 0.0
+    stalled: bool = False
+    restarts: int = 0
+    kills: int = 0
+    error: str = ""  # why the engine failed to load, until a later start succeeds
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_message: Callable[[WorkerHandle, dict[str, Any]], None],
+        on_exit: Callable[[WorkerHandle, int | None], Awaitable[None]],
+        engine_factory: str | None = None,
+        env: dict[str, str] | None = None,
+        on_kill: Callable[[WorkerHandle], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._on_kill = on_kill
+        self.cfg = settings.scheduler
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self._engine_factory = engine_factory
+        self._env = dict(env or {})
+        self._settings_line = encode_settings(settings) + "\n"
+        self.handles = [
+            WorkerHandle(slot, wid, dev)
+            for slot, (wid, dev) in enumerate(zip(worker_ids(settings), settings.scheduler.worker_devices, strict=True))
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        for handle in self.handles:
+            self._tasks.append(asyncio.create_task(self._run_slot(handle), name=f"worker-slot-{handle.slot}"))
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Close every worker's stdin (it exits at once), wait up to ``grace`` s, then SIGKILL."""
+        self._stopping.set()
+        for handle in self.handles:
+            proc = handle.proc
+            if proc is not None and proc.returncode is None and proc.stdin is not None:
+                with contextlib.suppress(Exception):
+                    proc.stdin.close()
+        deadline = time.monotonic() + grace
+        for handle in self.handles:
+            proc = handle.proc
+            if proc is None or proc.returncode is not None:
+                continue
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=max(0.05, deadline - time.monotonic()))
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # --- commands to workers --------------------------------------------------------------------
+    def _send(self, handle: WorkerHandle, line: str) -> None:
+        proc = handle.proc
+        if proc is None or proc.returncode is not None or proc.stdin is None or proc.stdin.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            proc.stdin.write(line.encode())
+
+    def wake(self) -> None:
+        """New work was queued: idle workers claim now instead of at their next poll."""
+        for handle in self.handles:
+            if handle.state == "idle":
+                self._send(handle, "wake\n")
+
+    def cancel(self, job_id: int) -> None:
+        for handle in self.handles:
+            if handle.job_id == job_id:
+                self._send(handle, f"cancel {job_id}\n")
+
+    def kill(self, worker_id: str) -> bool:
+        """SIGKILL one worker (tests, admin); it is restarted like any crashed worker."""
+        for handle in self.handles:
+            if handle.worker_id == worker_id and handle.proc is not None and handle.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    handle.proc.kill()
+                return True
+        return False
+
+    # --- per slot -------------------------------------------------------------------------------
+    async def _spawn(self, handle: WorkerHandle) -> asyncio.subprocess.Process:
+        env = {**os.environ, **self._env, **device_env(handle.device), "PYTHONUNBUFFERED": "1"}
+        if self._engine_factory:
+            env[ENGINE_FACTORY_ENV] = self._engine_factory
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "generator.scheduler.worker", "--worker-id", handle.worker_id,
+            "--device", handle.device,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True,
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(self._settings_line.encode())
+        return proc
+
+    async def _run_slot(self, handle: WorkerHandle) -> None:
+        backoff = MIN_BACKOFF
+        while not self._stopping.is_set():
+            try:
+                proc = await self._spawn(handle)
+            except Exception:
+                log.exception("cannot start worker %s", handle.worker_id)
+                rc: int | None = None
+                proc = None
+            else:
+                handle.proc = proc
+                handle.state = "starting"
+                handle.job_id = None
+                handle.stalled = False
+                handle.spawned_at = handle.last_message = time.monotonic()
+                log.info("worker %s started (pid %s, device %s)", handle.worker_id, proc.pid, handle.device)
+                reader = asyncio.create_task(self._read(handle, proc))
+                watchdog = asyncio.create_task(self._watchdog(handle, proc))
+                rc = await proc.wait()
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+                handle.state = "stopped"
+            lived = time.monotonic() - handle.spawned_at
+            if handle.error:
+                lived = 0.0  # a load failure is never "healthy": keep backing off
+            if not self._stopping.is_set():
+                log.warning("worker %s exited with code %s after %.1fs", handle.worker_id, rc, lived)
+            try:
+                await self._on_exit(handle, rc)
+            except Exception:
+                log.exception("cleanup after worker %s exit failed", handle.worker_id)
+            handle.job_id = None
+            if self._stopping.is_set():
+                break
+            handle.restarts += 1
+            backoff = MIN_BACKOFF if lived > HEALTHY_AFTER else min(backoff * 2, MAX_BACKOFF)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=backoff if proc is not None else MAX_BACKOFF)
+
+    async def _read(self, handle: WorkerHandle, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                return
+            handle.last_message = time.monotonic()
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.warning("worker %s wrote a non-protocol line: %r", handle.worker_id, line[:200])
+                continue
+            kind = msg.get("t")
+            if kind == "hb":
+                handle.stalled = bool(msg.get("stalled"))
+                handle.state = str(msg.get("state") or handle.state)
+                handle.job_id = msg.get("job")
+            elif kind == "ready":
+                handle.state = "idle"
+                handle.error = ""
+                handle.info = dict(msg.get("info") or {})
+            elif kind == "fatal":
+                handle.state = "failed"
+                handle.error = str(msg.get("error") or "the engine could not be loaded")
+            elif kind == "job":
+                k = msg.get("k")
+                handle.job_id = None if k == "done" else msg.get("id")
+                handle.state = "idle" if k == "done" else "busy"
+            try:
+                self._on_message(handle, msg)
+            except Exception:
+                log.exception("handling a message from worker %s failed", handle.worker_id)
+
+    async def _watchdog(self, handle: WorkerHandle, proc: asyncio.subprocess.Process) -> None:
+        cfg = self.cfg
+        interval = max(0.02, min(1.0, cfg.watchdog_seconds / 4, cfg.heartbeat_seconds))
+        while proc.returncode is None:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            why = ""
+            if handle.state == "starting":
+                # Interpreter start, imports and model loading: only the start timeout applies.
+                if now - handle.spawned_at > cfg.worker_start_timeout_seconds:
+                    why = f"still loading after {cfg.worker_start_timeout_seconds:.0f}s"
+            elif handle.stalled:
+                why = "render stalled"
+            elif now - handle.last_message > max(cfg.watchdog_seconds, 3 * cfg.heartbeat_seconds):
+                why = f"silent for {now - handle.last_message:.1f}s"
+            if why:
+                log.error("worker %s (pid %s): %s; killing it", handle.worker_id, proc.pid, why)
+                handle.kills += 1
+                if self._on_kill is not None:
+                    self._on_kill(handle)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return

@@ -1,0 +1,607 @@
+"""The GPU worker process: ``python -m generator.scheduler.worker --worker-id ID --device DEV``.
+
+One process per GPU, started by ``generator.scheduler.supervisor``. It talks to the database itself through
+the narrow queue verbs (claim, heartbeat, progress, complete, fail), so its death is covered by leases.
+
+Wire protocol with the supervisor (hints only; the database is the truth):
+- stdin, first line: the settings as JSON. Then commands: ``wake`` (new work was queued) and
+  ``cancel <job id>``. EOF on stdin means the parent is gone or wants us gone: exit at once (the lease
+  or the supervisor requeues whatever was running).
+- stdout: one JSON object per line: ``{"t": "hb", ...}`` liveness every heartbeat, ``{"t": "ready"}``
+  after loading, ``{"t": "job", "id": N, "k": "started"|"progress"|"done"}`` after each commit,
+  ``{"t": "stats"}`` after new step-time averages are stored, ``{"t": "fatal", "error": ...}`` when the
+  engine cannot be loaded (then exit code 4). Anything
+  else the process prints goes to stderr (stdout is re-pointed at startup).
+
+Failures: ``OutOfMemory`` / ``torch.cuda.OutOfMemoryError`` fail that job and the worker keeps serving; any
+other CUDA error poisons the process: it exits with code 3 without touching the job, and the supervisor
+restarts it and requeues the job. The render runs in one dedicated thread so the asyncio loop keeps
+heartbeating; a render that stops calling back for ``watchdog_seconds`` is reported stalled and its lease
+is no longer extended, so the supervisor kills the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from sqlalchemy.exc import DBAPIError
+
+from generator.engine.api import EngineError, JobCancelled, OutOfMemory, Progress, RenderJob, RenderResult
+from generator.engine.video import output_name as video_output_name
+from generator.request import GenerationRequest
+from generator.scheduler import queue
+from generator.scheduler.estimate import Shape, StepStats
+from storage.db import Database
+from storage.models import utcnow
+from storage.repo_workers import register_worker, update_worker
+from turbobot.config import Settings, settings_from_dict
+
+log = logging.getLogger("turbobot.worker")
+
+ENGINE_FACTORY_ENV = "TURBOBOT_ENGINE_FACTORY"
+DEFAULT_ENGINE_FACTORY = "generator.engine:create_engine"
+EXIT_CUDA_FATAL = 3
+PARTIAL_PREFIX = ".partial-job"
+ROW_HEARTBEAT_MIN_SECONDS = 2.0
+EXIT_LOAD_FAILED = 4
+
+OOM_MESSAGE = (
+    "The GPU ran out of memory making this video. Try fewer frames or a lower resolution."
+)
+INTERNAL_MESSAGE = "Something went wrong while making this video. The admins can find the details in the logs."
+
+
+# --- settings over the pipe ---------------------------------------------------------------------------
+
+
+def encode_settings(settings: Settings) -> str:
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def decode_settings(text: str) -> Settings:
+    data = json.loads(text)
+    source = data.pop("source", "")
+    base_dir = data.pop("base_dir", ".")
+    return settings_from_dict(data, source=source, base_dir=base_dir)
+
+
+# --- engine loading -----------------------------------------------------------------------------------
+
+
+def load_factory(spec: str) -> Callable[[Settings], Any]:
+    """``package.module:function`` or ``/path/to/file.py:function``."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ValueError(f"engine factory must look like 'module:function', got {spec!r}")
+    if target.endswith(".py"):
+        mod_name = "turbobot_engine_factory_" + hashlib.sha1(target.encode()).hexdigest()[:8]
+        mod_spec = importlib.util.spec_from_file_location(mod_name, target)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ValueError(f"cannot load engine factory file {target}")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_name] = module
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    return getattr(module, name)
+
+
+def factory_spec() -> str:
+    return os.environ.get(ENGINE_FACTORY_ENV, "").strip() or DEFAULT_ENGINE_FACTORY
+
+
+# --- error classification -----------------------------------------------------------------------------
+
+_FATAL_CUDA_MARKERS = (
+    "CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert", "illegal memory access",
+    "NCCL error", "unspecified launch failure",
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, OutOfMemory):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower() and "CUDA" in str(exc)
+
+
+def is_fatal_cuda(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    accel = getattr(torch, "AcceleratorError", None) if torch is not None else None
+    if accel is not None and isinstance(exc, accel):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _FATAL_CUDA_MARKERS)
+
+
+def free_gpu_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- files --------------------------------------------------------------------------------------------
+
+
+def output_name(job_id: int, attempt: int, request: GenerationRequest) -> str:
+    """Server-generated final name (mode, job, seed, model; never user text), e.g.
+    ``t2v_12_42_tiny-t2v.a1.mp4``; the attempt keeps a fenced-out straggler from touching the winner."""
+    return video_output_name(request.mode, job_id, request.seed or 0, request.model or "model", ext=f"a{attempt}.mp4")
+
+
+def partial_name(job_id: int, attempt: int) -> str:
+    return f"{PARTIAL_PREFIX}{job_id}-{attempt}-{os.urandom(4).hex()}.mp4"
+
+
+def fsync_and_hash(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def publish(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# --- the running job ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningJob:
+    job_id: int
+    attempt: int
+    shape: Shape
+    request: GenerationRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    lost: bool = False
+    t0: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    first_step_start: float | None = None
+    last_step_end: float | None = None
+    step_seconds: list[float] = field(default_factory=list)
+    last_step_at: float | None = None
+
+
+class Worker:
+    def __init__(self, settings: Settings, worker_id: str, device: str, send: Callable[[dict[str, Any]], None]) -> None:
+        self.settings = settings
+        self.cfg = settings.scheduler
+        self.worker_id = worker_id
+        self.device = device
+        self.send = send
+        self.outputs = settings.path(settings.app.outputs_dir).resolve()
+        self.stats = StepStats()
+        self.state = "starting"
+        self.current: RunningJob | None = None
+        self.wake = asyncio.Event()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="render")
+        self.engine: Any = None
+        self.engine_info: dict[str, Any] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.db: Database | None = None
+
+    # Called from the stdin thread.
+    def command(self, line: str) -> None:
+        parts = line.split()
+        if not parts or self.loop is None:
+            return
+        if parts[0] == "wake":
+            self.loop.call_soon_threadsafe(self.wake.set)
+        elif parts[0] == "cancel" and len(parts) == 2:
+            cur = self.current
+            if cur is not None and str(cur.job_id) == parts[1]:
+                cur.cancel.set()
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        db_cfg = self.settings.database
+        self.db = Database(
+            self.settings.database_url, busy_timeout_ms=db_cfg.busy_timeout_ms, synchronous=db_cfg.synchronous
+        )
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        async with self.db.write() as s:
+            row = await register_worker(
+                s, self.worker_id, pid=os.getpid(), device=self.device,
+                info={"host": socket.gethostname(), "pid": os.getpid()}, now=utcnow(),
+            )
+            self.stats = StepStats.from_dict((row.info or {}).get("ema"))
+        hb = asyncio.create_task(self._heartbeat_loop())
+        try:
+            try:
+                await self.loop.run_in_executor(self.executor, self._build_engine)
+            except Exception as exc:
+                await self._load_failed(exc)
+                return
+            self.state = "idle"
+            await self._save_worker_row()
+            self.send({"t": "ready", "info": self.engine_info})
+            while True:
+                claimed = await self._claim()
+                if claimed is None:
+                    self.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), timeout=self.cfg.poll_seconds)
+                    continue
+                await self._run(claimed)
+        finally:
+            hb.cancel()
+
+    async def _load_failed(self, exc: Exception) -> None:
+        """Tell the supervisor why (it keeps retrying with a growing delay) and exit."""
+        message = exc.user_message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+        log.error("worker %s: the engine could not be loaded:\n%s", self.worker_id, traceback.format_exc())
+        self.state = "failed"
+        self.send({"t": "fatal", "error": message[:500]})
+        with contextlib.suppress(Exception):
+            await self._write(
+                update_worker, self.worker_id, now=utcnow(), state="failed", info={"error": message[:500]}
+            )
+        sys.stderr.flush()
+        os._exit(EXIT_LOAD_FAILED)
+
+    def _build_engine(self) -> None:
+        factory = load_factory(factory_spec())
+        self.engine = factory(self.settings)
+        self.engine.load()
+        try:
+            self.engine_info = {k: v for k, v in dict(self.engine.info).items() if _jsonable(v)}
+        except Exception:  # info is for display only
+            self.engine_info = {}
+
+    async def _write(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one queue verb in its own write transaction, retrying transient lock errors."""
+        assert self.db is not None
+        delay = 0.05
+        for attempt in range(6):
+            try:
+                async with self.db.write() as s:
+                    return await fn(s, *args, **kwargs)
+            except DBAPIError as exc:
+                if attempt == 5:
+                    raise
+                log.warning("worker %s: database error (%s); retrying", self.worker_id, exc.orig)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        assert self.db is not None
+        async with self.db.read() as s:
+            return await fn(s, *args, **kwargs)
+
+    async def _save_worker_row(self) -> None:
+        info = {
+            **self.engine_info, "host": socket.gethostname(), "pid": os.getpid(), "ema": self.stats.to_dict(),
+        }
+        await self._write(update_worker, self.worker_id, now=utcnow(), state=self.state, info=info)
+
+    async def _claim(self) -> queue.Claimed | None:
+        try:
+            return await self._write(
+                queue.claim,
+                worker_id=self.worker_id,
+                now=utcnow(),
+                lease_seconds=self.cfg.lease_seconds,
+                max_running_per_user=self.settings.quotas.max_running_per_user,
+                postgres=not self.db.sqlite if self.db else False,
+            )
+        except DBAPIError:
+            log.exception("worker %s: claim failed", self.worker_id)
+            await asyncio.sleep(self.cfg.poll_seconds)
+            return None
+
+    async def _heartbeat_loop(self) -> None:
+        """Liveness to the supervisor every heartbeat; to the workers table (for /readyz) less often."""
+        last_row = 0.0
+        while True:
+            now_m = time.monotonic()
+            cur = self.current
+            stalled = cur is not None and now_m - cur.last_activity > self.cfg.watchdog_seconds
+            self.send({
+                "t": "hb", "state": self.state, "job": cur.job_id if cur else None, "stalled": stalled,
+                "activity_age": round(now_m - cur.last_activity, 3) if cur else 0.0,
+            })
+            if now_m - last_row >= row_heartbeat_seconds(self.settings):
+                last_row = now_m
+                try:
+                    await self._write(update_worker, self.worker_id, now=utcnow(), state=self.state)
+                except DBAPIError:
+                    log.exception("worker %s: heartbeat write failed", self.worker_id)
+            await asyncio.sleep(self.cfg.heartbeat_seconds)
+
+    async def _watch(self, job: RunningJob) -> None:
+        """Every heartbeat: extend the lease (unless the render stalled) and look for a cancel request.
+        (Cancels also arrive faster: pushed on stdin by a local supervisor, and with each progress write.)"""
+        while not job.cancel.is_set():
+            await asyncio.sleep(self.cfg.heartbeat_seconds)
+            stalled = time.monotonic() - job.last_activity > self.cfg.watchdog_seconds
+            try:
+                if stalled:
+                    status = await self._read(queue.lease_status, job.job_id, job.attempt)
+                else:
+                    status = await self._write(
+                        queue.heartbeat, job.job_id, job.attempt, now=utcnow(), lease_seconds=self.cfg.lease_seconds
+                    )
+            except DBAPIError:
+                log.exception("worker %s: job %s heartbeat failed", self.worker_id, job.job_id)
+                continue
+            if not status.alive:
+                job.lost = True
+                job.cancel.set()
+            elif status.cancel_requested:
+                job.cancel.set()
+
+    async def _pump(self, job: RunningJob, events: asyncio.Queue[Progress | None]) -> None:
+        """Write progress to the job row in order (fenced) and hint the scheduler."""
+        while True:
+            item = await events.get()
+            if item is None:
+                return
+            if item.stage != "denoise":
+                continue
+            try:
+                status = await self._write(
+                    queue.progress, job.job_id, job.attempt, item.step, item.total, now=utcnow(),
+                    lease_seconds=self.cfg.lease_seconds,
+                )
+            except DBAPIError:
+                log.exception("worker %s: job %s progress write failed", self.worker_id, job.job_id)
+                continue
+            if not status.alive:
+                job.lost = True
+                job.cancel.set()
+            elif status.cancel_requested:
+                job.cancel.set()
+            self.send({"t": "job", "id": job.job_id, "k": "progress"})
+
+    def _render(self, rj: RenderJob, job: RunningJob, events: asyncio.Queue[Progress | None]) -> RenderResult:
+        loop = self.loop
+        assert loop is not None
+
+        def on_progress(p: Progress) -> None:
+            now_m = time.monotonic()
+            job.last_activity = now_m
+            if p.stage == "denoise" and p.step > 0:
+                dt_step = p.step_seconds
+                if dt_step is None:
+                    dt_step = now_m - (job.last_step_at or job.t0)
+                if job.first_step_start is None:
+                    job.first_step_start = now_m - dt_step
+                job.step_seconds.append(float(dt_step))
+                job.last_step_at = now_m
+                if p.step >= p.total:
+                    job.last_step_end = now_m
+            elif p.stage == "denoise":
+                job.last_step_at = now_m
+            loop.call_soon_threadsafe(events.put_nowait, p)
+
+        def is_cancelled() -> bool:
+            job.last_activity = time.monotonic()
+            return job.cancel.is_set()
+
+        return self.engine.render(rj, progress=on_progress, cancelled=is_cancelled)
+
+    async def _run(self, claimed: queue.Claimed) -> None:
+        assert self.loop is not None
+        try:
+            request = GenerationRequest.from_dict(claimed.request)
+            shape = Shape.from_request(claimed.request)
+        except Exception:  # a stored request this version cannot read: fail it rather than crash-loop
+            log.error("worker %s: job %s has an unreadable request:\n%s", self.worker_id, claimed.job_id,
+                      traceback.format_exc())
+            await self._write(
+                queue.finish, claimed.job_id, claimed.attempt, state="failed", code="bad_request",
+                message=INTERNAL_MESSAGE, now=utcnow(),
+            )
+            self.send({"t": "job", "id": claimed.job_id, "k": "done"})
+            return
+        job = RunningJob(claimed.job_id, claimed.attempt, shape, request)
+        self.current = job
+        self.state = "busy"
+        self.send({"t": "job", "id": job.job_id, "k": "started"})
+        tmp = self.outputs / partial_name(job.job_id, job.attempt)
+        image = Path(claimed.input_path) if claimed.input_path else None
+        events: asyncio.Queue[Progress | None] = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(job, events))
+        watch = asyncio.create_task(self._watch(job))
+        outcome: tuple[str, Any] = ("", None)
+        try:
+            if request.mode == "i2v" and (image is None or not image.exists()):
+                outcome = ("fail", ("input_missing", "The input image of this job is no longer stored."))
+            else:
+                rj = RenderJob(job_id=job.job_id, request=request, image_path=image, output_path=tmp)
+                result = await self.loop.run_in_executor(self.executor, self._render, rj, job, events)
+                outcome = ("ok", result)
+        except JobCancelled:
+            outcome = ("cancel", None)
+        except Exception as exc:
+            if is_oom(exc):
+                log.warning("worker %s: job %s ran out of GPU memory: %s", self.worker_id, job.job_id, exc)
+                await self.loop.run_in_executor(self.executor, free_gpu_memory)
+                msg = exc.user_message if isinstance(exc, EngineError) else OOM_MESSAGE
+                outcome = ("fail", ("out_of_memory", msg))
+            elif is_fatal_cuda(exc):
+                log.critical("worker %s: CUDA error in job %s; exiting: %s", self.worker_id, job.job_id, exc)
+                unlink_quietly(tmp)
+                sys.stderr.flush()
+                os._exit(EXIT_CUDA_FATAL)
+            elif isinstance(exc, EngineError):
+                outcome = ("fail", (exc.code, exc.user_message))
+            else:
+                log.error("worker %s: job %s failed:\n%s", self.worker_id, job.job_id, traceback.format_exc())
+                outcome = ("fail", ("internal_error", INTERNAL_MESSAGE))
+        finally:
+            watch.cancel()
+            events.put_nowait(None)
+            await pump  # every progress write lands before the terminal one
+        accepted = False
+        try:
+            accepted = await self._finish(job, outcome, tmp)
+        finally:
+            self.current = None
+            self.state = "idle"
+            self.send({"t": "job", "id": job.job_id, "k": "done", "fenced": not accepted})
+        if job.step_seconds:
+            await self._save_worker_row()  # after the hint: the terminal event need not wait for this
+            self.send({"t": "stats"})  # new step-time averages: ETAs can use them now
+
+    async def _finish(self, job: RunningJob, outcome: tuple[str, Any], tmp: Path) -> bool:
+        """Record the outcome (fenced). False when the lease was lost and the result was discarded."""
+        gpu_seconds = time.monotonic() - job.t0
+        kind, payload = outcome
+        if kind != "ok":
+            unlink_quietly(tmp)
+            if job.lost:
+                log.info("worker %s: job %s lease lost; result discarded", self.worker_id, job.job_id)
+                return False
+            state, code, msg = ("cancelled", "cancelled", "Cancelled.") if kind == "cancel" else ("failed", *payload)
+            return bool(await self._write(
+                queue.finish, job.job_id, job.attempt, state=state, code=code, message=msg,
+                gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=utcnow(),
+            ))
+        result: RenderResult = payload
+        produced = Path(result.path)
+        final = self.outputs / output_name(job.job_id, job.attempt, job.request)
+        sha, size = await asyncio.to_thread(fsync_and_hash, produced)
+        await asyncio.to_thread(publish, produced, final)
+        if produced != tmp:
+            unlink_quietly(tmp)
+        timings = {k: float(v) for k, v in (result.timings or {}).items() if isinstance(v, (int, float))}
+        timings["total"] = gpu_seconds
+        pre = (job.first_step_start or job.t0) - job.t0
+        post = time.monotonic() - (job.last_step_end or job.t0)
+        if job.step_seconds:
+            timings["step_mean"] = sum(job.step_seconds) / len(job.step_seconds)
+        info = queue.OutputInfo(
+            path=str(final), sha256=sha, bytes=size, duration_s=float(result.duration_s), width=int(result.width),
+            height=int(result.height), frames=int(result.frames), fps=int(result.fps),
+            model_label=str(result.model_label), is_demo=bool(result.is_demo),
+        )
+        try:
+            verdict = await self._write(
+                queue.complete, job.job_id, job.attempt, info, gpu_seconds=gpu_seconds, timings=timings, now=utcnow()
+            )
+        except BaseException:
+            unlink_quietly(final)  # not accepted; the lease will requeue the job
+            raise
+        if verdict == "lost" and await self._read(queue.accepted_output, job.job_id) == str(final):
+            verdict = "succeeded"  # a retried commit that had in fact gone through
+        if verdict != "succeeded":
+            unlink_quietly(final)
+            log.info("worker %s: job %s completion %s; file removed", self.worker_id, job.job_id, verdict)
+        if job.step_seconds:
+            self.stats.record(job.shape, pre_s=pre, step_s=job.step_seconds, post_s=post)
+        return verdict != "lost"
+
+
+def row_heartbeat_seconds(settings: Settings) -> float:
+    """How often the worker row's heartbeat is written: rarely, but well within the freshness window
+    (max(watchdog, 3 heartbeats)) that /readyz and the scheduler use."""
+    cfg = settings.scheduler
+    fresh = max(cfg.watchdog_seconds, 3 * cfg.heartbeat_seconds)
+    return min(max(cfg.heartbeat_seconds, ROW_HEARTBEAT_MIN_SECONDS), fresh / 3)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# --- process entry ------------------------------------------------------------------------------------
+
+
+class _Wire:
+    """Line-oriented JSON to the supervisor; a broken pipe means the parent died: exit."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = json.dumps(msg, separators=(",", ":")) + "\n"
+        try:
+            with self.lock:
+                self.stream.write(data)
+                self.stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            os._exit(0)
+
+
+def _watch_stdin(worker: Worker) -> None:
+    for line in sys.stdin:
+        worker.command(line.strip())
+    # Parent closed the pipe (or died): leave now; leases cover the running job.
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m generator.scheduler.worker")
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    # Keep the protocol stream private: stray prints from libraries go to stderr.
+    wire = _Wire(os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8"))
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    settings = decode_settings(sys.stdin.readline())
+    logging.basicConfig(
+        level=getattr(logging, settings.app.log_level, logging.INFO),
+        format=f"%(asctime)s %(levelname)s worker[{args.worker_id}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    worker = Worker(settings, args.worker_id, args.device, wire.send)
+    threading.Thread(target=_watch_stdin, args=(worker,), daemon=True, name="stdin").start()
+    try:
+        asyncio.run(worker.run())
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""GPU worker rows: liveness for /readyz and the supervisor, engine info and step-time averages for ETAs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import WorkerState
+
+
+async def register_worker(
+    session: AsyncSession, worker_id: str, *, pid: int, device: str, info: dict[str, Any], now: dt.datetime
+) -> WorkerState:
+    row = await session.get(WorkerState, worker_id)
+    if row is None:
+        row = WorkerState(id=worker_id, restarts=0)
+        session.add(row)
+    else:
+        row.restarts = (row.restarts or 0) + 1
+        # Keep learned step times across restarts; replace the rest.
+        info = {**{k: v for k, v in (row.info or {}).items() if k == "ema"}, **info}
+    row.pid = pid
+    row.device = device
+    row.state = "starting"
+    row.heartbeat_at = now
+    row.info = info
+    await session.flush()
+    return row
+
+
+async def update_worker(
+    session: AsyncSession,
+    worker_id: str,
+    *,
+    now: dt.datetime,
+    state: str | None = None,
+    info: dict[str, Any] | None = None,
+) -> None:
+    values: dict[str, Any] = {"heartbeat_at": now}
+    if state is not None:
+        values["state"] = state
+    if info is not None:
+        values["info"] = info
+    await session.execute(update(WorkerState).where(WorkerState.id == worker_id).values(**values))
+
+
+async def list_workers(session: AsyncSession) -> list[WorkerState]:
+    return list((await session.execute(select(WorkerState).order_by(WorkerState.id))).scalars())
+
+
+async def get_worker(session: AsyncSession, worker_id: str) -> WorkerState | None:
+    return await session.get(WorkerState, worker_id)

@@ -1,0 +1,143 @@
+"""Restart recovery: expired leases requeued, this host's dead workers released, undelivered results
+delivered after (re)subscribing, failing sinks retried, orphaned files swept."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+from pathlib import Path
+
+import pytest
+from scheduler_support import (
+    ENGINE_SPEC,
+    Recorder,
+    file_names,
+    make_db,
+    make_settings,
+    session_mp4,
+    t2v,
+    until,
+    where,
+    who,
+)
+
+from generator.scheduler import queue
+from generator.scheduler.service import Scheduler
+from storage.models import Job, utcnow
+from turbobot.config import Settings
+
+
+@pytest.fixture(scope="session")
+def base_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return session_mp4(tmp_path_factory)
+
+
+def _out(path: Path) -> queue.OutputInfo:
+    return queue.OutputInfo(
+        path=str(path), sha256="0" * 64, bytes=3, duration_s=0.3, width=64, height=64, frames=5, fps=16,
+        model_label="t", is_demo=True,
+    )
+
+
+def _touch(path: Path) -> None:
+    path.write_bytes(b"mp4")
+
+
+async def _prepare(settings: Settings) -> dict[str, int]:
+    """A first life of the service: leaves one expired lease, one live lease of a local worker, two
+    undelivered results and some orphan files."""
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db)
+    await sched.start(run_workers=False)
+    ids = {}
+    for name in ("expired", "local", "ok", "bad"):
+        ids[name] = (await sched.submit(t2v(name), who(name), where(), name)).job.id
+    past = utcnow() - dt.timedelta(minutes=5)
+    outputs = sched.outputs_dir
+    async with db.write() as s:
+        claims = {}
+        for name, worker, now in (
+            ("expired", "otherhost:0", past), ("local", f"{socket.gethostname()}:0", utcnow()),
+            ("ok", "otherhost:1", utcnow()), ("bad", "otherhost:2", utcnow()),
+        ):
+            c = await queue.claim(s, worker_id=worker, now=now, lease_seconds=60, max_running_per_user=1)
+            claims[name] = c
+        assert {n: c.job_id for n, c in claims.items()} == ids
+        ok = claims["ok"]
+        assert await queue.complete(
+            s, ok.job_id, ok.attempt, _out(outputs / f"t2v_{ok.job_id}_1_m.a1.mp4"), gpu_seconds=1.0, timings={},
+            now=utcnow(),
+        ) == "succeeded"
+        bad = claims["bad"]
+        assert await queue.finish(s, bad.job_id, bad.attempt, state="failed", code="x", message="no", now=utcnow())
+    await sched.stop()
+    await asyncio.to_thread(_touch, outputs / f"t2v_{ids['ok']}_1_m.a1.mp4")  # the accepted output
+    await asyncio.to_thread(_touch, outputs / f"t2v_{ids['bad']}_1_m.a1.mp4")  # published, never accepted
+    await asyncio.to_thread(_touch, outputs / f".partial-job{ids['expired']}-1-abcd.mp4")  # died mid-render
+    await db.dispose()
+    return ids
+
+
+async def test_restart_requeues_delivers_and_sweeps(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    ids = await _prepare(settings)
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db)
+    await sched.start(run_workers=False)
+    try:
+        async with db.read() as s:
+            assert (await s.get(Job, ids["expired"])).state == "queued"
+            assert (await s.get(Job, ids["local"])).state == "running"  # no local workers: not ours to release
+        assert file_names(sched.outputs_dir) == [f"t2v_{ids['ok']}_1_m.a1.mp4"]
+        flaky = Recorder(fail_times=1)
+        sched.subscribe("test", flaky)
+        await until(lambda: len(flaky.terminal(ids["ok"])) == 1 and len(flaky.terminal(ids["bad"])) == 1,
+                    what="redelivery after a failing sink")
+
+        async def delivered() -> bool:
+            async with db.read() as s:
+                rows = [await s.get(Job, ids[n]) for n in ("ok", "bad")]
+            return all(r.delivered_at is not None for r in rows)
+
+        await until(delivered, what="delivered_at recorded")
+        assert [e.kind for e in flaky.terminal(ids["ok"])] == ["succeeded"]
+        assert [e.kind for e in flaky.terminal(ids["bad"])] == ["failed"]
+        assert flaky.terminal(ids["bad"])[0].job.error_message == "no"
+    finally:
+        await sched.stop()
+        await db.dispose()
+    # A third life: nothing is delivered twice.
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db)
+    await sched.start(run_workers=False)
+    try:
+        again = Recorder()
+        sched.subscribe("test", again)
+        other = await sched.submit(t2v("probe"), who("probe"), where(), "probe")
+        await sched.cancel(other.job.id, who("probe"))
+        await until(lambda: len(again.terminal(other.job.id)) == 1, what="probe delivered")
+        assert not again.terminal(ids["ok"]) and not again.terminal(ids["bad"])
+    finally:
+        await sched.stop()
+        await db.dispose()
+
+
+async def test_start_with_workers_releases_this_hosts_jobs(tmp_path: Path, base_mp4: Path) -> None:
+    settings = make_settings(tmp_path)
+    ids = await _prepare(settings)
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env={"TURBOBOT_TEST_MP4": str(base_mp4)})
+    rec = Recorder()
+    sched.subscribe("test", rec)
+    await sched.start(run_workers=True)
+    try:
+        for name in ("local", "expired"):
+            async with asyncio.timeout(30):
+                view = await sched.wait(ids[name])
+            assert view.state == "succeeded" and view.attempts == 2, view
+        await until(lambda: all(len(rec.terminal(ids[n])) == 1 for n in ("local", "expired", "ok", "bad")),
+                    what="all delivered")
+    finally:
+        await sched.stop()
+        await db.dispose()

@@ -1,0 +1,75 @@
+"""Small pure pieces of the scheduler: device environment, orphan rule, step-time estimates, settings pipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scheduler_support import make_settings
+
+from generator.scheduler.estimate import Shape, StepStats
+from generator.scheduler.files import JobFile, orphans
+from generator.scheduler.supervisor import device_env, worker_ids
+from generator.scheduler.worker import (
+    decode_settings,
+    encode_settings,
+    is_fatal_cuda,
+    is_oom,
+    row_heartbeat_seconds,
+)
+
+
+def test_one_worker_per_device_with_its_own_cuda_visible_devices(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, scheduler={"worker_devices": ["0", "1", "cpu", "auto"]})
+    assert worker_ids(settings, "box") == ["box:0", "box:1", "box:2", "box:3"]
+    assert [device_env(d) for d in settings.scheduler.worker_devices] == [
+        {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": ""}, {},
+    ]
+
+
+def test_settings_survive_the_pipe_to_the_worker(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, admin={"owners": ["discord:1"]}, scheduler={"worker_devices": ["0", "1"]})
+    again = decode_settings(encode_settings(settings))
+    assert again == settings and again.database_url == settings.database_url
+
+
+def test_orphan_rule() -> None:
+    d = Path("/out")
+    files = [
+        JobFile(d / "job-1-1.mp4", 1, 1, False),  # accepted output
+        JobFile(d / "job-2-1.mp4", 2, 1, False),  # published by a lost attempt
+        JobFile(d / ".partial-job3-2-ab.mp4", 3, 2, True),  # in flight
+        JobFile(d / ".partial-job3-1-cd.mp4", 3, 1, True),  # an earlier attempt that died
+        JobFile(d / "job-4-1.mp4", 4, 1, False),  # between rename and commit
+        JobFile(d / "job-9-1.mp4", 9, 1, False),  # job deleted
+    ]
+    states = {1: ("succeeded", 1), 2: ("succeeded", 2), 3: ("running", 2), 4: ("running", 1)}
+    doomed = orphans(files, states, {str(d / "job-1-1.mp4"), str(d / "job-2-2.mp4")})
+    assert sorted(p.name for p in doomed) == [".partial-job3-1-cd.mp4", "job-2-1.mp4", "job-9-1.mp4"]
+
+
+def test_step_stats_estimate_known_and_unseen_shapes() -> None:
+    stats = StepStats()
+    small = Shape("m", 832, 480, 81, 4)
+    assert stats.remaining(small, 0) is None  # nothing measured yet: no ETA rather than a guess
+    stats.record(small, pre_s=2.0, step_s=[3.0, 3.0, 3.0, 3.0], post_s=5.0)
+    assert stats.remaining(small, 0) == 2.0 + 4 * 3.0 + 5.0
+    assert stats.remaining(small, 3) == 3.0 + 5.0
+    big = Shape("m", 1280, 720, 81, 4)  # never seen: scaled by megapixel-frames
+    assert abs(stats.remaining(big, 1) - (3 * 3.0 + 5.0) * big.mpf / small.mpf) < 1e-6
+    merged = StepStats.merge([stats, StepStats.from_dict(stats.to_dict())])
+    assert merged.remaining(small, 0) == stats.remaining(small, 0)
+
+
+def test_error_classification() -> None:
+    import torch
+
+    assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not is_fatal_cuda(ValueError("x"))
+    assert is_fatal_cuda(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_oom(RuntimeError("CUDA error: device-side assert triggered"))
+
+
+def test_row_heartbeat_is_written_within_the_freshness_window(tmp_path: Path) -> None:
+    for hb, wd in ((5.0, 120.0), (0.1, 20.0), (0.1, 1.0), (30.0, 10.0)):
+        settings = make_settings(tmp_path, scheduler={"heartbeat_seconds": hb, "watchdog_seconds": wd})
+        assert row_heartbeat_seconds(settings) <= max(wd, 3 * hb) / 3 + 1e-9

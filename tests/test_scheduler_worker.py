@@ -1,0 +1,223 @@
+"""End to end with real worker processes and the fast test engine: events, files, cancel, OOM, crashes.
+
+Every wait polls with a deadline (``until`` / ``asyncio.timeout``); nothing depends on a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scheduler_support import (
+    ENGINE_SPEC,
+    Recorder,
+    file_names,
+    make_db,
+    make_settings,
+    read_bytes,
+    session_mp4,
+    t2v,
+    until,
+    where,
+    who,
+)
+
+from generator.scheduler.api import Refusal
+from generator.scheduler.service import Scheduler
+from storage import repo_workers
+from storage.models import Job
+
+
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path, mp4: Path, env: dict[str, str] | None = None, **sections: dict[str, Any]
+) -> AsyncIterator[tuple[Scheduler, Recorder]]:
+    settings = make_settings(tmp_path, **sections)
+    db = await make_db(settings)
+    sched = Scheduler(
+        settings, db=db, engine_factory=ENGINE_SPEC, worker_env={"TURBOBOT_TEST_MP4": str(mp4), **(env or {})}
+    )
+    rec = Recorder()
+    sched.subscribe("test", rec)
+    await sched.start(run_workers=True)
+    try:
+        yield sched, rec
+    finally:
+        await sched.stop()
+        await db.dispose()
+
+
+async def finished(sched: Scheduler, job_id: int, limit: float = 30.0):
+    async with asyncio.timeout(limit):
+        return await sched.wait(job_id)
+
+
+@pytest.fixture(scope="session")
+def base_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return session_mp4(tmp_path_factory)
+
+
+def worker_pid(sched: Scheduler) -> int | None:
+    assert sched.supervisor is not None
+    return sched.supervisor.handles[0].pid
+
+
+async def test_success_file_events_and_eta(tmp_path: Path, base_mp4: Path) -> None:
+    async with running(tmp_path, base_mp4) as (sched, rec):
+        first = await sched.submit(t2v("a red fox", steps=4), who(1), where(), "k1")
+        done = await finished(sched, first.job.id)
+        assert done.state == "succeeded" and done.output is not None and done.attempts == 1
+        data = read_bytes(done.output.path)
+        assert hashlib.sha256(data).hexdigest() == done.output.sha256
+        assert Path(done.output.path).parent == sched.outputs_dir
+        assert Path(done.output.path).name == f"t2v_{done.id}_{done.seed}_{done.request.model}.a1.mp4"
+        assert f"seed={done.seed}".encode() in data and data[4:8] == b"ftyp"
+        assert done.timings["total"] > 0 and done.progress_step == done.progress_total == 4
+        await until(lambda: len(rec.terminal(done.id)) == 1, what="terminal event")
+        kinds = rec.kinds(done.id)
+        assert kinds[0] in ("queued", "started") and kinds[-1] == "succeeded" and "started" in kinds
+        steps = [e.job.progress_step for e in rec.events if e.job.id == done.id and e.kind == "progress"]
+        assert steps == sorted(set(steps)) and steps and steps[-1] <= 4
+        # The worker learned step times (stored just after the job): running and queued jobs get ETAs.
+        async def learned() -> bool:
+            async with sched.db.read() as s:
+                (row,) = await repo_workers.list_workers(s)
+            return bool(row.info.get("ema", {}).get("step"))
+
+        await until(learned, what="step times stored")
+        held = await sched.submit(t2v("hold on", steps=4), who(2), where(), "k2")
+        await until(lambda: "progress" in rec.kinds(held.job.id), what="held job running")
+        view = await sched.get(held.job.id)
+        assert view is not None and view.state == "running" and view.eta is not None
+        queued = await sched.submit(t2v("behind", steps=4), who(3), where(), "k3")
+        assert queued.job.position == 1 and queued.job.eta is not None and queued.job.eta >= view.eta
+        await sched.cancel(held.job.id, who(2))
+        assert (await finished(sched, queued.job.id)).state == "succeeded"
+
+
+async def test_progress_events_are_ordered_and_throttled(tmp_path: Path, base_mp4: Path) -> None:
+    interval = 0.1
+    async with running(
+        tmp_path, base_mp4, env={"TURBOBOT_TEST_STEP_SECONDS": "0.04"},
+        scheduler={"progress_interval_seconds": interval},
+    ) as (sched, rec):
+        ids = [(await sched.submit(t2v(f"clip {i}", steps=4), who(i), where(), f"k{i}")).job.id for i in range(3)]
+        for job_id in ids:
+            assert (await finished(sched, job_id)).state == "succeeded"
+        await until(lambda: all(len(rec.terminal(j)) == 1 for j in ids), what="terminal events")
+        stamps: dict[int, list[float]] = {}
+        for job_id in ids:
+            kinds = rec.kinds(job_id)
+            assert kinds.index("started") < kinds.index("succeeded") == len(kinds) - 1
+            assert "queued" not in kinds[kinds.index("started"):]
+            steps = [e.job.progress_step for e in rec.events if e.job.id == job_id and e.kind == "progress"]
+            assert steps == sorted(set(steps)) and steps, steps
+        # Throttle: progress events of one job are at least an interval apart (timestamps from the sink).
+        for e, t in zip(rec.events, rec.times, strict=True):
+            if e.kind == "progress":
+                stamps.setdefault(e.job.id, []).append(t)
+        for times in stamps.values():
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert all(g >= interval * 0.9 for g in gaps), gaps
+
+
+async def test_cancel_running_between_steps(tmp_path: Path, base_mp4: Path) -> None:
+    # Heartbeats (and their database check for cancel requests) every 5 s: a fast cancel proves the
+    # request was pushed to the worker.
+    async with running(tmp_path, base_mp4, scheduler={"heartbeat_seconds": 5.0}) as (sched, rec):
+        job = (await sched.submit(t2v("hold this", steps=4), who(1), where(), "k")).job
+        await until(lambda: "progress" in rec.kinds(job.id), what="first step")
+        view = await sched.cancel(job.id, who(1))
+        assert view.state == "running" and view.cancel_requested
+        done = await finished(sched, job.id, limit=3.0)
+        assert done.state == "cancelled" and done.output is None and done.progress_step < 4
+        await until(lambda: rec.kinds(job.id)[-1:] == ["cancelled"], what="cancelled event")
+        assert not [n for n in file_names(sched.outputs_dir) if n.endswith(".mp4")]
+        # The worker keeps serving.
+        nxt = await sched.submit(t2v("after"), who(1), where(), "k2")
+        assert (await finished(sched, nxt.job.id)).state == "succeeded"
+
+
+async def test_oom_fails_one_job_and_the_worker_keeps_serving(tmp_path: Path, base_mp4: Path) -> None:
+    async with running(tmp_path, base_mp4) as (sched, _rec):
+        bad = await sched.submit(t2v("oom please"), who(1), where(), "k1")
+        done = await finished(sched, bad.job.id)
+        assert done.state == "failed" and done.error_code == "out_of_memory"
+        assert "memory" in done.error_message and "Traceback" not in done.error_message
+        pid = worker_pid(sched)
+        good = await sched.submit(t2v("fine"), who(1), where(), "k2")
+        assert (await finished(sched, good.job.id)).state == "succeeded"
+        assert worker_pid(sched) == pid and sched.supervisor.handles[0].restarts == 0
+        # Engine errors and unexpected bugs also fail just their job, with a safe message.
+        e1 = await sched.submit(t2v("enginefail"), who(1), where(), "k3")
+        e2 = await sched.submit(t2v("a bug"), who(2), where(), "k4")
+        v1, v2 = await finished(sched, e1.job.id), await finished(sched, e2.job.id)
+        assert (v1.state, v1.error_code, v1.error_message) == ("failed", "test_refused", "The test engine refuses this prompt.")
+        assert (v2.state, v2.error_code) == ("failed", "internal_error") and "ValueError" not in v2.error_message
+        assert worker_pid(sched) == pid
+
+
+async def test_cuda_error_restarts_worker_and_bounds_attempts(tmp_path: Path, base_mp4: Path) -> None:
+    async with running(tmp_path, base_mp4, scheduler={"max_attempts": 2}) as (sched, _rec):
+        job = (await sched.submit(t2v("cudafail"), who(1), where(), "k1")).job
+        done = await finished(sched, job.id)
+        assert done.state == "failed" and done.error_code == "worker_lost" and done.attempts == 2
+        assert sched.supervisor.handles[0].restarts >= 2
+        after = await sched.submit(t2v("fine"), who(1), where(), "k2")
+        assert (await finished(sched, after.job.id)).state == "succeeded"
+
+
+async def test_killed_worker_job_is_requeued_and_finished(tmp_path: Path, base_mp4: Path) -> None:
+    async with running(tmp_path, base_mp4, env={"TURBOBOT_TEST_STEP_SECONDS": "0.15"}) as (sched, rec):
+        job = await sched.submit(t2v("slow", steps=4), who(1), where(), "k1")
+        await until(lambda: "started" in rec.kinds(job.job.id), what="started")
+        pid = worker_pid(sched)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        done = await finished(sched, job.job.id)
+        assert done.state == "succeeded" and done.attempts == 2
+        kinds = rec.kinds(job.job.id)
+        assert kinds.count("started") == 2 and kinds[-1] == "succeeded"
+        assert kinds[kinds.index("started") + 1:].count("queued") == 1  # told it went back in line
+        assert worker_pid(sched) not in (None, pid)
+        assert file_names(sched.outputs_dir) == [f"t2v_{done.id}_{done.seed}_{done.request.model}.a2.mp4"]  # the killed attempt's partial file was swept
+
+
+async def test_watchdog_kills_a_stalled_render(tmp_path: Path, base_mp4: Path) -> None:
+    async with running(
+        tmp_path, base_mp4, env={"TURBOBOT_TEST_STALL_SECONDS": "60"},
+        scheduler={"watchdog_seconds": 1.0, "max_attempts": 1},
+    ) as (sched, _rec):
+        job = await sched.submit(t2v("stall"), who(1), where(), "k1")
+        done = await finished(sched, job.job.id, limit=30)
+        assert done.state == "failed" and done.error_code == "worker_lost"
+        assert sched.supervisor.handles[0].kills >= 1
+        async with sched.db.read() as s:
+            assert (await s.get(Job, job.job.id)).attempts == 1
+
+
+async def test_engine_that_cannot_load_is_reported_not_hung(tmp_path: Path, base_mp4: Path) -> None:
+    settings = make_settings(tmp_path)
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC.replace(":make_engine", ":broken_engine"))
+    await sched.start()
+    try:
+        job = await sched.submit(t2v(), who(1), where(), "k")
+        with pytest.raises(Refusal) as info:
+            async with asyncio.timeout(30):
+                await sched.wait(job.job.id, stop_on_worker_error=True)
+        assert info.value.code == "engine_unavailable" and "/nowhere/model.pth" in info.value.message
+        assert sched.worker_errors and (await sched.get(job.job.id)).state == "queued"
+        ready, detail = await sched.readiness()
+        assert not ready and detail["database"] == "ok"
+    finally:
+        await sched.stop()
+        await db.dispose()
