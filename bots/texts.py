@@ -204,9 +204,10 @@ def help_text(flavor: str = "plain") -> str:
     )
 
 
-def refusal_text(refusal: Refusal) -> str:
+def refusal_text(refusal: Refusal, flavor: str = "plain") -> str:
+    """The refusal's message, plus when to try again (a live countdown on Discord). Not escaped."""
     text = refusal.message
     if refusal.retry_at is not None:
         now = dt.datetime.now(dt.UTC)
-        text += f" Try again {_when(refusal.retry_at, 'plain', now)}."
+        text += f" Try again {_when(refusal.retry_at, 'discord' if flavor == 'discord' else 'plain', now)}."
     return text
