@@ -22,7 +22,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 from generator.attention import sla_attention, sla_reference
 from generator.attention.block_map import select_blocks
 from generator.attention.reference import block_lut, linear_branch
-from generator.attention.sla_triton import kv_state, quantize_k, sla_forward
+from generator.attention.sla_triton import MAIN_CONFIGS, PREP_CONFIGS, kv_state, quantize_k, sla_forward
 
 
 def qkv(b: int, length: int, h: int, d: int, seed: int, gain: float = 1.0):
@@ -90,7 +90,7 @@ def test_int8_k_quantization_round_trips():
 
 def test_no_linear_branch_and_given_lut():
     q, k, v = qkv(1, 256, 1, 16, seed=3)
-    lut, _ = select_blocks(q, k, 0.5, 128, 64)
+    lut, _ = select_blocks(q, k, 0.5)
     out = sla_forward(q, k, v, None, lut=lut)
     ref = sla_reference(q, k, v, None, lut=lut.long())
     assert rel(out, ref) < 5e-3
@@ -117,3 +117,33 @@ def test_topk_lut_exact_on_ties_near_ties_and_signs():
         for r in range(rows.shape[0]):
             order = sorted(range(rows.shape[1]), key=lambda j, r=r: (-float(rows[r, j]), j))
             assert got[r].tolist() == sorted(order[:kb]), (r, kb)
+
+
+@pytest.mark.parametrize("config", MAIN_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("int8", [False, True])
+def test_every_tuned_config_matches_reference(config, int8):
+    # Ragged tails in both block sizes, B=2; each candidate the CUDA tuner may pick must compute SLA.
+    q, k, v = qkv(2, 333, 2, 32, seed=7)
+    proj = proj_for(32, seed=8)
+    ref = sla_reference(q, k, v, proj, topk=0.5)
+    out = torch.full_like(q, float("nan"))
+    sla_forward(q, k, v, proj, topk=0.5, int8_qk=int8, out=out, config=config, prep_config=PREP_CONFIGS[-1])
+    assert not torch.isnan(out).any()
+    assert rel(out, ref) < (2e-2 if int8 else 5e-3)
+
+
+@pytest.mark.parametrize("kb", [1, 2, 3])
+def test_last_tile_masking_with_the_ragged_block_selected(kb):
+    # A hand-made ascending LUT that always ends with the ragged last key block (300 = 4 x 64 + 44); odd kb
+    # leaves half of the last 2-block tile empty. Only that tile is masked in the kernel.
+    q, k, v = qkv(1, 300, 1, 16, seed=11)
+    n_q, n_k = 3, 5
+    g = torch.Generator().manual_seed(kb)
+    rows = [sorted([*torch.randperm(n_k - 1, generator=g)[:kb - 1].tolist(), n_k - 1]) for _ in range(n_q)]
+    lut = torch.tensor(rows, dtype=torch.int32).view(1, 1, n_q, kb)
+    ref = sla_reference(q, k, v, None, lut=lut.long())
+    for config in MAIN_CONFIGS:
+        out = torch.full_like(q, float("nan"))
+        sla_forward(q, k, v, None, lut=lut, out=out, config=config)
+        assert not torch.isnan(out).any()
+        assert rel(out, ref) < 5e-3, config.name

@@ -115,12 +115,6 @@ def create_web_app(settings: Settings, scheduler: SchedulerAPI, db: Database) ->
         metrics=ConsoleMetrics(db, scheduler, worker_fresh_seconds(settings)),
         poll_seconds=max(0.2, min(settings.scheduler.progress_interval_seconds, 2.0)),
     )
-    if not scheduler.is_owner(console.operator):
-        log.warning(
-            "the web console acts as %r, which is not in [admin] owners: cancelling other users' jobs, limits "
-            "and blocks will be refused, and the console's own jobs count against the quotas",
-            console.operator.key,
-        )
     app = web.Application(middlewares=[make_security_middleware(auth)])
     app[CONSOLE] = console
     app.on_response_prepare.append(add_security_headers)

@@ -15,7 +15,8 @@ from storage.db import Database
 from turbobot.config import Settings
 
 # The person at the console. Every job submitted here belongs to this user; admin actions are taken
-# in its name (config's [admin] owners must list "web:operator" if the scheduler is to allow them).
+# in its name. The scheduler treats it as a local operator (an owner): the console answers only on
+# loopback or behind the admin token.
 OPERATOR = Requester("web", "operator", "Console operator")
 WEB_TARGET = DeliveryTarget(platform="web", chat_id="console")
 
@@ -52,8 +53,6 @@ class Console:
     def refusal_response(self, refusal: Refusal) -> web.Response:
         self.metrics.web_refusals[refusal.code] += 1
         message = refusal_text(refusal)
-        if refusal.code == "forbidden":
-            message += f' The console acts as "{self.operator.key}": list it in [admin] owners in config.toml.'
         body = {
             "error": refusal.code,
             "message": message,

@@ -1,8 +1,8 @@
-"""SLA block selection on the GPU: Triton mean-pooling, float64 scores, Triton top-k into an ascending LUT.
+"""SLA block selection on the GPU: Triton top-k of float64 block scores into an ascending LUT.
 
-Produces the same block map as ``reference.block_lut`` (pooled means in float32, scores in float64; only
-exact ties between scores may be broken differently), plus the token mean of k, which the int8 variant
-reuses for smoothing.
+The pooled means and scores come from ``sla_triton``'s pre-pass (pooling fused with the pass over k and
+v); the block map equals ``reference.block_lut`` up to float32 rounding of the pooled means (pooled in
+float32, scores in float64, exact ties broken towards the lower index).
 """
 
 from __future__ import annotations
@@ -12,32 +12,10 @@ import triton
 import triton.language as tl
 
 from generator.attention import _triton_env
-from generator.attention.reference import blocks_to_keep, num_blocks
+from generator.attention.reference import BK, BQ
 
 if _triton_env.interpret_mode():
     _triton_env.patch_interpreter_bf16()
-
-
-@triton.jit
-def _pool_kernel(
-    X, OUT,
-    stride_xb, stride_xl, stride_xh,
-    H, L, N,
-    BLOCK: tl.constexpr, D: tl.constexpr,
-):
-    # One program averages one block of BLOCK tokens of one (batch, head) (fp32; ragged tail: real tokens).
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_l = pid_n * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-    x = tl.load(base + offs_l[:, None].to(tl.int64) * stride_xl + offs_d[None, :],
-                mask=offs_l[:, None] < L, other=0.0).to(tl.float32)
-    count = tl.minimum(L - pid_n * BLOCK, BLOCK).to(tl.float32)
-    mean = tl.sum(x, axis=0) / count
-    tl.store(OUT + (pid_bh.to(tl.int64) * N + pid_n) * D + offs_d, mean)
 
 
 @triton.jit
@@ -79,51 +57,27 @@ def _select_kernel(S, LUT, NK, KB, NK_PAD: tl.constexpr):
     tl.store(LUT + row * KB + slot, offs, mask=keep)
 
 
-def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x [B, L, H, D] (last dim contiguous) -> block means [B, H, N, D] float32."""
-    b, length, h, d = x.shape
-    n = num_blocks(length, block)
-    out = torch.empty(b, h, n, d, dtype=torch.float32, device=x.device)
-    _pool_kernel[(n, b * h)](
-        x, out, x.stride(0), x.stride(1), x.stride(2), h, length, n, BLOCK=block, D=d, num_warps=4
-    )
-    return out
-
-
-def lut_from_pooled(
-    pq: torch.Tensor, pk: torch.Tensor, length: int, bk: int, topk: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """From block means [B, H, N_Q, D] / [B, H, N_K, D] (fp32): (lut int32 [B, H, N_Q, kb], k mean [B, H, D])."""
-    b, h, n_q, _ = pq.shape
-    n_k = pk.shape[2]
-    # Token mean of k from the block means, weighting the ragged last block by its real token count.
-    counts = torch.full((n_k,), float(bk), dtype=torch.float32, device=pk.device)
-    counts[-1] = float(length - (n_k - 1) * bk)
-    k_mean = (pk * counts.view(1, 1, n_k, 1)).sum(dim=2) / length
-    kb = blocks_to_keep(n_k, topk)
-    if kb == 0:  # short sequence: dense fallback, every key block
-        lut = torch.arange(n_k, dtype=torch.int32, device=pq.device).expand(b, h, n_q, n_k).contiguous()
-        return lut, k_mean
-    # float64 scores: immune to a global TF32 setting and to fp32 rounding near ties.
-    scores = pq.double() @ (pk - k_mean.unsqueeze(2)).double().transpose(-1, -2)
-    return topk_lut(scores, kb), k_mean
-
-
-def topk_lut(scores: torch.Tensor, kb: int) -> torch.Tensor:
-    """Indices of the kb largest float64 scores along the last dim, ascending, int32 (ties: lower index)."""
+def topk_lut(scores: torch.Tensor, kb: int, num_warps: int | None = None) -> torch.Tensor:
+    """Indices of the kb largest float64 scores along the last dim, ascending, int32 (ties: lower index).
+    ``num_warps`` only changes speed (default: one warp per 1024 scores)."""
     scores = scores.contiguous()
     n_k = scores.shape[-1]
     lut = torch.empty(*scores.shape[:-1], kb, dtype=torch.int32, device=scores.device)
     nk_pad = max(32, triton.next_power_of_2(n_k))
     # Few warps: the bit steps are block-wide reductions, cheapest within one warp.
     _select_kernel[(scores.numel() // n_k,)](
-        scores, lut, n_k, kb, NK_PAD=nk_pad, num_warps=max(1, nk_pad // 1024)
+        scores, lut, n_k, kb, NK_PAD=nk_pad, num_warps=num_warps or max(1, nk_pad // 1024)
     )
     return lut
 
 
 def select_blocks(
-    q: torch.Tensor, k: torch.Tensor, topk: float, bq: int, bk: int
+    q: torch.Tensor, k: torch.Tensor, topk: float, bq: int = BQ, bk: int = BK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (lut int32 [B, H, N_Q, kb] ascending, k token mean float32 [B, H, D])."""
-    return lut_from_pooled(pool_blocks(q, bq), pool_blocks(k, bk), k.shape[1], bk, topk)
+    """Returns (lut int32 [B, H, N_Q, kb] ascending, k token mean float32 [B, H, D]), through the Triton
+    pre-pass of ``sla_triton`` (pooling fused with the linear branch's pass over k)."""
+    if (bq, bk) != (BQ, BK):
+        raise ValueError(f"the Triton block map uses bq={BQ}, bk={BK}")
+    from generator.attention import sla_triton  # imports this module: resolved at call time
+
+    return sla_triton.select_blocks(q, k, topk)
