@@ -206,3 +206,15 @@ async def test_slow_answers_defer_first_and_refusals_stay_private(tmp_path: Path
         assert "the limit is 1" in await env.private_answer(iid)
         rec = srv.response_of(iid)
         assert rec.callback_type == 5 and rec.original_message_id not in srv.messages  # placeholder removed
+
+
+async def test_fresh_deploy_without_dev_guilds_registers_globally_once(tmp_path: Path) -> None:
+    async with discord_env(tmp_path, workers=False, discord={"dev_guild_ids": []}) as env:
+        srv = env.server
+        names = {c["name"] for c in srv.global_commands}
+        assert {"t2v", "i2v", "remix", "Animate this image", "admin"} <= names
+        assert not srv.guild_commands
+        versions = [c["version"] for c in srv.global_commands]
+        await env.stop_bot()
+        await env.start_bot()  # same command set: no second global sync
+        assert [c["version"] for c in srv.global_commands] == versions

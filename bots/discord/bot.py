@@ -83,10 +83,11 @@ class TurboBot(discord.Client):
             targets = [None]
         elif mode == "guild":
             targets = [discord.Object(g) for g in self.settings.discord.dev_guild_ids]
-            if not targets:
-                # Nothing registered means not even /admin sync can be used: say how to get started.
-                log.warning("discord: no commands synced (sync_commands = \"guild\" but dev_guild_ids is empty); "
-                            "set dev_guild_ids, or start once with sync_commands = \"global\"")
+            if not targets and await self._global_commands_differ():
+                # A fresh deploy with no dev guild would otherwise register nothing, not even /admin sync:
+                # register globally when the set of commands changed (not on every start).
+                log.info("discord: no dev_guild_ids; the global command set differs, syncing globally")
+                targets = [None]
         for guild in targets:
             try:
                 if guild is not None:
@@ -98,6 +99,14 @@ class TurboBot(discord.Client):
                             exc.status, exc.code, exc.text)
             else:
                 log.info("synced %d command(s) %s", len(synced), f"to guild {guild.id}" if guild else "globally")
+
+    async def _global_commands_differ(self) -> bool:
+        try:
+            remote = await self.tree.fetch_commands()
+        except discord.HTTPException as exc:
+            log.warning("could not list the registered commands (%s %s): %s", exc.status, exc.code, exc.text)
+            return False
+        return {c.name for c in remote} != {c.name for c in self.tree.get_commands()}
 
     async def close(self) -> None:
         _detach(self.scheduler, self.delivery)
