@@ -221,3 +221,16 @@ async def test_engine_that_cannot_load_is_reported_not_hung(tmp_path: Path, base
     finally:
         await sched.stop()
         await db.dispose()
+
+
+async def test_stop_right_after_start_does_not_wait_for_the_worker(tmp_path: Path, base_mp4: Path) -> None:
+    # stop() used to miss a worker whose spawn was still in flight and then wait on it forever.
+    settings = make_settings(tmp_path)
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env={"TURBOBOT_TEST_MP4": str(base_mp4)})
+    await sched.start(run_workers=True)
+    try:
+        async with asyncio.timeout(15):
+            await sched.stop()
+    finally:
+        await db.dispose()

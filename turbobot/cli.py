@@ -305,16 +305,26 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             env = getattr(settings, name).token_env
             raise UserError(f"[{name}] enabled = \"yes\" but ${env} (or ${env}_FILE) is not set.")
 
+    use_discord = enabled(settings.discord.enabled, discord_token)
+    use_telegram = enabled(settings.telegram.enabled, telegram_token)
+    if not (use_discord or use_telegram or settings.web.enabled):
+        print(
+            "No front end is enabled. Set DISCORD_TOKEN or TELEGRAM_TOKEN in the environment to start a bot, "
+            "or enable the web console ([web] enabled = true in config.toml).",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
     db = await _open_database(settings)
     scheduler = Scheduler(settings, db=db)
     await scheduler.start(run_workers=True)
     tasks: list[asyncio.Task[None]] = []
     try:
-        if enabled(settings.discord.enabled, discord_token):
+        if use_discord:
             from bots.discord import run_discord
 
             tasks.append(asyncio.create_task(run_discord(settings, scheduler, discord_token or "", stop), name="discord"))
-        if enabled(settings.telegram.enabled, telegram_token):
+        if use_telegram:
             from bots.telegram import run_telegram
 
             tasks.append(asyncio.create_task(run_telegram(settings, scheduler, telegram_token or "", stop), name="telegram"))
@@ -322,13 +332,6 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             from bots.web import run_web
 
             tasks.append(asyncio.create_task(run_web(settings, scheduler, db, stop), name="web"))
-        if not tasks:
-            print(
-                "No front end is enabled. Set DISCORD_TOKEN or TELEGRAM_TOKEN in the environment to start a bot, "
-                "or enable the web console ([web] enabled = true in config.toml).",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
         names = ", ".join(t.get_name() for t in tasks)
         log.info("turbobot running: %s (Ctrl+C to stop)", names)
         if settings.web.enabled:
@@ -336,15 +339,14 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         if not discord_token and not telegram_token:
             print("No chat bot configured: set DISCORD_TOKEN and/or TELEGRAM_TOKEN to start the bots.", flush=True)
         stopper = asyncio.create_task(stop.wait())
-        finished, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        for t in finished:
-            if t is not stopper and t.exception() is not None:
-                log.error("%s stopped: %s", t.get_name(), t.exception())
-                stop.set()
+        await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
         stopper.cancel()
         await asyncio.wait(tasks, timeout=15)
-        return 0
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        for t in failed:
+            print(f"turbobot: {t.get_name()} stopped: {t.exception()}", file=sys.stderr)
+        return EXIT_FAILED if failed else 0
     finally:
         for t in tasks:
             t.cancel()

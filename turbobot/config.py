@@ -266,6 +266,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Keys that must never hold a secret value in the file.
 _SECRET_HINTS = ("token", "password", "secret")
+# Keys that contain a hint but name a path, not a secret (models.*.tokenizer is the umT5 tokenizer folder).
+_NOT_SECRETS = ("tokenizer",)
 
 
 def _type_name(tp: Any) -> str:
@@ -324,7 +326,8 @@ def _build_section(cls: type, section: str, data: Any, pattern: str | None = Non
         full = f"{section}.{key}"
         if key not in names:
             raise ConfigError(f"Unknown setting {full}; known keys in [{section}]: {', '.join(sorted(names))}.")
-        if isinstance(value, str) and value and any(h in key.lower() for h in _SECRET_HINTS) and not key.endswith("_env"):
+        if isinstance(value, str) and value and any(h in key.lower() for h in _SECRET_HINTS) and not key.endswith("_env") \
+                and key not in _NOT_SECRETS:
             raise ConfigError(f"{full} looks like a secret; secrets come from environment variables only.")
         converted = _convert(full, hints[key], value)
         _check_choice(full, f"{pattern}.{key}", converted)

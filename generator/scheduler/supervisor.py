@@ -117,6 +117,13 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
         if self._tasks:
+            # A worker spawned while we were stopping (stop() raced _spawn) is not in the loop above.
+            _, pending = await asyncio.wait(self._tasks, timeout=grace)
+            if pending:
+                for handle in self.handles:
+                    if handle.proc is not None and handle.proc.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            handle.proc.kill()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
@@ -173,6 +180,8 @@ class Supervisor:
                 proc = None
             else:
                 handle.proc = proc
+                if self._stopping.is_set() and proc.stdin is not None:
+                    proc.stdin.close()  # spawned after stop() began: let it exit at once
                 handle.state = "starting"
                 handle.job_id = None
                 handle.stalled = False

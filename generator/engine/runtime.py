@@ -1,0 +1,551 @@
+"""``TurboEngine``: the ``Engine`` the scheduler's worker drives (see ``generator/engine/api.py``).
+
+One engine per worker process. Models are loaded once and kept (resident on the GPU when they fit, else
+moved in per stage), prompt embeddings are cached, and a job is: text embedding -> (I2V: image latent) ->
+rCM denoise with progress and cancellation between steps -> one VAE decode -> H.264 mp4.
+The embedded tiny models (no weights configured) take exactly this path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from generator.engine.offline import ensure_offline
+
+ensure_offline()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from generator.engine import i2v, rcm, tiny  # noqa: E402
+from generator.engine import vae as vae_ops  # noqa: E402
+from generator.engine import video as video_ops  # noqa: E402
+from generator.engine.api import (  # noqa: E402
+    EngineError,
+    JobCancelled,
+    ModelNotConfigured,
+    OutOfMemory,
+    Progress,
+    RenderJob,
+    RenderResult,
+)
+from generator.engine.text import TextEncoder, load_text_encoder, load_tokenizer  # noqa: E402
+from generator.request import GenerationRequest  # noqa: E402
+from turbobot.config import ModelSettings, Settings  # noqa: E402
+
+log = logging.getLogger("turbobot.engine")
+
+OOM_TEXT = (
+    "The GPU ran out of memory making this video, even after freeing memory and decoding in tiles. "
+    "Try 480p, fewer frames, or a smaller model."
+)
+WEIGHT_BUDGET = 0.70  # share of GPU memory that resident weights may take; the rest is for activations
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cpu":
+        return torch.device("cpu")
+    if setting == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError("engine.device is 'cuda' but no CUDA GPU is visible.", code="no_gpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def dit_param_bytes(config: dict[str, Any], bytes_per_param: int = 2) -> int:
+    """Approximate weight bytes of a Wan DiT from its config (attention + FFN dominate)."""
+    d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    per_block = 8 * d * d + 2 * d * int(config["ffn_dim"])
+    return int(config["num_layers"]) * per_block * bytes_per_param
+
+
+def _path_bytes(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".pth", ".pt"))
+    return 0
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@dataclass
+class Bundle:
+    """One configured model, loaded: its transformer expert(s) and the keys of its text encoder and VAE."""
+
+    name: str
+    kind: str
+    mode: str
+    label: str
+    is_demo: bool
+    experts: list[nn.Module]
+    text_key: str
+    vae_key: str
+    dtype: torch.dtype
+    offload_text: bool = False  # text encoder lives on the CPU between encodes
+    offload_dit: bool = False  # only the running expert is on the GPU; all leave it before the decode
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class TurboEngine:
+    """Implements ``generator.engine.api.Engine``."""
+
+    def __init__(self, settings: Settings, *, device: str | torch.device | None = None) -> None:
+        self.settings = settings
+        self.models: dict[str, ModelSettings] = settings.effective_models
+        self.device = torch.device(device) if device is not None else resolve_device(settings.engine.device)
+        self._texts: dict[str, TextEncoder] = {}
+        self._vaes: dict[str, nn.Module] = {}
+        self._bundles: dict[str, Bundle] = {}
+        self._lock = threading.RLock()
+        self.last_attention: str | None = None
+
+    # --- Engine protocol ----------------------------------------------------------------------------
+    @property
+    def info(self) -> dict[str, object]:
+        models = {}
+        for name, ms in self.models.items():
+            b = self._bundles.get(name)
+            models[name] = {
+                "kind": ms.kind,
+                "label": self._label(name, ms),
+                "demo": tiny.is_tiny(ms.kind),
+                "loaded": b is not None,
+                **({"offload_text": b.offload_text, "offload_dit": b.offload_dit} if b else {}),
+            }
+        out: dict[str, object] = {
+            "engine": "turbo",
+            "device": str(self.device),
+            "attention": self.settings.engine.attention,
+            "offload": self.settings.engine.offload,
+            "models": models,
+            "default_t2v": self.default_model("t2v"),
+            "default_i2v": self.default_model("i2v"),
+            "demo": all(tiny.is_tiny(m.kind) for m in self.models.values()),
+        }
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            out["gpu"] = props.name
+            out["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+            out["gpu_allocated_gb"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 2)
+        return out
+
+    def load(self) -> None:
+        """Build / load the default model of each mode (on a GPU with real weights: the first only)."""
+        names = [n for n in (self.default_model("t2v"), self.default_model("i2v")) if n]
+        real = [n for n in names if not tiny.is_tiny(self.models[n].kind)]
+        if self.device.type == "cuda" and len(real) > 1:
+            names = [n for n in names if n not in real[1:]]
+        for name in names:
+            self._bundle(name)
+
+    def render(
+        self,
+        job: RenderJob,
+        *,
+        progress: Callable[[Progress], None],
+        cancelled: Callable[[], bool],
+    ) -> RenderResult:
+        with self._lock:
+            failed_oom = False
+            try:
+                return self._render(job, progress, cancelled)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not is_oom(exc):
+                    raise
+                failed_oom = True
+            if failed_oom:  # outside the except block so the failed frames (and their tensors) are gone
+                self.free_memory()
+                raise OutOfMemory(OOM_TEXT)
+            raise AssertionError("unreachable")
+
+    # --- models -------------------------------------------------------------------------------------
+    def default_model(self, mode: str) -> str | None:
+        names = self.settings.model_names(mode)
+        return names[0] if names else None
+
+    def _label(self, name: str, ms: ModelSettings) -> str:
+        base = ms.label or name
+        return f"{base} ({tiny.DEMO_NOTE})" if tiny.is_tiny(ms.kind) else base
+
+    def _dtype(self, kind: str) -> torch.dtype:
+        if tiny.is_tiny(kind):
+            return torch.float32
+        return torch.bfloat16
+
+    def _bundle(self, name: str) -> Bundle:
+        b = self._bundles.get(name)
+        if b is not None:
+            return b
+        ms = self.models.get(name)
+        if ms is None:
+            raise ModelNotConfigured(f"Model '{name}' is not configured on this server.")
+        t0 = time.perf_counter()
+        if self.device.type == "cuda" and not tiny.is_tiny(ms.kind):
+            self._evict_real_models(keep=name)
+        b = self._build_tiny(name, ms) if tiny.is_tiny(ms.kind) else self._load_real(name, ms)
+        self._bundles[name] = b
+        log.info("model %s (%s) ready on %s in %.1fs (offload text=%s dit=%s)", name, ms.kind, self.device,
+                 time.perf_counter() - t0, b.offload_text, b.offload_dit)
+        return b
+
+    def adopt(self, name: str, *, experts: list[nn.Module], text_encoder: nn.Module, tokenizer: Any,
+              vae: nn.Module, mode: str = "t2v", label: str = "", is_demo: bool = False) -> Bundle:
+        """Register components built elsewhere (benchmarks with random weights at real sizes) under ``name``,
+        which must be a configured model; they then render through the normal path."""
+        ms = self.models.get(name)
+        if ms is None:
+            raise ModelNotConfigured(f"Model '{name}' is not configured on this server.")
+        key = f"adopted:{name}"
+        self._texts[key] = TextEncoder(text_encoder, tokenizer, cache_size=self.settings.engine.prompt_cache_size)
+        self._vaes[key] = vae
+        dtype = next(p.dtype for p in experts[0].parameters() if p.dtype != torch.float32) \
+            if any(p.dtype != torch.float32 for p in experts[0].parameters()) else torch.float32
+        b = Bundle(name=name, kind=ms.kind, mode=mode, label=label or self._label(name, ms), is_demo=is_demo,
+                   experts=experts, text_key=key, vae_key=key, dtype=dtype, info={"transformer": "adopted"})
+        self._bundles[name] = b
+        return b
+
+    def _evict_real_models(self, keep: str) -> None:
+        """One set of real transformers per GPU: drop the others (reloaded from disk when asked for)."""
+        for other in [n for n, b in self._bundles.items() if n != keep and not b.is_demo]:
+            del self._bundles[other]
+        self.free_memory()
+
+    def _build_tiny(self, name: str, ms: ModelSettings) -> Bundle:
+        attention = self.settings.engine.attention
+        if "tiny" not in self._texts:
+            self._texts["tiny"] = TextEncoder(tiny.tiny_text_encoder().to(self.device), tiny.tiny_tokenizer(),
+                                              cache_size=self.settings.engine.prompt_cache_size)
+        if "tiny" not in self._vaes:
+            self._vaes["tiny"] = tiny.tiny_vae().to(self.device)
+        experts = [m.to(self.device) for m in tiny.tiny_transformers(ms.kind, attention=attention)]
+        return Bundle(name=name, kind=ms.kind, mode="i2v" if ms.kind == "tiny-i2v" else "t2v",
+                      label=self._label(name, ms), is_demo=True, experts=experts, text_key="tiny",
+                      vae_key="tiny", dtype=torch.float32,
+                      info={"transformer": "embedded tiny (random weights)"})
+
+    def _load_real(self, name: str, ms: ModelSettings) -> Bundle:
+        from generator.engine.transformer import load_transformer
+        from generator.engine.wan_configs import wan_config
+
+        config = wan_config(ms.kind)
+        dtype = self._dtype(ms.kind)
+        mode = "i2v" if "i2v" in ms.kind else "t2v"
+        paths = [ms.transformer] + ([ms.transformer_low_noise] if ms.kind == "wan2.2-i2v-a14b" else [])
+        text_path = self.settings.path(ms.text_encoder)
+        tok_path = self.settings.path(ms.tokenizer) if ms.tokenizer else None
+        text_key = f"{text_path}|{tok_path}"
+        vae_key = str(self.settings.path(ms.vae))
+        offload_text, offload_dit = self._plan_offload(config, len(paths), text_path, text_key)
+        cpu = torch.device("cpu")
+        quantized = {"yes": True, "no": False}.get(ms.quantized)
+        attention = self.settings.engine.attention
+        experts = []
+        for p in paths:
+            where = cpu if offload_dit else self.device
+            experts.append(load_transformer(self.settings.path(p), config=config, attention=attention, device=where,
+                                            dtype=dtype, quantized=quantized))
+            if self.settings.engine.compile and self.device.type == "cuda":
+                with contextlib.suppress(Exception):  # compile is an optimisation only
+                    experts[-1].compile_repeated_blocks(fullgraph=False)
+        if text_key not in self._texts:
+            if tok_path is None:
+                raise ModelNotConfigured(f"models.{name}.tokenizer must name a local umT5 tokenizer folder.")
+            enc = load_text_encoder(text_path, device=cpu if offload_text else self.device, dtype=dtype)
+            self._texts[text_key] = TextEncoder(enc, load_tokenizer(tok_path),
+                                                cache_size=self.settings.engine.prompt_cache_size)
+        if vae_key not in self._vaes:
+            vae_dtype = dtype if self.device.type == "cuda" else torch.float32
+            self._vaes[vae_key] = vae_ops.load_vae(vae_key, device=self.device, dtype=vae_dtype)
+        info = {"transformer": [str(getattr(m, "turbo_checkpoint", "")) for m in experts]}
+        return Bundle(name=name, kind=ms.kind, mode=mode, label=self._label(name, ms), is_demo=False,
+                      experts=experts, text_key=text_key, vae_key=vae_key, dtype=dtype,
+                      offload_text=offload_text, offload_dit=offload_dit, info=info)
+
+    def _plan_offload(self, config: dict[str, Any], n_experts: int, text_path: Path, text_key: str) -> tuple[bool, bool]:
+        policy = self.settings.engine.offload
+        if self.device.type != "cuda" or policy == "none":
+            return False, False
+        if policy == "model":
+            return True, True
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = WEIGHT_BUDGET * total
+        dit = dit_param_bytes(config) * n_experts
+        text = 0 if text_key in self._texts else _path_bytes(text_path)
+        vae = 256 * 2**20
+        if text + dit + vae <= budget:
+            return False, False
+        if dit + vae <= budget:
+            return True, False
+        return True, True
+
+    # --- memory -------------------------------------------------------------------------------------
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _place(self, module: nn.Module, on_device: bool) -> None:
+        target = self.device if on_device else torch.device("cpu")
+        if module_device(module) != target:
+            module.to(target)
+            if not on_device:
+                self.free_memory()
+
+    def _offload_idle(self, b: Bundle, keep: int | None) -> None:
+        """After an OOM: from now on keep the text encoder and the idle experts of ``b`` off the GPU."""
+        b.offload_text = True
+        self._place(self._texts[b.text_key].model, False)
+        if len(b.experts) > 1:
+            b.offload_dit = True
+            for i, m in enumerate(b.experts):
+                if i != keep:
+                    self._place(m, False)
+        self.free_memory()
+
+    # --- rendering ----------------------------------------------------------------------------------
+    def resolve_attention(self, req: GenerationRequest, b: Bundle) -> str:
+        """Request setting, else engine setting; "auto" on the CPU demo is dense SDPA (the torch SLA
+        reference costs a full dense pass plus masking there, several times slower)."""
+        att = req.attention if req.attention != "auto" else self.settings.engine.attention
+        if att == "auto" and b.is_demo and self.device.type == "cpu":
+            return "dense"
+        return att
+
+    def _render(self, job: RenderJob, progress: Callable[[Progress], None], cancelled: Callable[[], bool]) -> RenderResult:
+        from generator.engine.transformer import set_attention
+
+        t_job = time.perf_counter()
+        req = job.request
+
+        def check_cancel() -> None:
+            if cancelled():
+                raise JobCancelled()
+
+        if req.seed is None:
+            raise EngineError("This job has no seed; it was not submitted through the scheduler.", code="bad_request")
+        if req.frames < 1 or req.frames % 4 != 1:
+            raise EngineError(f"Frames must be 1 more than a multiple of 4 (got {req.frames}).", code="bad_request")
+        name = req.model or self.default_model(req.mode)
+        if name is None or name not in self.models:
+            raise ModelNotConfigured(f"Model '{name}' is not configured on this server.")
+        check_cancel()
+        b = self._bundle(name)
+        if b.mode != req.mode:
+            raise EngineError(f"Model '{name}' makes {b.mode} videos, not {req.mode}.", code="bad_request")
+        text, vae = self._texts[b.text_key], self._vaes[b.vae_key]
+        steps = req.steps
+        timings: dict[str, float] = {}
+
+        width, height = req.size
+        image = None
+        if req.mode == "i2v":
+            if job.image_path is None:
+                raise EngineError("Image-to-video needs an input image.", code="input_missing")
+            image = i2v.open_image(job.image_path)
+            if req.adaptive_resolution:
+                width, height = i2v.adaptive_size(image.width, image.height, width, height)
+        t_fac, s_fac = vae_ops.factors(vae)
+        patch = tuple(b.experts[0].config.patch_size)
+        lat_t, lat_h, lat_w = 1 + (req.frames - 1) // t_fac, height // s_fac, width // s_fac
+        if width % (s_fac * patch[2]) or height % (s_fac * patch[1]):
+            raise EngineError(f"{width}x{height} is not a multiple of {s_fac * patch[2]} pixels.", code="bad_request")
+        channels = int(b.experts[0].config.out_channels)
+        shape = (1, channels, lat_t, lat_h, lat_w)
+
+        # 1. text
+        progress(Progress("text", 0, steps))
+        t0 = time.perf_counter()
+        emb = self._encode_text(b, text, req.prompt)
+        timings["text"] = time.perf_counter() - t0
+        check_cancel()
+
+        # 2. image condition (I2V)
+        y = None
+        if image is not None:
+            t0 = time.perf_counter()
+            y = self._image_condition(vae, image, width, height, req.frames, t_fac, shape)
+            timings["image"] = time.perf_counter() - t0
+            check_cancel()
+
+        # 3. denoise
+        attention = self.resolve_attention(req, b)
+        modes = {set_attention(m, attention, req.sla_topk) for m in b.experts}
+        self.last_attention = "/".join(sorted(modes))  # what "auto" became
+        t_steps = rcm.rf_times(steps, req.effective_sigma_max)
+        plan = rcm.expert_schedule(t_steps, req.boundary, len(b.experts))
+        cond = {"emb": emb.to(device=self.device, dtype=b.dtype),
+                "y": y.to(device=self.device, dtype=b.dtype) if y is not None else None}
+        generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
+
+        def model_fn(x: torch.Tensor, timestep: torch.Tensor, expert: int) -> torch.Tensor:
+            return self._forward(b, expert, x, timestep, cond["emb"], cond["y"])
+
+        def after_step(ev: rcm.StepEvent) -> None:
+            timings[f"step_{ev.index + 1}"] = ev.seconds
+            progress(Progress("denoise", ev.index + 1, ev.total, step_seconds=ev.seconds))
+
+        progress(Progress("denoise", 0, steps))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            latents = rcm.sample(model_fn, shape, t_steps=t_steps, generator=generator, dtype=b.dtype,
+                                 sde=req.sampler == "sde", experts=plan, before_step=lambda _i: check_cancel(),
+                                 after_step=after_step)
+        timings["denoise"] = time.perf_counter() - t0
+        cond.clear()
+        check_cancel()
+
+        # 4 + 5. one decode, streamed into the mp4 encoder as it goes (encoding overlaps decoding)
+        progress(Progress("decode", steps, steps))
+        if b.offload_dit:
+            for m in b.experts:
+                self._place(m, False)
+        out, n_frames, (out_w, out_h) = self._decode_to_mp4(vae, latents, b, job.output_path, timings,
+                                                            lambda: progress(Progress("encode", steps, steps)))
+        del latents
+        digest, size = _sha256(out)
+        timings["total"] = time.perf_counter() - t_job
+        return RenderResult(
+            path=out, width=out_w, height=out_h, frames=n_frames, fps=video_ops.FPS,
+            duration_s=n_frames / video_ops.FPS, bytes=size, sha256=digest, model_label=b.label,
+            is_demo=b.is_demo, timings=timings,
+        )
+
+    def _with_oom_retry(self, fn: Callable[[], Any], relieve: Callable[[], None]) -> Any:
+        """Run ``fn``; on an out-of-memory error free memory, call ``relieve`` and run it once more. A second
+        OOM propagates (``render`` turns it into ``OutOfMemory``)."""
+        for attempt in (0, 1):
+            oom = False
+            try:
+                return fn()
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if attempt == 1 or not is_oom(exc):
+                    raise
+                oom = True
+            if oom:  # outside the except block: the failed attempt's tensors are released first
+                log.warning("out of memory; freeing and retrying once")
+                self.free_memory()
+                relieve()
+        raise AssertionError("unreachable")
+
+    def _encode_text(self, b: Bundle, text: TextEncoder, prompt: str) -> torch.Tensor:
+        if text.cached(prompt):
+            return text.encode(prompt)
+
+        def run() -> torch.Tensor:
+            self._place(text.model, True)
+            try:
+                return text.encode(prompt)
+            finally:
+                if b.offload_text:
+                    self._place(text.model, False)
+
+        def relieve() -> None:
+            for m in b.experts:
+                self._place(m, False)
+
+        return self._with_oom_retry(run, relieve)
+
+    def _image_condition(self, vae: nn.Module, image: Any, width: int, height: int, frames: int, t_fac: int,
+                         shape: tuple[int, ...]) -> torch.Tensor:
+        video = i2v.conditioning_video(i2v.image_tensor(image, width, height), frames)
+        tiled = {"on": False}
+
+        def run() -> torch.Tensor:
+            if tiled["on"]:
+                vae.enable_tiling()
+            try:
+                return vae_ops.encode_mean(vae, video)
+            finally:
+                vae.disable_tiling()
+
+        def relieve() -> None:
+            tiled["on"] = True
+
+        latent = self._with_oom_retry(run, relieve)
+        _, _, lt, lh, lw = shape
+        if tuple(latent.shape[2:]) != (lt, lh, lw):
+            raise EngineError(f"The VAE gave an image latent of {tuple(latent.shape)}, expected {shape}.")
+        mask = i2v.first_frame_mask(lt, lh, lw, channels=t_fac).to(latent.device)
+        return i2v.condition(mask, latent)
+
+    def _forward(self, b: Bundle, expert: int, x: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor,
+                 y: torch.Tensor | None) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            if b.offload_dit:
+                for i, m in enumerate(b.experts):
+                    if i != expert:
+                        self._place(m, False)
+            model = b.experts[expert]
+            self._place(model, True)
+            inp = torch.cat([x, y], dim=1) if y is not None else x
+            return model(hidden_states=inp, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
+
+        return self._with_oom_retry(run, lambda: self._offload_idle(b, keep=expert))
+
+    def _decode_to_mp4(self, vae: nn.Module, latents: torch.Tensor, b: Bundle, path: Path,
+                       timings: dict[str, float], on_encode: Callable[[], None]) -> tuple[Path, int, tuple[int, int]]:
+        """Decode once and write the mp4. First streamed (each latent frame's pixels go to ffmpeg as they are
+        decoded); after an out-of-memory error the transformers leave the GPU and a tiled decode is encoded
+        from memory. A second OOM propagates."""
+        t0 = time.perf_counter()
+        writer = video_ops.Mp4Writer(path, fps=video_ops.FPS)
+        oom = False
+        try:
+            for chunk in vae_ops.iter_uint8_chunks(vae, latents):
+                writer.write(chunk)
+            timings["decode"] = time.perf_counter() - t0
+            on_encode()
+            t1 = time.perf_counter()
+            out = writer.close()
+            timings["encode"] = time.perf_counter() - t1  # what is left of encoding once decoding is done
+            assert writer.size is not None
+            return out, writer.frames, writer.size
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            writer.abort()
+            if not is_oom(exc):
+                raise
+            oom = True
+        except BaseException:
+            writer.abort()
+            raise
+        assert oom  # retried outside the except block so the failed decode's tensors are freed first
+        log.warning("VAE decode ran out of GPU memory; retrying tiled")
+        self.free_memory()
+        for m in b.experts:
+            self._place(m, False)
+        frames = vae_ops.decode_uint8(vae, latents, tiled=True)
+        timings["decode"] = time.perf_counter() - t0
+        on_encode()
+        t1 = time.perf_counter()
+        out = video_ops.write_mp4(frames, path, fps=video_ops.FPS)
+        timings["encode"] = time.perf_counter() - t1
+        return out, frames.shape[0], (frames.shape[2] - frames.shape[2] % 2, frames.shape[1] - frames.shape[1] % 2)
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
