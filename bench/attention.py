@@ -1,6 +1,8 @@
 """Attention timings on one GPU (issue 4 item 4, attention part): SDPA flash, SDPA cuDNN, our sla and
-sagesla at topk 0.10 and 0.15, at the three real shapes (B=1, head dim 128, bf16), with the previous
-kernels (``bench/attention_baseline.py``, commit d00e945) timed in the same run for before/after.
+sagesla at topk 0.10 and 0.15, at the three real shapes (B=1, head dim 128, bf16). For a before/after in the
+same run, put an older ``sla_triton.py`` beside this file as ``attention_baseline.py`` (e.g. ``git show
+d00e945:generator/attention/sla_triton.py``, plus its ``select_blocks``/``k_pass`` of that commit); the
+``old_*`` columns are filled only then.
 
 Run on a CUDA machine:  PYTHONPATH=. python bench/attention.py [--out DIR]
 Prints a table last and writes everything to DIR/attention.json. Times are medians of
@@ -32,8 +34,10 @@ SHAPES = [("1.3B-480p", 32760, 12), ("14B-480p", 32760, 40), ("14B-720p", 75600,
 TARGETS_MS = {"1.3B-480p": 1.5, "14B-480p": 4.5, "14B-720p": 25.0}
 
 
-def load_baseline() -> ModuleType:
+def load_baseline() -> ModuleType | None:
     path = Path(__file__).with_name("attention_baseline.py")
+    if not path.exists():
+        return None
     spec = importlib.util.spec_from_file_location("attention_baseline", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -51,7 +55,7 @@ def bench(fn: Callable[[], object]) -> float:
         return float("nan")
 
 
-def bench_shape(name: str, length: int, h: int, base: ModuleType) -> dict:
+def bench_shape(name: str, length: int, h: int, base: ModuleType | None) -> dict:
     d = 128
     q, k, v = (torch.randn(1, length, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     proj = torch.nn.Linear(d, d, device="cuda")
@@ -66,7 +70,7 @@ def bench_shape(name: str, length: int, h: int, base: ModuleType) -> dict:
             row[f"{variant}@{tag}_ms"] = bench(
                 lambda int8=int8, topk=topk: sla_triton.sla_forward(q, k, v, proj, topk=topk, int8_qk=int8)
             )
-            if topk == 0.10:
+            if topk == 0.10 and base is not None:
                 row[f"old_{variant}@{tag}_ms"] = bench(
                     lambda int8=int8, topk=topk: base.sla_forward(q, k, v, proj, topk=topk, int8_qk=int8)
                 )
@@ -80,13 +84,15 @@ def bench_shape(name: str, length: int, h: int, base: ModuleType) -> dict:
     row["scores_topk_ms"] = bench(lambda: sla_triton.lut_from_prep(prep, 0.10))
     row["quantize_k_ms"] = bench(lambda: sla_triton.quantize_k(k, prep.k_mean))
     row["sla_sparse_only_ms"] = bench(lambda: sla_triton.sla_forward(q, k, v, None, lut=lut))
-    old_lut, _ = base.select_blocks(q, k, 0.10, 128, BK)
-    row["old_sla_sparse_only_ms"] = bench(lambda: base.sla_forward(q, k, v, None, lut=old_lut))
-    row["old_block_map_ms"] = bench(lambda: base.select_blocks(q, k, 0.10, 128, BK))
-    row["old_k_pass_state_ms"] = bench(lambda: base.k_pass(k, v, with_state=True))
+    if base is not None:
+        old_lut, _ = base.select_blocks(q, k, 0.10, 128, BK)
+        row["old_sla_sparse_only_ms"] = bench(lambda: base.sla_forward(q, k, v, None, lut=old_lut))
+        row["old_block_map_ms"] = bench(lambda: base.select_blocks(q, k, 0.10, 128, BK))
+        row["old_k_pass_state_ms"] = bench(lambda: base.k_pass(k, v, with_state=True))
     flop = 4.0 * h * length * kb * BK * d  # useful work of the sparse branch
     for key in ("sla_sparse_only_ms", "old_sla_sparse_only_ms", "sla@0.10_ms"):
-        row[key.replace("_ms", "_tflops")] = flop / (row[key] * 1e-3) / 1e12
+        if key in row:
+            row[key.replace("_ms", "_tflops")] = flop / (row[key] * 1e-3) / 1e12
     return row
 
 
