@@ -13,8 +13,8 @@ from typing import Any
 
 from sqlalchemy import Select, case, func, or_, select
 
-from generator.request import GenerationRequest, RequestError
-from generator.scheduler.api import DeliveryTarget, JobView, OutputView, Requester
+from generator.scheduler import views
+from generator.scheduler.api import JobView
 from storage.db import Database
 from storage.models import (
     JOB_STATES,
@@ -85,51 +85,8 @@ class FinishedRow:
     gpu_seconds: float
 
 
-def _request_of(job: Job) -> GenerationRequest:
-    try:
-        req = GenerationRequest.from_dict(dict(job.request or {}))
-    except (RequestError, TypeError):
-        # A stored request from another version: rebuild it from the queryable columns.
-        req = GenerationRequest(
-            mode=job.mode, prompt=job.prompt, model=job.model, resolution=job.resolution, aspect=job.aspect,
-            frames=job.frames, steps=job.steps, seed=job.seed, sla_topk=job.sla_topk, sigma_max=job.sigma_max,
-            sampler=job.sampler, adaptive_resolution=job.adaptive_resolution, boundary=job.boundary,
-            attention=job.attention,
-        )
-    return req if req.seed is not None else req.with_seed(job.seed)
-
-
 def job_view(job: Job, user: User, output: Output | None) -> JobView:
-    return JobView(
-        id=job.id,
-        state=job.state,
-        request=_request_of(job),
-        requester=Requester(user.platform, user.platform_user_id, user.display_name),
-        target=DeliveryTarget(
-            platform=job.platform, chat_id=job.chat_id, guild_id=job.guild_id,
-            status_message_id=job.status_message_id, reply_to_message_id=job.reply_to_message_id,
-        ),
-        parent_id=job.parent_id,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        attempts=job.attempts,
-        progress_step=job.progress_step,
-        progress_total=job.progress_total,
-        position=None,
-        queue_length=None,
-        eta=None,
-        output=None
-        if output is None
-        else OutputView(
-            path=output.path, bytes=output.bytes, width=output.width, height=output.height, frames=output.frames,
-            fps=output.fps, duration_s=output.duration_s, sha256=output.sha256, model_label=output.model_label,
-            is_demo=output.is_demo,
-        ),
-        error_code=job.error_code,
-        error_message=job.error_message,
-        timings=dict(job.timings or {}),
-    )
+    return views.job_view(job, user=user, output=output)
 
 
 def _jobs_select() -> Select[tuple[Job, User, Output]]:

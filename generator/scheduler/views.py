@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 
-from generator.request import GenerationRequest
+from generator.request import GenerationRequest, RequestError
 from generator.scheduler.api import DeliveryTarget, JobView, OutputView, Requester
 from generator.scheduler.estimate import StepStats
 from generator.scheduler.queue import QueueSnapshot
-from storage.models import Job
+from storage.models import Job, Output, User
+
+_LOADED = object()  # "take it from the job's loaded relationship"
 
 
 def eta_for(
@@ -36,16 +38,33 @@ def eta_for(
     return now + dt.timedelta(seconds=total / max(1, n_workers))
 
 
+def request_of(job: Job) -> GenerationRequest:
+    """The stored request; one written by another version is rebuilt from the queryable columns."""
+    try:
+        return GenerationRequest.from_dict(dict(job.request or {}))
+    except (RequestError, TypeError):
+        return GenerationRequest(
+            mode=job.mode, prompt=job.prompt, model=job.model, resolution=job.resolution, aspect=job.aspect,
+            frames=job.frames, steps=job.steps, seed=job.seed, sla_topk=job.sla_topk, sigma_max=job.sigma_max,
+            sampler=job.sampler, adaptive_resolution=job.adaptive_resolution, boundary=job.boundary,
+            attention=job.attention,
+        )
+
+
 def job_view(
     job: Job,
     *,
+    user: User | None = None,
+    output: Output | object | None = _LOADED,
     snap: QueueSnapshot | None = None,
     stats: StepStats | None = None,
     n_workers: int = 1,
     now: dt.datetime | None = None,
 ) -> JobView:
-    user = job.user
-    out = job.output
+    """``user``/``output`` may be passed from a joined query instead of the job's loaded relationships."""
+    user = user if user is not None else job.user
+    out = job.output if output is _LOADED else output
+    assert out is None or isinstance(out, Output)
     position = snap.position(job.id) if snap is not None and job.state == "queued" else None
     eta = None
     if snap is not None and stats is not None and now is not None and job.state in ("queued", "running"):
@@ -53,7 +72,7 @@ def job_view(
     return JobView(
         id=job.id,
         state=job.state,
-        request=GenerationRequest.from_dict(dict(job.request)),
+        request=request_of(job),
         requester=Requester(platform=user.platform, user_id=user.platform_user_id, display_name=user.display_name),
         target=DeliveryTarget(
             platform=job.platform,
