@@ -237,7 +237,7 @@ class FakeDiscord:
         path = attachment["url"][len(self.base_url):]
         return self.files[path].data
 
-    async def wait_for(self, predicate: Callable[[], Any], within: float = 10.0) -> Any:
+    async def wait_for(self, predicate: Callable[[], Any], within: float = 30.0) -> Any:
         """Wait until ``predicate()`` is truthy (re-checked after every change the bot makes)."""
 
         async def waiter() -> Any:
@@ -250,7 +250,7 @@ class FakeDiscord:
 
         return await asyncio.wait_for(waiter(), within)
 
-    async def wait_identified(self, count: int = 1, within: float = 10.0) -> None:
+    async def wait_identified(self, count: int = 1, within: float = 30.0) -> None:
         await self.wait_for(lambda: self.identifies >= count and self._ws is not None, within)
 
     async def _notify(self) -> None:

@@ -335,7 +335,7 @@ class FakeTelegram:
     def message(self, chat_id: int, message_id: int) -> dict[str, Any] | None:
         return self.messages.get((chat_id, message_id))
 
-    async def wait_for(self, predicate: Callable[[], Any], within: float = 10.0) -> Any:
+    async def wait_for(self, predicate: Callable[[], Any], within: float = 45.0) -> Any:
         """Wait until ``predicate()`` is truthy (re-checked after every request the bot makes)."""
         async def _wait() -> Any:
             async with self._changed:
@@ -348,7 +348,7 @@ class FakeTelegram:
         return await asyncio.wait_for(_wait(), within)
 
     async def wait_call(
-        self, method: str, where: Callable[[Call], bool] = lambda c: True, *, count: int = 1, within: float = 10.0
+        self, method: str, where: Callable[[Call], bool] = lambda c: True, *, count: int = 1, within: float = 30.0
     ) -> list[Call]:
         """Wait until the bot has made ``count`` successful calls of ``method`` matching ``where``."""
         def found() -> list[Call] | None:

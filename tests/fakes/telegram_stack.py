@@ -88,7 +88,7 @@ class Stack:
     async def jobs_of(self, user_id: int) -> list[JobView]:
         return await self.sched.jobs_for(Requester("telegram", str(user_id)), limit=100)
 
-    async def wait_job(self, job_id: int, within: float = 15.0) -> JobView:
+    async def wait_job(self, job_id: int, within: float = 45.0) -> JobView:
         return await asyncio.wait_for(self.sched.wait(job_id), within)
 
 
