@@ -1,6 +1,7 @@
 """The "scheduler process" of the kill -9 harness (``test_scheduler_killharness.py``).
 
-``python tests/scheduler_harness_app.py DIR N MP4``: starts a Scheduler with one worker on the database in
+``python tests/scheduler_harness_app.py DIR N MP4 [test|embedded]``: starts a Scheduler with one worker (the
+fast test engine, or the real embedded tiny engine) on the database in
 DIR, submits jobs ``h0..h{N-1}`` (idempotent: a restarted process re-submits the same keys and gets the same
 jobs), appends every terminal event it receives to DIR/deliveries.log, and exits 0 once every job is
 terminal and delivered. The harness SIGKILLs this process and its worker at random moments.
@@ -38,13 +39,14 @@ def open_log(path: Path) -> TextIO:
     return open(path, "a", buffering=1, encoding="utf-8")  # line-buffered: a kill loses no whole line
 
 
-async def main(directory: Path, n_jobs: int, mp4: str) -> int:
+async def main(directory: Path, n_jobs: int, mp4: str, engine: str = "test") -> int:
     settings = harness_settings(directory)
     db = await make_db(settings)
     sched = Scheduler(
-        settings, db=db, engine_factory=ENGINE_SPEC,
+        settings, db=db, engine_factory=ENGINE_SPEC if engine == "test" else None,
         worker_env={"TURBOBOT_TEST_MP4": mp4, "TURBOBOT_TEST_STEP_SECONDS": "0.005"},
     )
+    steps = 2 if engine == "test" else 1
     log = open_log(directory / "deliveries.log")
 
     async def sink(event: JobEvent) -> None:
@@ -55,7 +57,7 @@ async def main(directory: Path, n_jobs: int, mp4: str) -> int:
     await sched.start(run_workers=True)
     for i in range(n_jobs):
         await sched.submit(
-            t2v(f"harness job {i}", steps=2), Requester("harness", f"u{i % USERS}"),
+            t2v(f"harness job {i}", steps=steps), Requester("harness", f"u{i % USERS}"),
             DeliveryTarget("harness"), f"h{i}",
         )
     while True:
@@ -76,4 +78,4 @@ async def main(directory: Path, n_jobs: int, mp4: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])))
+    sys.exit(asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:5])))
