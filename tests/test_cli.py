@@ -134,3 +134,40 @@ def test_run_with_nothing_enabled_says_how_to_configure(workdir: Path) -> None:
     out = turbobot(workdir, "run")
     assert out.returncode == 2
     assert "DISCORD_TOKEN" in out.stderr and "TELEGRAM_TOKEN" in out.stderr
+
+
+def test_run_serves_the_console_alone_and_stops_on_sigterm(workdir: Path) -> None:
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = (ROOT / "config.toml").read_text().replace("port = 8080", f"port = {port}")
+    (workdir / "config.toml").write_text(cfg)
+    env = {k: v for k, v in os.environ.items() if k not in ("DISCORD_TOKEN", "TELEGRAM_TOKEN", "TURBOBOT_CONFIG")}
+    proc = subprocess.Popen([sys.executable, "-m", "turbobot.cli", "run"], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        page = ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    assert r.status == 200
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert "turbobot" in page.lower(), proc.stderr.read() if proc.poll() is not None else "no page"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"http://127.0.0.1:{port}/" in out and "set DISCORD_TOKEN" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
