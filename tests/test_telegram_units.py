@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from telegram import Chat, InlineKeyboardMarkup, Message, MessageEntity, User
 
-from bots.telegram import redact
 from bots.telegram.keyboards import (
     decode,
     encode,
@@ -19,6 +18,7 @@ from bots.telegram.keyboards import (
     status_keyboard,
 )
 from bots.telegram.parsing import addressed_bot, command_args, split_job_arg, user_key
+from turbobot import logs as redact
 
 
 def _msg(text: str | None = None, caption: str | None = None, markup: InlineKeyboardMarkup | None = None) -> Message:

@@ -284,7 +284,7 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from generator.scheduler.service import Scheduler
-    from turbobot.logs import register_secret
+    from turbobot.logs import protect_secret
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -297,8 +297,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     discord_token = read_secret(settings.discord.token_env)
     telegram_token = read_secret(settings.telegram.token_env)
-    register_secret(discord_token)
-    register_secret(telegram_token)
+    protect_secret(discord_token)
+    protect_secret(telegram_token)
     for name, flag, token in (("discord", settings.discord.enabled, discord_token),
                               ("telegram", settings.telegram.enabled, telegram_token)):
         if flag == "yes" and not token:

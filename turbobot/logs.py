@@ -12,9 +12,13 @@ import logging
 import re
 import sys
 import threading
+import urllib.parse
+from typing import Any
 
+REDACTED = "[redacted]"
 _secrets: set[str] = set()
 _lock = threading.Lock()
+_factory_installed = False
 
 # Telegram: <digits>:<35 url-safe chars>; Discord: three dot-separated base64url parts.
 _TOKEN_PATTERNS = (
@@ -35,9 +39,9 @@ def redact(text: str) -> str:
         secrets = sorted(_secrets, key=len, reverse=True)
     for s in secrets:
         if s in text:
-            text = text.replace(s, "[redacted]")
+            text = text.replace(s, REDACTED)
     for pattern in _TOKEN_PATTERNS:
-        text = pattern.sub("[redacted]", text)
+        text = pattern.sub(REDACTED, text)
     return text
 
 
@@ -52,6 +56,40 @@ class RedactingFilter(logging.Filter):
         if clean != message or record.args:
             record.msg, record.args = clean, None
         return True
+
+
+def _install_record_factory() -> None:
+    """Redact in the log record factory too, so records reaching any handler (a test's capture, a library's
+    own handler, one an operator adds) are clean, not only those through our handler."""
+    global _factory_installed
+    with _lock:
+        if _factory_installed:
+            return
+        previous = logging.getLogRecordFactory()
+        record_filter = RedactingFilter()
+
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            record_filter.filter(record)
+            return record
+
+        logging.setLogRecordFactory(factory)
+        _factory_installed = True
+
+
+def protect_secret(secret: str | None) -> None:
+    """Redact ``secret`` (as is and URL-quoted) from every log record from now on, process-wide, and keep the
+    URL-logging HTTP libraries quiet (PTB puts the Telegram token in request URLs)."""
+    if not secret:
+        return
+    register_secret(secret)
+    register_secret(urllib.parse.quote(secret, safe=""))
+    _install_record_factory()
+    # Pinned, not inherited, so a DEBUG root level set later does not turn URL logging back on.
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
 
 
 class JsonFormatter(logging.Formatter):

@@ -17,7 +17,7 @@ from discord.gateway import DiscordWebSocket
 
 from generator.scheduler.api import SchedulerAPI
 from turbobot.config import Settings
-from turbobot.logs import register_secret
+from turbobot.logs import protect_secret
 
 from .bot import TurboBot
 
@@ -47,7 +47,7 @@ async def _discover_gateway(bot: TurboBot) -> None:
 
 async def run_discord(settings: Settings, scheduler: SchedulerAPI, token: str, stop: asyncio.Event) -> None:
     """Run the bot until ``stop`` is set. Raises on a bad token (``discord.LoginFailure``) or fatal close."""
-    register_secret(token)
+    protect_secret(token)
     configure_endpoints(settings)
     bot = TurboBot(settings, scheduler)
     async with bot:

@@ -23,9 +23,9 @@ from telegram.ext import (
 from bots.telegram.buttons import Buttons
 from bots.telegram.front import TelegramFront
 from bots.telegram.handlers import I2V_CAPTION_RE, Handlers
-from bots.telegram.redact import protect_secret
 from generator.scheduler.api import SchedulerAPI
 from turbobot.config import Settings
+from turbobot.logs import protect_secret
 
 log = logging.getLogger(__name__)
 
