@@ -218,6 +218,9 @@ async def test_engine_that_cannot_load_is_reported_not_hung(tmp_path: Path, base
         assert sched.worker_errors and (await sched.get(job.job.id)).state == "queued"
         ready, detail = await sched.readiness()
         assert not ready and detail["database"] == "ok"
+        with pytest.raises(Refusal) as later:  # new work is refused clearly instead of queueing forever
+            await sched.submit(t2v(), who(2), where(), "k2")
+        assert later.value.code == "engine_unavailable" and "/nowhere" not in later.value.message
     finally:
         await sched.stop()
         await db.dispose()

@@ -186,6 +186,13 @@ class Scheduler:
         key = (idempotency_key or "").strip()[:160] or f"auto:{uuid.uuid4()}"
         try:
             check_access(self.settings, requester)
+            if self._workers_failed.is_set():
+                # Details (paths, library errors) go to the operator's log and /readyz, not to chat users.
+                raise Refusal(
+                    "engine_unavailable",
+                    "The video engine is not available right now (the server's model failed to load). "
+                    "The operator has been told; please try again later.",
+                )
             try:
                 req = validate(request, self.settings.request_limits)
             except RequestError as exc:
