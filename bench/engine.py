@@ -1,12 +1,17 @@
 """Whole-job engine benchmark on one GPU (issue 3 item 8): random weights at the real sizes, bf16, 81 frames.
 
-Run on a CUDA machine:  PYTHONPATH=. python bench/engine.py [--out DIR] [--skip-14b]
+Run on a CUDA machine:  PYTHONPATH=. python bench/engine.py [--out DIR] [--skip-14b] [--no-dense] [--no-stock]
+                        [--compile] [--max-chunks 3,10,20]
 For each case it builds umT5-XXL, the Wan DiT and the Wan2.1 VAE with random weights directly on the GPU,
 hands them to a ``TurboEngine`` (``adopt``) and renders through the normal ``render`` path, timing every
 stage (text encode, each DiT step, VAE decode, mp4 encode, whole job: prompt to mp4 bytes) and the peak GPU
 memory. Beside it, in the same run: the stock diffusers transformer (its own SDPA attention processor)
 timed for a few forwards and scaled to the stock WanPipeline recipe (50 steps x 2 forwards for guidance),
 and the stock ``AutoencoderKLWan.decode`` against the engine's decode on the same latents.
+``--compile`` then regionally compiles the DiT blocks (``compile_repeated_blocks``, as ``engine.compile``
+does) and renders again; ``--max-chunks`` renders once more per value of the VAE decode's latent frames per pass
+(``vae.DECODE_OPTIONS.max_chunk``; the default is used everywhere else). ``--no-dense`` / ``--no-stock`` skip
+the dense-attention job and the stock transformer / stock VAE comparisons.
 Random weights give honest timings, never quality. Prints a table last, writes DIR/engine.json.
 """
 
@@ -19,6 +24,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +146,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-14b", action="store_true")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense-attention 1.3B job")
+    ap.add_argument("--no-stock", action="store_true", help="skip the stock transformer and stock VAE timings")
+    ap.add_argument("--compile", action="store_true", help="then regionally compile the DiT blocks, render again")
+    ap.add_argument("--max-chunks", default="", help="comma list: one more job per VAE decode chunk cap")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,20 +177,47 @@ def main() -> int:
 
     case: dict[str, Any] = {}
     render(engine, "b13", "480p", attention="sla", steps=1, prompt="warm up", out=out / "w.mp4")  # compile/tune
-    for i, att in enumerate(("sla", "sla", "dense")):
+    case["decode_options"] = str(vae_ops.DECODE_OPTIONS)
+    results["cases"]["1.3B 480p"] = case
+    for i, att in enumerate(("sla", "sla") if args.no_dense else ("sla", "sla", "dense")):
         r = render(engine, "b13", "480p", attention=att, prompt=f"a fox running in snow {i}", seed=10 + i,
                    out=out / "b13.mp4")
         case[f"job_{i}_{att}"] = r
         print("1.3B 480p", r, flush=True)
-    cfg13 = wan_config("wan2.1-t2v-1.3b")
-    stock = stock_forward_ms(cfg13, (1, 16, 21, 60, 104))
-    gc.collect()
-    torch.cuda.empty_cache()
-    case["stock_forward_ms"] = round(stock, 1)
-    case["stock_wanpipeline_dit_s_scaled"] = round(stock * 100 / 1000, 1)
-    case["vae_480p"] = vae_compare(vae, (1, 16, 21, 60, 104))
-    print("1.3B stock forward", stock, "vae", case["vae_480p"], flush=True)
-    results["cases"]["1.3B 480p"] = case
+        (out / "engine.json").write_text(json.dumps(results, indent=2))
+    if not args.no_stock:
+        cfg13 = wan_config("wan2.1-t2v-1.3b")
+        stock = stock_forward_ms(cfg13, (1, 16, 21, 60, 104))
+        gc.collect()
+        torch.cuda.empty_cache()
+        case["stock_forward_ms"] = round(stock, 1)
+        case["stock_wanpipeline_dit_s_scaled"] = round(stock * 100 / 1000, 1)
+        case["vae_480p"] = vae_compare(vae, (1, 16, 21, 60, 104))
+        print("1.3B stock forward", stock, "vae", case["vae_480p"], flush=True)
+    tag = ""
+    if args.compile:
+        t0 = time.perf_counter()
+        dit.compile_repeated_blocks(fullgraph=False)
+        render(engine, "b13", "480p", attention="sla", steps=1, prompt="warm up compiled", out=out / "w.mp4")
+        case["compile_warmup_s"] = round(time.perf_counter() - t0, 1)
+        tag = "_compiled"
+        for i in range(2):
+            r = render(engine, "b13", "480p", attention="sla", prompt=f"a fox running in snow c{i}", seed=30 + i,
+                       out=out / "b13.mp4")
+            case[f"job_{i}_sla{tag}"] = r
+            print("1.3B 480p compiled", r, flush=True)
+            (out / "engine.json").write_text(json.dumps(results, indent=2))
+    default_decode = vae_ops.DECODE_OPTIONS
+    for mc in (int(v) for v in args.max_chunks.split(",") if v):
+        vae_ops.DECODE_OPTIONS = replace(default_decode, max_chunk=mc)
+        try:
+            r = render(engine, "b13", "480p", attention="sla", prompt=f"a fox running in snow m{mc}", seed=40 + mc,
+                       out=out / "b13.mp4")
+        finally:
+            vae_ops.DECODE_OPTIONS = default_decode
+        case[f"job_maxchunk{mc}_sla{tag}"] = r
+        print(f"1.3B 480p max_chunk {mc}{tag}", r, flush=True)
+        (out / "engine.json").write_text(json.dumps(results, indent=2))
     (out / "engine.json").write_text(json.dumps(results, indent=2))
 
     if not args.skip_14b:
@@ -203,15 +240,15 @@ def main() -> int:
         results["cases"]["14B 720p"] = case14
         (out / "engine.json").write_text(json.dumps(results, indent=2))
 
-    print("\n| case | attention | text | steps (s) | decode | encode | job total | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| case | job | attention | text | steps (s) | decode | encode | job total | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cname, c in results["cases"].items():
         for k, r in c.items():
             if not k.startswith("job"):
                 continue
             t = r["timings"]
             steps = " / ".join(f"{t[f'step_{i}']:.3f}" for i in range(1, r["steps"] + 1))
-            print(f"| {cname} | {r['attention']} | {t.get('text', 0):.3f} | {steps} | {t['decode']:.3f} | "
+            print(f"| {cname} | {k} | {r['attention']} | {t.get('text', 0):.3f} | {steps} | {t['decode']:.3f} | "
                   f"{t['encode']:.3f} | {t['total']:.3f} | {r['peak_gib']} |")
     return 0
 

@@ -122,7 +122,7 @@ def test_engine_decode_paths_use_the_chunked_decode(
     vae, z, ref = tiny
     mean, std = vae_ops.latent_stats(vae, torch.device("cpu"), torch.float32)
     latents = (z - mean) / std  # the engine hands over normalized latents
-    monkeypatch.setattr(vae_ops, "DECODE_OPTIONS", vae_chunked.DecodeOptions(max_chunk=4))
+    monkeypatch.setattr(vae_ops, "DECODE_OPTIONS", vae_chunked.DecodeOptions(max_chunk=4, cpu_max_chunk=4))
     chunks = list(vae_ops.iter_uint8_chunks(vae, latents))
     assert [c.shape[0] for c in chunks] == [1, 16, 8]
     frames = np.concatenate(chunks, axis=0)
@@ -132,15 +132,23 @@ def test_engine_decode_paths_use_the_chunked_decode(
     np.testing.assert_array_equal(vae_ops.decode_uint8(vae, latents), frames)
 
 
+def test_cpu_default_is_one_frame_per_pass(tiny: tuple[AutoencoderKLWan, torch.Tensor, torch.Tensor]) -> None:
+    vae, z, ref = tiny
+    parts = list(vae_chunked.iter_decoded(vae, z))
+    assert [p.shape[2] for p in parts] == [1] + [4] * 6
+    torch.testing.assert_close(torch.cat(parts, dim=2), ref, rtol=0, atol=0)  # bit-identical to diffusers
+
+
 def test_chunk_plan_follows_free_memory() -> None:
     vae = AutoencoderKLWan(base_dim=96, z_dim=16)
     unit = 4 * 480 * 832 * 96 * 2  # one last-stage activation of a 480p latent frame in bf16
     plan = lambda free: vae_chunked.plan_chunk(vae, 60, 104, torch.bfloat16, max_chunk=20, free=free)  # noqa: E731
     assert plan(None) == 20  # CPU: no memory figure, the cap
-    assert plan(0) == 1 and plan(10 * unit) == 1
+    assert plan(0) == 1 and plan(20 * unit) == 1
     small, big = plan(40 * 2**30), plan(200 * 2**30)
     assert 1 < small < big == 20
-    assert small == int((0.8 * 40 * 2**30 - 6 * unit) // (8 * unit))
+    per_frame, fixed = vae_chunked._PEAK_UNITS_PER_LATENT_FRAME, vae_chunked._FIXED_UNITS
+    assert small == int((0.8 * 40 * 2**30 - fixed * unit) // (per_frame * unit))
 
 
 def test_channels_last_weights_are_restored() -> None:

@@ -24,10 +24,10 @@ ensure_offline()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKLWan  # noqa: E402
-from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify  # noqa: E402
 
 from generator.engine.api import CheckpointError  # noqa: E402
 from generator.engine.checkpoints import open_weights  # noqa: E402
+from generator.engine.vae_chunked import DecodeOptions, iter_decoded  # noqa: E402
 from generator.engine.weights import describe_weights  # noqa: E402
 
 WAN_VAE_MARKER = "decoder.middle.0.residual.0.gamma"
@@ -267,13 +267,17 @@ def encode_mean(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
     return (mu - mean) / std
 
 
+# The untiled decode's settings; benchmarks may replace it (``vae.DECODE_OPTIONS = DecodeOptions(...)``).
+DECODE_OPTIONS = DecodeOptions()
+
+
 @torch.no_grad()
 def decode(vae: AutoencoderKLWan, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
     """Normalized latents [B, z, T, h, w] -> video [B, 3, F, H, W] in [-1, 1] (VAE dtype, VAE device).
 
-    Untiled, the causal decoder runs latent frame by latent frame as diffusers does, but the chunks are
-    joined once at the end instead of re-concatenating the growing video every frame. Tiled, diffusers'
-    own tiled decode is used (the out-of-memory fallback).
+    Untiled, the causal decoder runs latent frame 0 alone and then several latent frames per pass
+    (``vae_chunked``: same result as diffusers' frame-by-frame loop, far fewer kernels). Tiled, diffusers' own
+    tiled decode is used (the out-of-memory fallback).
     """
     if tiled:
         device, dtype = _device_dtype(vae)
@@ -287,23 +291,13 @@ def decode(vae: AutoencoderKLWan, latents: torch.Tensor, *, tiled: bool = False)
     return torch.cat(list(_decoded_chunks(vae, latents)), dim=2)
 
 
-def _decoded_chunks(vae: AutoencoderKLWan, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Pixels of each latent frame in turn ([1, 3, 1 or 4, H, W], clamped), through the causal cache."""
+def _decoded_chunks(vae: AutoencoderKLWan, latents: torch.Tensor, *,
+                    options: DecodeOptions | None = None) -> Iterator[torch.Tensor]:
+    """Pixels of each decoder pass in turn ([1, 3, f, H, W], clamped), through the causal cache."""
     device, dtype = _device_dtype(vae)
     mean, std = latent_stats(vae, device, torch.float32)
     z = (latents.to(device=device, dtype=torch.float32) * std + mean).to(dtype)
-    vae.clear_cache()
-    try:
-        x = vae.post_quant_conv(z)
-        for i in range(x.shape[2]):
-            vae._conv_idx = [0]
-            out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                              first_chunk=i == 0)
-            if vae.config.patch_size is not None:
-                out = unpatchify(out, patch_size=vae.config.patch_size)
-            yield out.clamp_(-1.0, 1.0)
-    finally:
-        vae.clear_cache()
+    yield from iter_decoded(vae, z, options=options or DECODE_OPTIONS)
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -326,7 +320,7 @@ def decode_uint8(vae: AutoencoderKLWan, latents: torch.Tensor, *, tiled: bool = 
 
 @torch.no_grad()
 def iter_uint8_chunks(vae: AutoencoderKLWan, latents: torch.Tensor) -> Iterator[np.ndarray]:
-    """The untiled decode as uint8 [f, H, W, 3] CPU chunks, one per latent frame, in order.
+    """The untiled decode as uint8 [f, H, W, 3] CPU chunks, one per decoder pass, in order.
 
     Each chunk is converted on the VAE's device as soon as it is decoded, so the float video is never held
     whole. On CUDA the copy to (pinned) host memory is asynchronous and a chunk is handed out only once the
