@@ -246,39 +246,32 @@ def resolve_media(settings: Settings, stored: str, root_setting: str) -> Path | 
     return None
 
 
-async def job_video(request: web.Request) -> web.StreamResponse:
+async def _serve_job_file(request: web.Request, *, video: bool) -> web.StreamResponse:
+    """A job's output video or input image, found by job id only (never a user-supplied path)."""
     c = console_of(request)
     job_id = job_id_of(request)
-    output, _ = await queries.media_paths(c.db, job_id)
-    path = resolve_media(c.settings, output, c.settings.app.outputs_dir) if output else None
+    output, stored = await queries.media_paths(c.db, job_id)
+    name, folder = (output, c.settings.app.outputs_dir) if video else (stored, c.settings.app.inputs_dir)
+    path = resolve_media(c.settings, name, folder) if name else None
     if path is None:
-        raise web.HTTPNotFound(text="No video for this job.")
+        raise web.HTTPNotFound(text="No video for this job." if video else "No input image for this job.")
     # FileResponse answers Range requests, which <video> needs to seek and to read the duration.
     return web.FileResponse(
         path,
         headers={
-            "Content-Type": "video/mp4",
-            "Content-Disposition": f'inline; filename="turbobot-job-{job_id}.mp4"',
+            "Content-Type": "video/mp4" if video else "image/png",
+            "Content-Disposition": f'inline; filename="turbobot-job-{job_id}{".mp4" if video else "-input.png"}"',
             "Cache-Control": "private, max-age=3600",
         },
     )
+
+
+async def job_video(request: web.Request) -> web.StreamResponse:
+    return await _serve_job_file(request, video=True)
 
 
 async def job_input(request: web.Request) -> web.StreamResponse:
-    c = console_of(request)
-    job_id = job_id_of(request)
-    _, stored = await queries.media_paths(c.db, job_id)
-    path = resolve_media(c.settings, stored, c.settings.app.inputs_dir) if stored else None
-    if path is None:
-        raise web.HTTPNotFound(text="No input image for this job.")
-    return web.FileResponse(
-        path,
-        headers={
-            "Content-Type": "image/png",
-            "Content-Disposition": f'inline; filename="turbobot-job-{job_id}-input.png"',
-            "Cache-Control": "private, max-age=3600",
-        },
-    )
+    return await _serve_job_file(request, video=False)
 
 
 def add_routes(app: web.Application) -> None:
