@@ -1,7 +1,7 @@
 """Whole-job engine benchmark on one GPU (issue 3 item 8): random weights at the real sizes, bf16, 81 frames.
 
 Run on a CUDA machine:  PYTHONPATH=. python bench/engine.py [--out DIR] [--skip-14b] [--no-dense] [--no-stock]
-                        [--compile] [--max-chunks 3,10,20]
+                        [--compile] [--max-chunks 3,10,20] [--precision bf16|fp8]
 For each case it builds umT5-XXL, the Wan DiT and the Wan2.1 VAE with random weights directly on the GPU,
 hands them to a ``TurboEngine`` (``adopt``) and renders through the normal ``render`` path, timing every
 stage (text encode, each DiT step, VAE decode, mp4 encode, whole job: prompt to mp4 bytes) and the peak GPU
@@ -12,6 +12,7 @@ and the stock ``AutoencoderKLWan.decode`` against the engine's decode on the sam
 does) and renders again; ``--max-chunks`` renders once more per value of the VAE decode's latent frames per pass
 (``vae.DECODE_OPTIONS.max_chunk``; the default is used everywhere else). ``--no-dense`` / ``--no-stock`` skip
 the dense-attention job and the stock transformer / stock VAE comparisons.
+``--precision fp8`` builds the DiTs with fp8 block linears (``generator.engine.fp8``).
 Random weights give honest timings, never quality. Prints a table last, writes DIR/engine.json.
 """
 
@@ -150,12 +151,13 @@ def main() -> int:
     ap.add_argument("--no-stock", action="store_true", help="skip the stock transformer and stock VAE timings")
     ap.add_argument("--compile", action="store_true", help="then regionally compile the DiT blocks, render again")
     ap.add_argument("--max-chunks", default="", help="comma list: one more job per VAE decode chunk cap")
+    ap.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(DEV)
     results: dict[str, Any] = {"card": props.name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
-                               "cases": {}}
+                               "precision": args.precision, "cases": {}}
     print(f"card {props.name}, torch {torch.__version__}", flush=True)
 
     settings = Settings(
@@ -171,7 +173,8 @@ def main() -> int:
     vae = random_vae()
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    dit = build_transformer(wan_config("wan2.1-t2v-1.3b"), attention="sla", device=DEV, dtype=BF16)
+    dit = build_transformer(wan_config("wan2.1-t2v-1.3b"), attention="sla", device=DEV, dtype=BF16,
+                            precision=args.precision)
     engine.adopt("b13", experts=[dit], text_encoder=text, tokenizer=tok, vae=vae)
     print(f"built 1.3B stack in {time.perf_counter() - t0:.1f}s, {gib(torch.cuda.memory_allocated())} GiB", flush=True)
 
@@ -226,7 +229,10 @@ def main() -> int:
         torch.cuda.empty_cache()
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        dit14 = build_transformer(wan_config("wan2.1-t2v-14b"), attention="sla", device=DEV, dtype=BF16)
+        dit14 = build_transformer(wan_config("wan2.1-t2v-14b"), attention="sla", device=DEV, dtype=BF16,
+                                  precision=args.precision)
+        if args.compile:
+            dit14.compile_repeated_blocks(fullgraph=False)
         engine.adopt("b14", experts=[dit14], text_encoder=text, tokenizer=tok, vae=vae)
         print(f"built 14B in {time.perf_counter() - t0:.1f}s, {gib(torch.cuda.memory_allocated())} GiB", flush=True)
         case14: dict[str, Any] = {}
@@ -240,6 +246,7 @@ def main() -> int:
         results["cases"]["14B 720p"] = case14
         (out / "engine.json").write_text(json.dumps(results, indent=2))
 
+    print(f"\nprecision {args.precision}")
     print("\n| case | job | attention | text | steps (s) | decode | encode | job total | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cname, c in results["cases"].items():

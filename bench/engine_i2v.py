@@ -1,11 +1,16 @@
 """Wan2.2-I2V-A14B 720p whole job on one GPU (issue 3 item 8, the I2V path): random weights at the real sizes.
 
 Run on a CUDA machine:  PYTHONPATH=. python bench/engine_i2v.py [--out DIR] [--offload auto|yes|no]
+                        [--precision bf16|fp8] [--mem-cap-gib 80] [--compile]
 Builds umT5-XXL, both A14B experts (36 input channels) and the Wan2.1 VAE with random bf16 weights, hands them to
 a ``TurboEngine`` and renders a 1280x720, 81-frame I2V job from a generated image through the normal ``render``
 path (image latent, mask, expert switch at t < 0.9), timing every stage and the peak GPU memory. With offload
 (default "auto": when the card has under 100 GiB) the experts and the text encoder live on the CPU and only the
-running expert is on the GPU, which is how the two experts fit an 80 GB card. Prints a table, writes DIR/engine_i2v.json.
+running expert is on the GPU, which is how the two experts fit an 80 GB card. ``--precision fp8`` builds the
+experts with fp8 block linears (~14 GiB each); ``--mem-cap-gib`` caps this process's GPU memory
+(``torch.cuda.set_per_process_memory_fraction``) to play an 80 GB card on a larger one, and offload "auto"
+then decides from the cap. ``--compile`` regionally compiles both experts (warm-up job first).
+Prints a table, writes DIR/engine_i2v.json.
 """
 
 from __future__ import annotations
@@ -40,13 +45,24 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--offload", choices=("auto", "yes", "no"), default="auto")
+    ap.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
+    ap.add_argument("--mem-cap-gib", type=float, default=0.0)
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(DEV)
-    offload = args.offload == "yes" or (args.offload == "auto" and props.total_memory < 100 * 2**30)
+    usable = props.total_memory
+    if args.mem_cap_gib:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * 2**30 / props.total_memory), 0)
+        usable = min(usable, int(args.mem_cap_gib * 2**30))
+    # Resident weights: two experts + umT5-XXL (~11 GiB) + VAE, plus ~25 GiB of activations at 720p.
+    expert_gib = 14 if args.precision == "fp8" else 28
+    need = (2 * expert_gib + 11 + 25) * 2**30
+    offload = args.offload == "yes" or (args.offload == "auto" and usable < need)
     results: dict[str, Any] = {"card": props.name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
-                               "offload": offload}
+                               "offload": offload, "precision": args.precision, "mem_cap_gib": args.mem_cap_gib,
+                               "compile": args.compile}
     print(f"card {props.name}, {gib(props.total_memory)} GiB, offload={offload}", flush=True)
 
     settings = Settings(engine=EngineSettings(device="cuda", offload="model" if offload else "none"),
@@ -60,7 +76,10 @@ def main() -> int:
     experts = []
     for seed in (0, 1):  # high-noise, then low-noise expert
         torch.manual_seed(seed)
-        m = build_transformer(wan_config("wan2.2-i2v-a14b"), attention="sla", device=DEV, dtype=BF16)
+        m = build_transformer(wan_config("wan2.2-i2v-a14b"), attention="sla", device=DEV, dtype=BF16,
+                              precision=args.precision)
+        if args.compile:
+            m.compile_repeated_blocks(fullgraph=False)
         experts.append(m.to("cpu") if offload else m)
         torch.cuda.empty_cache()
     bundle = engine.adopt("a14b", experts=experts, text_encoder=text, tokenizer=tiny_tokenizer(), vae=vae, mode="i2v")
@@ -83,16 +102,17 @@ def main() -> int:
                 "timings": {k: round(v, 4) for k, v in res.timings.items()}, "bytes": res.bytes,
                 "peak_gib": gib(torch.cuda.max_memory_allocated()), "attention": engine.last_attention}
 
-    results["warmup"] = render(1, 1)  # Triton compile and tuning at this shape
+    # Triton compile and tuning at this shape (4 steps when compiling, so both experts meet the compiler)
+    results["warmup"] = render(4 if args.compile else 1, 1)
     print("warm-up", results["warmup"], flush=True)
     results["job"] = render(4, 2)
     print("job", results["job"], flush=True)
     (out / "engine_i2v.json").write_text(json.dumps(results, indent=2))
     t = results["job"]["timings"]
     steps = " / ".join(f"{t.get(f'step_{i}', float('nan')):.3f}" for i in range(1, 5))
-    print("\n| case | offload | text | image latent | steps (s) | decode | encode | job total | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| A14B I2V 720p | {offload} | {t.get('text', 0):.3f} | {t.get('image', t.get('condition', 0)):.3f} | "
+    print("\n| case | precision | offload | text | image latent | steps (s) | decode | encode | job total | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| A14B I2V 720p | {args.precision}{' compiled' if args.compile else ''} | {offload} | {t.get('text', 0):.3f} | {t.get('image', t.get('condition', 0)):.3f} | "
           f"{steps} | {t.get('decode', 0):.3f} | {t.get('encode', 0):.3f} | {t['total']:.3f} | "
           f"{results['job']['peak_gib']} |")
     print("all timings:", json.dumps(t))

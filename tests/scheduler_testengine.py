@@ -10,6 +10,7 @@ Behaviour is chosen by words in the prompt:
   hold     after the first step, wait until ``cancelled()`` says yes (or 60 s), checking every 5 ms
   stall    stop calling back for ``$TURBOBOT_TEST_STALL_SECONDS`` (the watchdog test)
 ``$TURBOBOT_TEST_STEP_SECONDS`` is the sleep per sampler step (default 0.01).
+``$TURBOBOT_TEST_WARMUP_FILE``: ``warm_up`` waits (up to 60 s) until that file exists.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class FastEngine:
 
     def load(self) -> None:
         self.base = Path(os.environ[MP4_ENV]).read_bytes()
+
+    def warm_up(self) -> None:
+        gate = os.environ.get("TURBOBOT_TEST_WARMUP_FILE")
+        deadline = time.monotonic() + 60
+        while gate and not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def render(
         self, job: RenderJob, *, progress: Callable[[Progress], None], cancelled: Callable[[], bool]

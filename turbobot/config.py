@@ -53,6 +53,7 @@ class ModelSettings:
     text_encoder: str = ""  # models_t5_umt5-xxl-enc-bf16.pth or a transformers UMT5EncoderModel folder
     tokenizer: str = ""  # local google/umt5-xxl tokenizer folder
     quantized: str = "auto"  # auto (detect from file), yes, no
+    precision: str = "auto"  # DiT linears: auto (fp8 on cards with fp8 tensor cores, else bf16), bf16, fp8
     label: str = ""  # shown to users; defaults to the model name
 
 
@@ -62,7 +63,8 @@ class EngineSettings:
     attention: str = "auto"  # auto = our Triton SLA kernels on CUDA, the torch SLA reference elsewhere
     offload: str = "auto"  # auto, none, model (move idle models to CPU)
     prompt_cache_size: int = 64
-    compile: bool = False  # regional torch.compile of the transformer blocks (CUDA only)
+    compile: bool = True  # regional torch.compile of the transformer blocks, warmed up at worker start (CUDA only)
+    compile_cache_dir: str = "data/compile_cache"  # compiled kernels on disk, so a restarted worker is ready fast
     t2v_model: str = ""  # default T2V model name; empty = first configured (or the embedded tiny one)
     i2v_model: str = ""
 
@@ -252,6 +254,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine.offload": ("auto", "none", "model"),
     "models.*.kind": MODEL_KINDS,
     "models.*.quantized": ("auto", "yes", "no"),
+    "models.*.precision": ("auto", "bf16", "fp8"),
     "defaults.resolution": RESOLUTIONS,
     "defaults.aspect": ASPECTS,
     "defaults.sampler": SAMPLERS,

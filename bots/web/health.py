@@ -18,7 +18,7 @@ from turbobot.config import Settings
 DB_CHECK_TIMEOUT_S = 3.0
 
 
-# A worker serves jobs only in these states ("starting" is still loading its model).
+# A worker serves jobs only in these states ("starting" is still loading its model, "warming_up" compiling it).
 LIVE_STATES = ("idle", "busy")
 
 
@@ -29,6 +29,17 @@ def worker_fresh_seconds(settings: Settings) -> float:
 
 def worker_live(state: str, age_s: float, settings: Settings) -> bool:
     return state in LIVE_STATES and age_s <= worker_fresh_seconds(settings)
+
+
+def _not_live_reason(rows: list[Any], ages: dict[str, float], settings: Settings) -> str:
+    if not rows:
+        return "no worker has started"
+    fresh = [w for w in rows if ages[w.id] <= worker_fresh_seconds(settings)]
+    if any(w.state == "warming_up" for w in fresh):
+        return "warming up: the GPU worker is compiling the model for the configured shapes"
+    if any(w.state == "starting" for w in fresh):
+        return "starting: the GPU worker is loading the model"
+    return "no worker is serving with a recent heartbeat"
 
 
 @dataclass(frozen=True)
@@ -88,7 +99,7 @@ async def readiness(settings: Settings, db: Database) -> Readiness:
             "ok": bool(live),
             "fresh_within_s": limit,
             "workers": {w.id: {"state": w.state, "heartbeat_age_s": round(ages[w.id], 1)} for w in rows},
-            "reason": "" if live else ("no worker has started" if not rows else "no worker is serving with a recent heartbeat"),
+            "reason": "" if live else _not_live_reason(rows, ages, settings),
         }
     db_ok, db_reason = await database_writable(db)
     ready = bool(worker_detail["ok"]) and db_ok

@@ -86,6 +86,10 @@ class Engine(Protocol):
     def load(self) -> None:
         """Load (or build) models now; called once at worker start so the first job is fast."""
 
+    def warm_up(self) -> None:
+        """Compile and tune for the shapes the configuration allows, after ``load`` and before the worker
+        reports ready (a no-op where nothing is compiled, e.g. on the CPU)."""
+
     def render(
         self,
         job: RenderJob,

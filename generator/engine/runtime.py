@@ -8,10 +8,10 @@ The embedded tiny models (no weights configured) take exactly this path.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -67,11 +67,12 @@ def is_oom(exc: BaseException) -> bool:
     )
 
 
-def dit_param_bytes(config: dict[str, Any], bytes_per_param: int = 2) -> int:
-    """Approximate weight bytes of a Wan DiT from its config (attention + FFN dominate)."""
+def dit_param_bytes(config: dict[str, Any], precision: str = "bf16") -> int:
+    """Approximate weight bytes of a Wan DiT from its config: the block linears (attention + FFN, almost all of
+    it) at 1 byte a weight in fp8 or 2 in bf16; per-channel scales and biases are noise at these sizes."""
     d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     per_block = 8 * d * d + 2 * d * int(config["ffn_dim"])
-    return int(config["num_layers"]) * per_block * bytes_per_param
+    return int(config["num_layers"]) * per_block * (1 if precision == "fp8" else 2)
 
 
 def _path_bytes(p: Path) -> int:
@@ -101,6 +102,7 @@ class Bundle:
     dtype: torch.dtype
     offload_text: bool = False  # text encoder lives on the CPU between encodes
     offload_dit: bool = False  # only the running expert is on the GPU; all leave it before the decode
+    precision: str = "bf16"  # of the DiT's block linears: "bf16" or "fp8"
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,7 +130,8 @@ class TurboEngine:
                 "label": self._label(name, ms),
                 "demo": tiny.is_tiny(ms.kind),
                 "loaded": b is not None,
-                **({"offload_text": b.offload_text, "offload_dit": b.offload_dit} if b else {}),
+                **({"offload_text": b.offload_text, "offload_dit": b.offload_dit, "precision": b.precision}
+                   if b else {}),
             }
         out: dict[str, object] = {
             "engine": "turbo",
@@ -202,8 +205,8 @@ class TurboEngine:
             self._evict_real_models(keep=name)
         b = self._build_tiny(name, ms) if tiny.is_tiny(ms.kind) else self._load_real(name, ms)
         self._bundles[name] = b
-        log.info("model %s (%s) ready on %s in %.1fs (offload text=%s dit=%s)", name, ms.kind, self.device,
-                 time.perf_counter() - t0, b.offload_text, b.offload_dit)
+        log.info("model %s (%s) ready on %s in %.1fs (%s, offload text=%s dit=%s)", name, ms.kind, self.device,
+                 time.perf_counter() - t0, b.precision, b.offload_text, b.offload_dit)
         return b
 
     def adopt(self, name: str, *, experts: list[nn.Module], text_encoder: nn.Module, tokenizer: Any,
@@ -219,7 +222,8 @@ class TurboEngine:
         dtype = next(p.dtype for p in experts[0].parameters() if p.dtype != torch.float32) \
             if any(p.dtype != torch.float32 for p in experts[0].parameters()) else torch.float32
         b = Bundle(name=name, kind=ms.kind, mode=mode, label=label or self._label(name, ms), is_demo=is_demo,
-                   experts=experts, text_key=key, vae_key=key, dtype=dtype, info={"transformer": "adopted"})
+                   experts=experts, text_key=key, vae_key=key, dtype=dtype, info={"transformer": "adopted"},
+                   precision=getattr(experts[0], "turbo_precision", "bf16"))
         self._bundles[name] = b
         return b
 
@@ -242,19 +246,30 @@ class TurboEngine:
                       vae_key="tiny", dtype=torch.float32,
                       info={"transformer": "embedded tiny (random weights)"})
 
+    def precision_for(self, name: str, ms: ModelSettings) -> str:
+        """The model's ``precision`` setting resolved for this device; a card that cannot do what was forced is
+        a configuration error naming the card and the setting (raised at load, i.e. worker start)."""
+        from generator.engine.fp8 import resolve_precision
+
+        try:
+            return resolve_precision(ms.precision, self.device)
+        except ValueError as exc:
+            raise EngineError(f"models.{name}: {exc}", code="precision_unsupported") from None
+
     def _load_real(self, name: str, ms: ModelSettings) -> Bundle:
         from generator.engine.transformer import load_transformer
         from generator.engine.wan_configs import wan_config
 
         config = wan_config(ms.kind)
         dtype = self._dtype(ms.kind)
+        precision = self.precision_for(name, ms)
         mode = "i2v" if "i2v" in ms.kind else "t2v"
         paths = [ms.transformer] + ([ms.transformer_low_noise] if ms.kind == "wan2.2-i2v-a14b" else [])
         text_path = self.settings.path(ms.text_encoder)
         tok_path = self.settings.path(ms.tokenizer) if ms.tokenizer else None
         text_key = f"{text_path}|{tok_path}"
         vae_key = str(self.settings.path(ms.vae))
-        offload_text, offload_dit = self._plan_offload(config, len(paths), text_path, text_key)
+        offload_text, offload_dit = self._plan_offload(config, len(paths), text_path, text_key, precision)
         cpu = torch.device("cpu")
         quantized = {"yes": True, "no": False}.get(ms.quantized)
         attention = self.settings.engine.attention
@@ -262,10 +277,9 @@ class TurboEngine:
         for p in paths:
             where = cpu if offload_dit else self.device
             experts.append(load_transformer(self.settings.path(p), config=config, attention=attention, device=where,
-                                            dtype=dtype, quantized=quantized))
-            if self.settings.engine.compile and self.device.type == "cuda":
-                with contextlib.suppress(Exception):  # compile is an optimisation only
-                    experts[-1].compile_repeated_blocks(fullgraph=False)
+                                            dtype=dtype, quantized=quantized, precision=precision))
+            if self.compiling:
+                self._compile(experts[-1])
         if text_key not in self._texts:
             if tok_path is None:
                 raise ModelNotConfigured(f"models.{name}.tokenizer must name a local umT5 tokenizer folder.")
@@ -278,9 +292,10 @@ class TurboEngine:
         info = {"transformer": [str(getattr(m, "turbo_checkpoint", "")) for m in experts]}
         return Bundle(name=name, kind=ms.kind, mode=mode, label=self._label(name, ms), is_demo=False,
                       experts=experts, text_key=text_key, vae_key=vae_key, dtype=dtype,
-                      offload_text=offload_text, offload_dit=offload_dit, info=info)
+                      offload_text=offload_text, offload_dit=offload_dit, info=info, precision=precision)
 
-    def _plan_offload(self, config: dict[str, Any], n_experts: int, text_path: Path, text_key: str) -> tuple[bool, bool]:
+    def _plan_offload(self, config: dict[str, Any], n_experts: int, text_path: Path, text_key: str,
+                      precision: str = "bf16") -> tuple[bool, bool]:
         policy = self.settings.engine.offload
         if self.device.type != "cuda" or policy == "none":
             return False, False
@@ -288,7 +303,7 @@ class TurboEngine:
             return True, True
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = WEIGHT_BUDGET * total
-        dit = dit_param_bytes(config) * n_experts
+        dit = dit_param_bytes(config, precision) * n_experts
         text = 0 if text_key in self._texts else _path_bytes(text_path)
         vae = 256 * 2**20
         if text + dit + vae <= budget:
@@ -296,6 +311,62 @@ class TurboEngine:
         if dit + vae <= budget:
             return True, False
         return True, True
+
+    # --- compile and warm-up ------------------------------------------------------------------------
+    @property
+    def compiling(self) -> bool:
+        return self.settings.engine.compile and self.device.type == "cuda"
+
+    def _compile(self, model: nn.Module) -> None:
+        """Regional compile of the repeated DiT blocks, with the compiler's caches in the configured folder
+        (set before the first compile, so a restarted worker reuses the kernels of the last one)."""
+        cache = self.settings.path(self.settings.engine.compile_cache_dir)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+            os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+        except OSError as exc:  # no cache is slower to start, not wrong
+            log.warning("compile cache %s unusable (%s); compiling without it", cache, exc)
+        try:
+            model.compile_repeated_blocks(fullgraph=False)
+            model.turbo_compiled = True
+        except Exception as exc:  # compile is an optimisation only
+            log.warning("regional compile unavailable (%s); running eager", exc)
+
+    def warm_up_shapes(self) -> list[tuple[int, int, int]]:
+        """Pixel (width, height, frames) of the warm-up passes: the configured default request first (it
+        gets kernels specialised for it), then a second size so the compiler makes the token count
+        dynamic and no other resolution, aspect or frame count recompiles during a job."""
+        from generator.request import ASPECTS, SIZES
+
+        d = self.settings.defaults
+        first = (*SIZES[(d.resolution, d.aspect)], d.frames)
+        other = next(SIZES[("480p", a)] for a in ASPECTS if SIZES[("480p", a)] != first[:2])
+        second = (*other, max(5, d.frames - 16))
+        return [first, second]
+
+    def warm_up(self) -> None:
+        """Run every compiled transformer once per warm-up shape (random inputs), so compile and kernel tuning
+        happen now, before the worker reports ready, and not in a user's first job."""
+        for name, b in self._bundles.items():
+            if b.is_demo or not any(getattr(m, "turbo_compiled", False) for m in b.experts):
+                continue
+            t0 = time.perf_counter()
+            text_dim = int(b.experts[0].config.text_dim)
+            for width, height, frames in self.warm_up_shapes():
+                for i, model in enumerate(b.experts):
+                    cfg = model.config
+                    lat = (1, int(cfg.in_channels), 1 + (frames - 1) // 4, height // 8, width // 8)
+                    x = torch.randn(lat, device=self.device, dtype=b.dtype)
+                    emb = torch.randn(1, 512, text_dim, device=self.device, dtype=b.dtype)
+                    ts = torch.tensor([900.0], device=self.device, dtype=b.dtype)
+                    with torch.no_grad():
+                        self._forward(b, i, x[:, : cfg.out_channels], ts, emb,
+                                      x[:, cfg.out_channels:] if cfg.in_channels > cfg.out_channels else None)
+                    del x, emb
+            torch.cuda.synchronize(self.device)
+            log.info("model %s warmed up in %.1fs", name, time.perf_counter() - t0)
+        self.free_memory()
 
     # --- memory -------------------------------------------------------------------------------------
     def free_memory(self) -> None:

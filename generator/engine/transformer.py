@@ -29,6 +29,7 @@ from torch import nn  # noqa: E402
 
 from generator import attention as attn_ops  # noqa: E402
 from generator.engine import checkpoints as ckpt  # noqa: E402
+from generator.engine import fp8  # noqa: E402
 from generator.engine.api import EngineError  # noqa: E402
 
 ATTENTIONS = ("auto", "sla", "sagesla", "dense")
@@ -191,19 +192,24 @@ def build_transformer(
     sla_topk: float = 0.1,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    precision: str = "bf16",
 ) -> WanTransformer3DModel:
     """A random-init ``WanTransformer3DModel(**config)`` with our self-attention and a proj_l per block.
 
     Parameters are allocated directly on ``device`` in ``dtype`` (fp32 modules kept fp32 under fp16/bf16),
     so real sizes can be built on a GPU without a CPU copy. ``device="meta"`` returns the shape-only skeleton.
-    Seed with ``torch.manual_seed`` (and the CUDA seed) for reproducible weights.
+    Seed with ``torch.manual_seed`` (and the CUDA seed) for reproducible weights. ``precision="fp8"`` then
+    quantizes the block linears (``generator.engine.fp8``), one layer at a time.
     """
     model = _skeleton(config, sla=True)
     device = torch.device(device)
     if device.type != "meta":
         _materialize_random(model, device, dtype)
         _finish(model, device)
+        if precision == "fp8":
+            fp8.convert_to_fp8(model, out_dtype=dtype)
     set_attention(model, attention, sla_topk)
+    model.turbo_precision = precision
     return model
 
 
@@ -221,6 +227,7 @@ def load_transformer(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     quantized: bool | None = None,
+    precision: str = "bf16",
 ) -> WanTransformer3DModel:
     """Load a Wan DiT from a TurboDiffusion ``.pth`` (plain or ``-quant``, int8 tiles dequantized to
     ``dtype``), an original Wan file, or a diffusers folder / safetensors file; strictly, tensor by tensor.
@@ -229,7 +236,13 @@ def load_transformer(
     need a file with SLA proj_l weights; "dense" accepts any (proj_l kept but unused); "auto" picks "sla"
     when the file has proj_l, else "dense". ``quantized`` True/False requires a -quant / plain file (None:
     either). Any mismatch raises ``CheckpointError`` naming what the file is and what was configured.
+
+    ``precision="fp8"``: the block linears are quantized per output channel as each tensor arrives (a -quant
+    file's int8 tiles are dequantized to float32 one tensor at a time, then requantized), so the model is
+    never held in bf16: peak memory is the fp8 model plus one float32 weight.
     """
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"precision must be 'bf16' or 'fp8' here, got {precision!r}")
     _check_attention(attention, sla_topk)
     device = torch.device(device)
     src = ckpt.open_weights(path)
@@ -251,12 +264,27 @@ def load_transformer(
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     ckpt.check_keys(info, ckpt.target_shapes(src.shapes, conv, patch), expected)
     targets = {name: (shape, param_dtype(name, dtype)) for name, shape in expected.items()}
-    tensors = dict(ckpt.iter_tensors(src, conv, targets, device))
+    fp8_weights: set[str] = set()
+    if precision == "fp8":
+        names = fp8.block_linear_names(model)
+        fp8_weights = {f"{n}.weight" for n in names}
+        for w in fp8_weights:  # quantized from float32, whatever the file stores
+            targets[w] = (targets[w][0], torch.float32)
+        fp8.swap_to_empty_fp8(model, names, out_dtype=dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in ckpt.iter_tensors(src, conv, targets, device):
+        if name in fp8_weights:
+            q, scale = fp8.quantize_rows(t)
+            del t
+            tensors[name], tensors[name[: -len("weight")] + "weight_scale"] = q, scale
+        else:
+            tensors[name] = t
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors
     _finish(model, device)
     set_attention(model, attention, sla_topk)
     model.turbo_checkpoint = info  # what was loaded, for the engine's /readyz info
+    model.turbo_precision = precision
     return model
 
 

@@ -247,6 +247,11 @@ class Worker:
         try:
             try:
                 await self.loop.run_in_executor(self.executor, self._build_engine)
+                warm_up = getattr(self.engine, "warm_up", None)
+                if warm_up is not None:
+                    self.state = "warming_up"  # loaded, compiling: /readyz and the admin page say so
+                    await self._save_worker_row()
+                    await self.loop.run_in_executor(self.executor, warm_up)
             except Exception as exc:
                 await self._load_failed(exc)
                 return

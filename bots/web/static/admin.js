@@ -47,7 +47,7 @@ function renderEngine(workers) {
   const table = TB.el("table", { id: "workers-table" },
     TB.el("thead", {}, TB.el("tr", {}, ["Worker", "Device", "State", "Heartbeat", "Restarts", "Engine"].map((h) => TB.el("th", {}, h)))),
     TB.el("tbody", {}, workers.map((w) => TB.el("tr", { class: "worker-row" },
-      TB.el("td", {}, w.id), TB.el("td", {}, w.device), TB.el("td", {}, TB.el("span", { class: `state ${w.fresh ? "succeeded" : "failed"}` }, w.fresh ? w.state : `${w.state} (stale)`)),
+      TB.el("td", {}, w.id), TB.el("td", {}, w.device), TB.el("td", {}, TB.el("span", { class: `state ${w.fresh ? "succeeded" : "failed"}` }, w.fresh ? w.state.replace("_", " ") : `${w.state.replace("_", " ")} (stale)`)),
       TB.el("td", {}, `${w.heartbeat_age_s} s ago`), TB.el("td", {}, String(w.restarts)), TB.el("td", {}, engineInfo(w.info))))));
   box.replaceChildren(table);
 }
