@@ -19,7 +19,7 @@ if _triton_env.interpret_mode():
 
 
 @triton.jit
-def _kth_largest(key, valid, K, BITS: tl.constexpr):
+def _kth_largest(key, valid, K, BITS: tl.constexpr):  # type: ignore[no-untyped-def]
     # Largest t with #{valid & key >= t} >= K, built bit by bit from the top (key: unsigned, BITS wide).
     t = tl.zeros([], dtype=key.dtype)
     for i in range(BITS):
@@ -30,7 +30,7 @@ def _kth_largest(key, valid, K, BITS: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(S, LUT, NK, KB, NK_PAD: tl.constexpr):
+def _select_kernel(S, LUT, NK, KB, NK_PAD: tl.constexpr):  # type: ignore[no-untyped-def]
     # Row-wise top-KB of float64 scores without sorting. The float's bits become an order-preserving
     # uint64 key; the KB-th largest key is found on its high 32 bits, and on the low 32 bits only among
     # high-bit ties (rare). Kept indices are written in ascending order (prefix sums give the slots).

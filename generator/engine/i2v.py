@@ -27,9 +27,8 @@ def adaptive_size(image_w: int, image_h: int, base_w: int, base_h: int, multiple
 def open_image(path: str | Path) -> Image.Image:
     """The input image as RGB (EXIF orientation applied); EngineError when it cannot be read."""
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
+        with Image.open(path) as raw:
+            return ImageOps.exif_transpose(raw).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise EngineError("The input image could not be read.", code="bad_image") from e
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from generator.engine.offline import ensure_offline
 
@@ -41,6 +41,9 @@ from generator.engine.api import (  # noqa: E402
 from generator.engine.text import TextEncoder, load_text_encoder, load_tokenizer  # noqa: E402
 from generator.request import GenerationRequest  # noqa: E402
 from turbobot.config import ModelSettings, Settings  # noqa: E402
+
+if TYPE_CHECKING:  # diffusers' classes are Any to the type checker (see pyproject's mypy overrides)
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 log = logging.getLogger("turbobot.engine")
 
@@ -96,7 +99,7 @@ class Bundle:
     mode: str
     label: str
     is_demo: bool
-    experts: list[nn.Module]
+    experts: list[WanTransformer3DModel]
     text_key: str
     vae_key: str
     dtype: torch.dtype
@@ -114,7 +117,7 @@ class TurboEngine:
         self.models: dict[str, ModelSettings] = settings.effective_models
         self.device = torch.device(device) if device is not None else resolve_device(settings.engine.device)
         self._texts: dict[str, TextEncoder] = {}
-        self._vaes: dict[str, nn.Module] = {}
+        self._vaes: dict[str, AutoencoderKLWan] = {}
         self._bundles: dict[str, Bundle] = {}
         self._lock = threading.RLock()
         self.last_attention: str | None = None
@@ -209,8 +212,8 @@ class TurboEngine:
                  time.perf_counter() - t0, b.precision, b.offload_text, b.offload_dit)
         return b
 
-    def adopt(self, name: str, *, experts: list[nn.Module], text_encoder: nn.Module, tokenizer: Any,
-              vae: nn.Module, mode: str = "t2v", label: str = "", is_demo: bool = False) -> Bundle:
+    def adopt(self, name: str, *, experts: list[WanTransformer3DModel], text_encoder: nn.Module, tokenizer: Any,
+              vae: AutoencoderKLWan, mode: str = "t2v", label: str = "", is_demo: bool = False) -> Bundle:
         """Register components built elsewhere (benchmarks with random weights at real sizes) under ``name``,
         which must be a configured model; they then render through the normal path."""
         ms = self.models.get(name)
@@ -317,7 +320,7 @@ class TurboEngine:
     def compiling(self) -> bool:
         return self.settings.engine.compile and self.device.type == "cuda"
 
-    def _compile(self, model: nn.Module) -> None:
+    def _compile(self, model: WanTransformer3DModel) -> None:
         """Regional compile of the repeated DiT blocks, with the compiler's caches in the configured folder
         (set before the first compile, so a restarted worker reuses the kernels of the last one)."""
         cache = self.settings.path(self.settings.engine.compile_cache_dir)
@@ -463,12 +466,13 @@ class TurboEngine:
         self.last_attention = "/".join(sorted(modes))  # what "auto" became
         t_steps = rcm.rf_times(steps, req.effective_sigma_max)
         plan = rcm.expert_schedule(t_steps, req.boundary, len(b.experts))
-        cond = {"emb": emb.to(device=self.device, dtype=b.dtype),
-                "y": y.to(device=self.device, dtype=b.dtype) if y is not None else None}
+        cond = {"emb": emb.to(device=self.device, dtype=b.dtype)}  # cleared after sampling: frees them early
+        if y is not None:
+            cond["y"] = y.to(device=self.device, dtype=b.dtype)
         generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
 
         def model_fn(x: torch.Tensor, timestep: torch.Tensor, expert: int) -> torch.Tensor:
-            return self._forward(b, expert, x, timestep, cond["emb"], cond["y"])
+            return self._forward(b, expert, x, timestep, cond["emb"], cond.get("y"))
 
         def after_step(ev: rcm.StepEvent) -> None:
             timings[f"step_{ev.index + 1}"] = ev.seconds
@@ -535,7 +539,7 @@ class TurboEngine:
 
         return self._with_oom_retry(run, relieve)
 
-    def _image_condition(self, vae: nn.Module, image: Any, width: int, height: int, frames: int, t_fac: int,
+    def _image_condition(self, vae: AutoencoderKLWan, image: Any, width: int, height: int, frames: int, t_fac: int,
                          shape: tuple[int, ...]) -> torch.Tensor:
         video = i2v.conditioning_video(i2v.image_tensor(image, width, height), frames)
         tiled = {"on": False}
@@ -572,7 +576,7 @@ class TurboEngine:
 
         return self._with_oom_retry(run, lambda: self._offload_idle(b, keep=expert))
 
-    def _decode_to_mp4(self, vae: nn.Module, latents: torch.Tensor, b: Bundle, path: Path,
+    def _decode_to_mp4(self, vae: AutoencoderKLWan, latents: torch.Tensor, b: Bundle, path: Path,
                        timings: dict[str, float], on_encode: Callable[[], None]) -> tuple[Path, int, tuple[int, int]]:
         """Decode once and write the mp4. First streamed (each latent frame's pixels go to ffmpeg as they are
         decoded); after an out-of-memory error the transformers leave the GPU and a tiled decode is encoded

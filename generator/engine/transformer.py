@@ -300,13 +300,13 @@ def _check_attention(attention: str, sla_topk: float) -> None:
         raise ValueError(f"sla_topk must be in (0, 1], got {sla_topk}")
 
 
-def has_sla_weights(model: nn.Module) -> bool:
+def has_sla_weights(model: WanTransformer3DModel) -> bool:
     """True when every block's self-attention has its SLA proj_l."""
     blocks = getattr(model, "blocks", [])
     return len(blocks) > 0 and all(getattr(b.attn1, ckpt.PROJ_L, None) is not None for b in blocks)
 
 
-def set_attention(model: nn.Module, attention: str, sla_topk: float = 0.1) -> str:
+def set_attention(model: WanTransformer3DModel, attention: str, sla_topk: float = 0.1) -> str:
     """Install our self-attention processor on every block's attn1; returns the mode in use.
 
     "auto" resolves to "sla" when the model has proj_l weights, else "dense". Asking for "sla"/"sagesla"

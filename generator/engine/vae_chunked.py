@@ -98,7 +98,7 @@ def channels_last(module: nn.Module, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     for m in module.modules():
         if isinstance(m, nn.Conv3d | nn.Conv2d):
             fmt = torch.channels_last_3d if isinstance(m, nn.Conv3d) else torch.channels_last
