@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from bots.web.security import json_error
 
@@ -51,7 +51,7 @@ def _is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionResetError, asyncio.IncompleteReadError))
 
 
-def make_error_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_error_middleware() -> Middleware:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ class GuardedProtocol(asyncio.Protocol):
         self._timer = None
         if self.busy or self.head_since is None or self.transport is None or self.transport.is_closing():
             return
+        if getattr(self.inner, "_request_in_progress", False):
+            # The previous response (e.g. a long video download) is still being sent after its handler
+            # returned; bytes of a next, pipelined request wait for it. Give them a fresh window after it.
+            self._start_head()
+            return
         peer = self.transport.get_extra_info("peername")
         log.info("web: closing a connection from %s: no complete request headers within %.1f s",
                  peer[0] if isinstance(peer, tuple) else "?", self.header_timeout)
@@ -115,7 +120,7 @@ class GuardRegistry:
 REGISTRY = web.AppKey("turbobot_guard_registry", GuardRegistry)
 
 
-def make_guard_middleware(registry: GuardRegistry) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_guard_middleware(registry: GuardRegistry) -> Middleware:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         conn = registry.get(request.transport)
