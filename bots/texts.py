@@ -11,7 +11,8 @@ import html
 from collections.abc import Sequence
 
 from generator.request import ASPECTS, RESOLUTIONS
-from generator.scheduler.api import JobView, QuotaView, Refusal
+from generator.scheduler.api import JobView, QuotaView, Refusal, RefusalCode
+from generator.scheduler.disk import STORAGE_MESSAGE
 
 DEMO_NOTE = "Made by the untrained demo model (random weights): expect noise, not a real video."
 
@@ -204,9 +205,32 @@ def help_text(flavor: str = "plain") -> str:
     )
 
 
+# The wording for each refusal code when the refusal carries no message of its own (every code has one).
+REFUSAL_TEXTS: dict[RefusalCode, str] = {
+    RefusalCode.INVALID: "That request is not valid.",
+    RefusalCode.BLOCKED: "Sorry, you are not allowed to make videos with this bot.",
+    RefusalCode.BLOCKED_WORDS: "That prompt contains words this bot does not accept.",
+    RefusalCode.MODEL_NOT_CONFIGURED: "That model is not configured on this server.",
+    RefusalCode.FORBIDDEN: "You are not allowed to do that.",
+    RefusalCode.NOT_FOUND: "That job does not exist (any more).",
+    RefusalCode.NOT_CANCELLABLE: "That job has already finished.",
+    RefusalCode.NOT_FINISHED: "That job is still queued or running; cancel it first.",
+    RefusalCode.QUOTA_DAILY: "You have used today's videos.",
+    RefusalCode.QUOTA_GPU: "You have used today's GPU time.",
+    RefusalCode.QUEUED_CAP: "You already have the most videos waiting that you may; wait for one to start.",
+    RefusalCode.RUNNING_CAP: "You already have the most videos rendering that you may.",
+    RefusalCode.CHAT_RATE: "This chat is making videos too fast; slow down a little.",
+    RefusalCode.QUEUE_FULL: "The queue is full right now; please try again in a few minutes.",
+    RefusalCode.ENGINE_UNAVAILABLE: "The video engine is not available right now; please try again later.",
+    RefusalCode.STORAGE_UNAVAILABLE: STORAGE_MESSAGE,
+    RefusalCode.INTERNAL: "Something went wrong on our side; please try again.",
+}
+
+
 def refusal_text(refusal: Refusal, flavor: str = "plain") -> str:
-    """The refusal's message, plus when to try again (a live countdown on Discord). Not escaped."""
-    text = refusal.message
+    """The refusal's message (or its code's default wording), plus when to try again (a live countdown on
+    Discord). Not escaped."""
+    text = refusal.message or REFUSAL_TEXTS[refusal.code]
     if refusal.retry_at is not None:
         now = dt.datetime.now(dt.UTC)
         text += f" Try again {_when(refusal.retry_at, 'discord' if flavor == 'discord' else 'plain', now)}."

@@ -105,13 +105,14 @@ def console_settings(tmp: Path, **sections: dict[str, Any]) -> Settings:
 
 @contextlib.asynccontextmanager
 async def console(
-    tmp: Path, *, workers: bool = False, worker_env: dict[str, str] | None = None, **sections: dict[str, Any]
+    tmp: Path, *, workers: bool = False, worker_env: dict[str, str] | None = None, engine_factory: str = ENGINE_SPEC,
+    **sections: dict[str, Any],
 ) -> AsyncIterator[Console]:
     """The real Scheduler (with worker processes running the fast test engine when ``workers``) and the
     console served on a free 127.0.0.1 port."""
     settings = console_settings(tmp, **sections)
     db = await make_db(settings)
-    scheduler = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env=worker_env)
+    scheduler = Scheduler(settings, db=db, engine_factory=engine_factory, worker_env=worker_env)
     await scheduler.start(run_workers=workers)
     app = create_web_app(settings, scheduler, db)
     client = TestClient(TestServer(app, host="127.0.0.1"))

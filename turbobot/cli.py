@@ -202,11 +202,11 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         await scheduler.start(run_workers=True)
-        image_ref = None
-        if args.image:
-            image_ref = await scheduler.save_input(requester, validated.png_bytes, validated.width, validated.height)
-        request = build_request(settings, mode, prompt, image=image_ref, options=_request_options(args))
         try:
+            image_ref = None
+            if args.image:  # may be refused (storage_unavailable) like the submit below
+                image_ref = await scheduler.save_input(requester, validated.png_bytes, validated.width, validated.height)
+            request = build_request(settings, mode, prompt, image=image_ref, options=_request_options(args))
             result = await scheduler.submit(request, requester, DeliveryTarget(platform="cli"), f"cli:{uuid.uuid4()}")
             job_id = result.job.id
             printer.show(f"job #{job_id}: submitted, seed {result.job.seed}")

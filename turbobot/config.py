@@ -30,6 +30,9 @@ class AppSettings:
     data_dir: str = "data"  # database, inputs and outputs live under here unless set otherwise
     outputs_dir: str = "data/outputs"
     inputs_dir: str = "data/inputs"
+    # Below this much free disk space at outputs_dir / inputs_dir, new jobs and uploads are refused, workers
+    # stop claiming (queued jobs wait) and /readyz says not ready.
+    min_free_bytes: int = 256 * 1024 * 1024
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json"
 
@@ -162,6 +165,10 @@ class WebSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token_env: str = "TURBOBOT_ADMIN_TOKEN"
+    # Slow or stuck clients are cut so they cannot hold connections open forever:
+    header_timeout_seconds: float = 10.0  # to send a request's headers, from connecting or from its first byte
+    body_timeout_seconds: float = 30.0  # the longest pause while a form, upload or JSON body is arriving
+    keepalive_timeout_seconds: float = 15.0  # an idle kept-alive connection is closed after this
 
 
 @dataclass(frozen=True)
@@ -375,10 +382,15 @@ def _validate(settings: Settings) -> None:
     for key in ("max_running_per_user", "max_queued_per_user", "global_queue_cap"):
         if getattr(q, key) < 1:
             raise ConfigError(f"quotas.{key} must be at least 1 (got {getattr(q, key)}).")
+    if settings.app.min_free_bytes < 0:
+        raise ConfigError(f"app.min_free_bytes must be 0 or more (got {settings.app.min_free_bytes}).")
     if settings.scheduler.max_attempts < 1:
         raise ConfigError("scheduler.max_attempts must be at least 1.")
     if not settings.scheduler.worker_devices:
         raise ConfigError("scheduler.worker_devices must list at least one device (e.g. [\"auto\"]).")
+    for key in ("header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
+        if getattr(settings.web, key) <= 0:
+            raise ConfigError(f"web.{key} must be more than 0 (got {getattr(settings.web, key)}).")
     if not 0 < settings.web.port < 65536:
         raise ConfigError(f"web.port must be from 1 to 65535 (got {settings.web.port}).")
 

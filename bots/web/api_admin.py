@@ -15,7 +15,7 @@ from bots.web import queries
 from bots.web.api_jobs import json_body
 from bots.web.context import console_of
 from bots.web.forms import coerce_number
-from bots.web.health import worker_live
+from bots.web.health import storage_status, worker_live
 from bots.web.security import json_error
 from bots.web.serialize import iso, job_json
 from generator.scheduler.api import JobView, Refusal
@@ -56,6 +56,7 @@ async def overview(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "workers": [_worker_json(w, now, c.settings) for w in await queries.workers(c.db)],
+            "storage": await storage_status(c.settings),
             "queue": [job_json(j) for j in active],
             "counts": await queries.state_counts(c.db),
             "step_history": [

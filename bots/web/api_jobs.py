@@ -13,6 +13,7 @@ from aiohttp import web
 from bots.commands import build_request, parse_remix, submit_text
 from bots.web import queries
 from bots.web.context import console_of
+from bots.web.errors import body_deadline
 from bots.web.events import stream_job
 from bots.web.forms import FormRejected, coerce_options, read_job_form
 from bots.web.security import json_error
@@ -27,7 +28,8 @@ from generator.request import (
     SIZES,
     RequestError,
 )
-from generator.scheduler.api import Refusal
+from generator.scheduler.api import Refusal, RefusalCode
+from generator.scheduler.disk import STORAGE_MESSAGE
 from storage.models import JOB_STATES
 from turbobot.config import Settings
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _CLIENT_KEY = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _PLACEHOLDER_IMAGE = "0" * 64  # lets us validate an i2v request before the upload is stored
+MAX_JOB_ID = 2**63 - 1  # ids are signed 64-bit in the database; a larger number names no job
 
 
 def _idempotency_key(raw: Any) -> str:
@@ -43,18 +46,27 @@ def _idempotency_key(raw: Any) -> str:
     return f"web:{text}" if _CLIENT_KEY.match(text) else f"web:{secrets.token_hex(16)}"
 
 
+def parse_job_id(text: str) -> int | None:
+    """A job id from text, or None when it is not one (malformed, or beyond what the database can hold)."""
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
+        return None
+    value = int(text)
+    return value if 0 < value <= MAX_JOB_ID else None
+
+
 def job_id_of(request: web.Request) -> int:
-    try:
-        return int(request.match_info["job_id"])
-    except (KeyError, ValueError):
-        raise web.HTTPNotFound() from None
+    job_id = parse_job_id(request.match_info.get("job_id", ""))
+    if job_id is None:
+        raise web.HTTPNotFound(text="There is no such job.")
+    return job_id
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(text="Send JSON.")
     try:
-        data = await request.json()
+        async with body_deadline(console_of(request).settings.web.body_timeout_seconds):
+            data = await request.json()
     except ValueError:
         raise web.HTTPBadRequest(text="The body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -104,8 +116,11 @@ async def get_options(request: web.Request) -> web.Response:
 
 async def submit_job(request: web.Request) -> web.Response:
     c = console_of(request)
+    # Refuse before reading an upload that could not be stored anyway.
+    if await c.scheduler.storage_problem():
+        return c.refusal_response(Refusal(RefusalCode.STORAGE_UNAVAILABLE, STORAGE_MESSAGE))
     try:
-        form = await read_job_form(request, c.settings.limits)
+        form = await read_job_form(request, c.settings.limits, body_timeout=c.settings.web.body_timeout_seconds)
     except FormRejected as exc:
         c.metrics.web_refusals[exc.code] += 1
         return json_error(exc.status, exc.code, exc.message)
@@ -145,9 +160,11 @@ async def list_jobs(request: web.Request) -> web.Response:
         return json_error(400, "invalid", f"mode must be one of {', '.join(MODES)}.")
     try:
         limit = max(1, min(int(q.get("limit", "30")), queries.MAX_PAGE))
-        before = int(q["before"]) if q.get("before") else None
     except ValueError:
         return json_error(400, "invalid", "limit and before must be whole numbers.")
+    before = parse_job_id(q["before"]) if q.get("before") else None
+    if q.get("before") and before is None:
+        return json_error(400, "invalid", "before must be a job id.")
     filters = queries.JobFilters(
         user=q.get("user", ""), state=state, mode=mode, platform=q.get("platform", ""), query=q.get("q", "")
     )

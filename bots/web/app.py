@@ -18,7 +18,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from bots.web import api_admin, api_jobs
 from bots.web.context import CONSOLE, Console, console_of
+from bots.web.errors import make_error_middleware
 from bots.web.events import EventHub
+from bots.web.guard import REGISTRY, GuardRegistry, make_guard_middleware
 from bots.web.health import readiness, worker_fresh_seconds
 from bots.web.metrics import ConsoleMetrics
 from bots.web.security import (
@@ -31,7 +33,7 @@ from bots.web.security import (
 )
 from generator.scheduler.api import SchedulerAPI
 from storage.db import Database
-from turbobot.config import Settings
+from turbobot.config import Settings, WebSettings
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +117,12 @@ def create_web_app(settings: Settings, scheduler: SchedulerAPI, db: Database) ->
         metrics=ConsoleMetrics(db, scheduler, worker_fresh_seconds(settings)),
         poll_seconds=max(0.2, min(settings.scheduler.progress_interval_seconds, 2.0)),
     )
-    app = web.Application(middlewares=[make_security_middleware(auth)])
+    guards = GuardRegistry()
+    app = web.Application(
+        middlewares=[make_guard_middleware(guards), make_security_middleware(auth), make_error_middleware()]
+    )
     app[CONSOLE] = console
+    app[REGISTRY] = guards
     app.on_response_prepare.append(add_security_headers)
 
     async def on_startup(app: web.Application) -> None:
@@ -148,11 +154,35 @@ def create_web_app(settings: Settings, scheduler: SchedulerAPI, db: Database) ->
     return app
 
 
-async def start_web(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+class GuardedSite(web.TCPSite):
+    """A TCP site whose connections must send each request's headers in time (``bots.web.guard``)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, header_timeout: float) -> None:
+        super().__init__(runner, host, port)
+        self._header_timeout = header_timeout
+        self._registry = runner.app[REGISTRY]
+
+    async def start(self) -> None:
+        server = self._runner.server
+        assert server is not None
+        # BaseSite.start registers the site; the listening socket is ours to create.
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._registry.wrap(server, self._header_timeout), self._host, self._port, reuse_address=self._reuse_address,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
+async def start_web(
+    app: web.Application, host: str, port: int, web_settings: WebSettings | None = None
+) -> tuple[web.AppRunner, str]:
     """Serve ``app`` on host:port (0 = any free port); returns the runner and the base URL."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    ws = web_settings or WebSettings()
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, keepalive_timeout=ws.keepalive_timeout_seconds)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = GuardedSite(runner, host, port, header_timeout=ws.header_timeout_seconds)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     shown = f"[{host}]" if ":" in host else host
@@ -162,7 +192,7 @@ async def start_web(app: web.Application, host: str, port: int) -> tuple[web.App
 async def run_web(settings: Settings, scheduler: SchedulerAPI, db: Database, stop: asyncio.Event) -> None:
     """Serve the console until ``stop`` is set. Raises ``WebConfigError`` (clear message) on unsafe settings."""
     app = create_web_app(settings, scheduler, db)
-    runner, url = await start_web(app, settings.web.host, settings.web.port)
+    runner, url = await start_web(app, settings.web.host, settings.web.port, settings.web)
     log.info("web console listening on %s", url)
     try:
         await stop.wait()

@@ -20,23 +20,6 @@ from turbobot.config import Settings
 OPERATOR = Requester("web", "operator", "Console operator")
 WEB_TARGET = DeliveryTarget(platform="web", chat_id="console")
 
-REFUSAL_STATUS = {
-    "invalid": 400,
-    "blocked_words": 400,
-    "model_not_configured": 400,
-    "blocked": 403,
-    "forbidden": 403,
-    "not_found": 404,
-    "not_cancellable": 409,
-    "not_finished": 409,
-    "quota_daily": 429,
-    "quota_gpu": 429,
-    "queued_cap": 429,
-    "running_cap": 429,
-    "chat_rate": 429,
-    "queue_full": 503,
-}
-
 
 @dataclass
 class Console:
@@ -51,7 +34,7 @@ class Console:
     target: DeliveryTarget = WEB_TARGET
 
     def refusal_response(self, refusal: Refusal) -> web.Response:
-        self.metrics.web_refusals[refusal.code] += 1
+        self.metrics.web_refusals[refusal.code.metric_label] += 1
         message = refusal_text(refusal)
         body = {
             "error": refusal.code,
@@ -59,7 +42,7 @@ class Console:
             "retry_at": refusal.retry_at.isoformat() if refusal.retry_at else None,
             "job_id": refusal.job_id,
         }
-        return web.json_response(body, status=REFUSAL_STATUS.get(refusal.code, 400))
+        return web.json_response(body, status=refusal.code.http_status)
 
 
 CONSOLE = web.AppKey("turbobot_console", Console)

@@ -19,6 +19,7 @@ from aiohttp import BodyPartReader, web
 from PIL import Image
 
 from bots.images import ALLOWED_FORMATS, ImageRejected, ValidatedImage, load_image, precheck_image
+from bots.web.errors import body_deadline
 from generator.request import USER_FIELDS, RequestError
 from turbobot.config import LimitsSettings
 
@@ -27,6 +28,7 @@ MAX_TEXT_FIELD_BYTES = 16 * 1024  # a prompt is at most a few KB of UTF-8
 MAX_FIELDS = 40
 FORM_OVERHEAD_BYTES = 256 * 1024  # text fields and multipart framing on top of the image
 HEADER_PROBE_LIMIT = 1024 * 1024  # stop trying to read dimensions early after this much (JPEG EXIF can be big)
+NO_TIMEOUT = 1e9
 
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 _LABELS = {
@@ -111,9 +113,27 @@ def _image_size_from_header(data: bytes) -> tuple[int, int] | None:
             with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
                 return img.size
     except Image.DecompressionBombError:
-        return (2**31 - 1, 2**31 - 1)  # the header claims something absurd: let the dimension check refuse it
+        # The header claims something absurd: read the claimed size so the refusal can name it.
+        return _declared_size(data) or (2**31 - 1, 2**31 - 1)
     except Exception:
         return None
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """The size an image header declares, read by the format's own Pillow parser without Image.open's
+    decompression-bomb check (that check raises before telling the dimensions). Nothing is decoded."""
+    Image.init()
+    for fmt in ALLOWED_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            result = accept(data[:16]) if accept is not None else True
+            if isinstance(result, str) or not result:  # a str: "cannot read this format here"
+                continue
+            with factory(io.BytesIO(data), "") as img:
+                return img.size
+        except Exception:
+            continue
+    return None
 
 
 def _check_magic(first: bytes) -> None:
@@ -124,13 +144,14 @@ def _check_magic(first: bytes) -> None:
     raise ImageRejected("That file is not a PNG, JPEG or WebP image I can read.")
 
 
-async def _read_image_part(part: BodyPartReader, limits: LimitsSettings) -> bytes:
+async def _read_image_part(part: BodyPartReader, limits: LimitsSettings, body_timeout: float) -> bytes:
     precheck_image(None, part.headers.get("Content-Type"), None, None, limits)
     buf = bytearray()
     size_known = False
     next_probe = 0
     while True:
-        chunk = await part.read_chunk(CHUNK_BYTES)
+        async with body_deadline(body_timeout):
+            chunk = await part.read_chunk(CHUNK_BYTES)
         if not chunk:
             break
         buf += chunk
@@ -150,10 +171,11 @@ async def _read_image_part(part: BodyPartReader, limits: LimitsSettings) -> byte
     return bytes(buf)
 
 
-async def _read_text_part(part: BodyPartReader) -> str:
+async def _read_text_part(part: BodyPartReader, body_timeout: float) -> str:
     data = bytearray()
     while True:
-        chunk = await part.read_chunk(4096)
+        async with body_deadline(body_timeout):
+            chunk = await part.read_chunk(4096)
         if not chunk:
             break
         data += chunk
@@ -165,9 +187,10 @@ async def _read_text_part(part: BodyPartReader) -> str:
         raise FormRejected(400, "invalid", f"The field '{part.name}' is not valid UTF-8 text.") from None
 
 
-async def _read_urlencoded(request: web.Request) -> JobForm:
+async def _read_urlencoded(request: web.Request, body_timeout: float) -> JobForm:
     try:
-        data = await request.post()  # bounded by the application's client_max_size
+        async with body_deadline(body_timeout):
+            data = await request.post()  # bounded by the application's client_max_size
     except web.HTTPRequestEntityTooLarge:
         raise FormRejected(413, "too_large", "The form is too large.") from None
     form = JobForm()
@@ -179,11 +202,12 @@ async def _read_urlencoded(request: web.Request) -> JobForm:
     return form
 
 
-async def read_job_form(request: web.Request, limits: LimitsSettings) -> JobForm:
+async def read_job_form(request: web.Request, limits: LimitsSettings, *, body_timeout: float = NO_TIMEOUT) -> JobForm:
     """Parse the playground's multipart form, validating the image (if any) as it streams in.
-    A url-encoded form (curl -d) is accepted too, for text-only requests."""
+    A url-encoded form (curl -d) is accepted too, for text-only requests. A body that stalls for
+    ``body_timeout`` seconds raises ``BodyTimeout``."""
     if request.content_type == "application/x-www-form-urlencoded":
-        return await _read_urlencoded(request)
+        return await _read_urlencoded(request, body_timeout)
     if request.content_type != "multipart/form-data":
         raise FormRejected(415, "unsupported", "Send the form as multipart/form-data.")
     length = request.content_length
@@ -196,7 +220,8 @@ async def read_job_form(request: web.Request, limits: LimitsSettings) -> JobForm
     reader = await request.multipart()
     count = 0
     while True:
-        part = await reader.next()
+        async with body_deadline(body_timeout):
+            part = await reader.next()
         if part is None:
             break
         count += 1
@@ -206,18 +231,19 @@ async def read_job_form(request: web.Request, limits: LimitsSettings) -> JobForm
             if part.filename is None:
                 raise FormRejected(400, "invalid", "The image must be sent as a file.")
             if part.filename == "" and form.image is None:
-                await part.release()  # the browser's empty file input
+                async with body_deadline(body_timeout):
+                    await part.release()  # the browser's empty file input
                 continue
             if form.image is not None:
                 raise FormRejected(400, "invalid", "Send one image only.")
             try:
-                data = await _read_image_part(part, limits)
+                data = await _read_image_part(part, limits, body_timeout)
                 form.image = await asyncio.to_thread(load_image, data, limits)
             except ImageRejected as exc:
                 raise FormRejected(400, "bad_image", exc.message) from None
         else:
             if part.name in form.fields:
                 raise FormRejected(400, "invalid", f"The field '{part.name}' is sent twice.")
-            form.fields[part.name] = await _read_text_part(part)
+            form.fields[part.name] = await _read_text_part(part, body_timeout)
     return form
 

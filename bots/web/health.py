@@ -1,5 +1,6 @@
 """Liveness and readiness: /healthz answers while the process serves; /readyz only when a worker has
-heartbeated recently and the database accepts a write transaction."""
+heartbeated recently, the database accepts a write transaction and the outputs and inputs folders take new
+files with enough free disk space."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from bots.web import queries
+from generator.scheduler.disk import storage_problem
 from storage.db import Database
 from storage.models import WorkerState
 from turbobot.config import Settings
@@ -48,6 +50,7 @@ class Readiness:
     worker_ok: bool
     database_ok: bool
     detail: dict[str, Any]
+    storage_ok: bool = True
 
 
 async def database_writable(db: Database) -> tuple[bool, str]:
@@ -102,10 +105,22 @@ async def readiness(settings: Settings, db: Database) -> Readiness:
             "reason": "" if live else _not_live_reason(rows, ages, settings),
         }
     db_ok, db_reason = await database_writable(db)
-    ready = bool(worker_detail["ok"]) and db_ok
+    storage = await storage_status(settings)
+    ready = bool(worker_detail["ok"]) and db_ok and storage["ok"]
     return Readiness(
         ready=ready,
         worker_ok=bool(worker_detail["ok"]),
         database_ok=db_ok,
-        detail={"ready": ready, "worker": worker_detail, "database": {"ok": db_ok, "reason": db_reason}},
+        storage_ok=storage["ok"],
+        detail={
+            "ready": ready, "worker": worker_detail, "database": {"ok": db_ok, "reason": db_reason},
+            "storage": storage,
+        },
     )
+
+
+async def storage_status(settings: Settings) -> dict[str, Any]:
+    """{"ok", "reason"}: can new videos and inputs be stored (folders writable, app.min_free_bytes free)?"""
+    folders = (settings.path(settings.app.outputs_dir), settings.path(settings.app.inputs_dir))
+    problem = await asyncio.to_thread(storage_problem, folders, settings.app.min_free_bytes)
+    return {"ok": not problem, "reason": problem}

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from bots.web import queries
 from bots.web.queries import FinishedRow, WorkerRow
+from generator.scheduler.metrics import REFUSAL_LABELS, refusal_label
 from storage.db import Database
 
 LOOKBACK = dt.timedelta(seconds=120)
@@ -28,11 +29,6 @@ WAIT_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 RUN_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 E2E_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 OOM_CODES = ("out_of_memory",)
-# Refusal codes of generator.scheduler.api.Refusal; anything else is counted as "other" (labels stay bounded).
-REFUSAL_CODES = (
-    "invalid", "blocked", "quota_daily", "quota_gpu", "queued_cap", "running_cap", "queue_full", "chat_rate",
-    "not_found", "forbidden", "not_cancellable", "model_not_configured", "blocked_words",
-)
 AUDIT_ID_LOOKBACK = 1000  # PostgreSQL ids may commit out of order: re-read this many behind the newest
 
 
@@ -115,8 +111,7 @@ class RefusalStats:
             if audit_id in self.seen:
                 continue
             self.seen.add(audit_id)
-            code = detail.split(":", 1)[0].strip()
-            self.by_code[code if code in REFUSAL_CODES else "other"] += 1
+            self.by_code[refusal_label(detail.split(":", 1)[0].strip())] += 1
             self.max_id = max(self.max_id, audit_id)
         floor = self.max_id - AUDIT_ID_LOOKBACK
         self.seen = {i for i in self.seen if i > floor}
@@ -212,7 +207,9 @@ class ConsoleMetrics(Collector):
         refusals = CounterMetricFamily(
             "turbobot_refusals", "Requests the scheduler refused (all front ends), by reason.", labels=["reason"]
         )
-        for reason, n in sorted(self.refusals.by_code.items()):
+        # Every known reason is exported, at 0 until it happens, so alerts and dashboards can name it.
+        by_code = {label: 0 for label in REFUSAL_LABELS} | dict(self.refusals.by_code)
+        for reason, n in sorted(by_code.items()):
             refusals.add_metric([reason], n)
         yield refusals
         web_refusals = CounterMetricFamily(

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from turbobot.config import Settings, read_secret
 
@@ -128,7 +129,7 @@ def json_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
 
-def make_security_middleware(auth: Auth) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_security_middleware(auth: Auth) -> Middleware:
     @web.middleware
     async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Without a token the console trusts local users only; refuse foreign Host names (DNS rebinding).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from generator.scheduler.api import DeliveryTarget, QuotaView, Refusal, Requester
+from generator.scheduler.api import DeliveryTarget, QuotaView, Refusal, RefusalCode, Requester
 from storage.models import User
 from storage.repo_jobs import queue_counts, user_counts
 from storage.repo_quotas import next_utc_midnight, take_chat_token, usage, utc_day
@@ -42,7 +42,7 @@ def check_access(settings: Settings, requester: Requester) -> None:
     if key in admin.owners:
         return
     if key in admin.deny or (admin.allow and key not in admin.allow):
-        raise Refusal("blocked", "Sorry, you are not allowed to make videos with this bot.")
+        raise Refusal(RefusalCode.BLOCKED, "Sorry, you are not allowed to make videos with this bot.")
 
 
 def blocked_word(settings: Settings, prompt: str) -> str | None:
@@ -102,7 +102,7 @@ async def admit(
 ) -> None:
     """Raise ``Refusal`` unless ``user`` may enqueue one more job now. Takes a chat token on success."""
     if user.blocked:
-        raise Refusal("blocked", "Sorry, you are not allowed to make videos with this bot.")
+        raise Refusal(RefusalCode.BLOCKED, "Sorry, you are not allowed to make videos with this bot.")
     if role in EXEMPT_ROLES:
         return
     lim = limits_for(settings, user, role)
@@ -110,7 +110,7 @@ async def admit(
     queued, _running, total_queued = await queue_counts(session, user.id)
     if lim.max_queued is not None and queued >= lim.max_queued:
         raise Refusal(
-            "queued_cap",
+            RefusalCode.QUEUED_CAP,
             f"You already have {queued} video{'s' if queued != 1 else ''} waiting (the limit is {lim.max_queued}). "
             "Wait for one to start or cancel one.",
         )
@@ -118,13 +118,13 @@ async def admit(
     if lim.daily_jobs is not None or lim.daily_gpu_seconds is not None:
         jobs, gpu = await usage(session, user.id, utc_day(now))
     if lim.daily_jobs is not None and jobs >= lim.daily_jobs:
-        raise Refusal("quota_daily", f"You have used today's {lim.daily_jobs} videos.", retry_at=reset)
+        raise Refusal(RefusalCode.QUOTA_DAILY, f"You have used today's {lim.daily_jobs} videos.", retry_at=reset)
     if lim.daily_gpu_seconds is not None and gpu >= lim.daily_gpu_seconds:
         raise Refusal(
-            "quota_gpu", f"You have used today's {lim.daily_gpu_seconds / 60:g} GPU minutes.", retry_at=reset
+            RefusalCode.QUOTA_GPU, f"You have used today's {lim.daily_gpu_seconds / 60:g} GPU minutes.", retry_at=reset
         )
     if total_queued >= settings.quotas.global_queue_cap:
-        raise Refusal("queue_full", "The queue is full right now; please try again in a few minutes.")
+        raise Refusal(RefusalCode.QUEUE_FULL, "The queue is full right now; please try again in a few minutes.")
     scope = _chat_scope(target)
     if scope:
         q = settings.quotas
@@ -132,4 +132,4 @@ async def admit(
             session, target.platform, scope, capacity=q.chat_burst, refill_per_minute=q.chat_refill_per_minute, now=now
         )
         if retry_at is not None:
-            raise Refusal("chat_rate", "This chat is making videos too fast; slow down a little.", retry_at=retry_at)
+            raise Refusal(RefusalCode.CHAT_RATE, "This chat is making videos too fast; slow down a little.", retry_at=retry_at)

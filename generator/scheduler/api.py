@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 from generator.request import GenerationRequest
@@ -45,22 +46,71 @@ class DeliveryTarget:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. Discord application id + interaction token
 
 
+class RefusalCode(StrEnum):
+    """Why a request was refused: the one list of codes. Each has an HTTP status (the web console's answer)
+    and a metric label (``turbobot_refusals{reason=...}``); ``bots.texts`` has a default wording for each."""
+
+    INVALID = "invalid"  # a request field is out of range or malformed
+    BLOCKED = "blocked"  # the user is denied or blocked
+    BLOCKED_WORDS = "blocked_words"
+    MODEL_NOT_CONFIGURED = "model_not_configured"
+    FORBIDDEN = "forbidden"  # not the owner of the job, or not an admin
+    NOT_FOUND = "not_found"
+    NOT_CANCELLABLE = "not_cancellable"  # already finished
+    NOT_FINISHED = "not_finished"  # delete of a queued or running job
+    QUOTA_DAILY = "quota_daily"
+    QUOTA_GPU = "quota_gpu"
+    QUEUED_CAP = "queued_cap"
+    RUNNING_CAP = "running_cap"
+    CHAT_RATE = "chat_rate"
+    QUEUE_FULL = "queue_full"
+    ENGINE_UNAVAILABLE = "engine_unavailable"  # no worker could load the engine
+    STORAGE_UNAVAILABLE = "storage_unavailable"  # outputs/inputs folder not writable, or the disk is full
+    INTERNAL = "internal"  # an unexpected error in a front end (logged)
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS[self]
+
+    @property
+    def metric_label(self) -> str:
+        return self.value
+
+
+_HTTP_STATUS: dict[RefusalCode, int] = {
+    RefusalCode.INVALID: 400,
+    RefusalCode.BLOCKED_WORDS: 400,
+    RefusalCode.MODEL_NOT_CONFIGURED: 400,
+    RefusalCode.BLOCKED: 403,
+    RefusalCode.FORBIDDEN: 403,
+    RefusalCode.NOT_FOUND: 404,
+    RefusalCode.NOT_CANCELLABLE: 409,
+    RefusalCode.NOT_FINISHED: 409,
+    RefusalCode.QUOTA_DAILY: 429,
+    RefusalCode.QUOTA_GPU: 429,
+    RefusalCode.QUEUED_CAP: 429,
+    RefusalCode.RUNNING_CAP: 429,
+    RefusalCode.CHAT_RATE: 429,
+    RefusalCode.QUEUE_FULL: 503,
+    RefusalCode.ENGINE_UNAVAILABLE: 503,
+    RefusalCode.STORAGE_UNAVAILABLE: 503,
+    RefusalCode.INTERNAL: 500,
+}
+
+
 class Refusal(Exception):
     """A request the scheduler will not accept. ``message`` is friendly and safe to show the user."""
 
     def __init__(
         self,
-        code: str,
+        code: RefusalCode | str,
         message: str,
         *,
         retry_at: dt.datetime | None = None,
         job_id: int | None = None,
     ) -> None:
         super().__init__(message)
-        # codes: invalid, blocked, quota_daily, quota_gpu, queued_cap, running_cap, queue_full, chat_rate,
-        #        not_found, forbidden, not_cancellable, model_not_configured, blocked_words,
-        #        not_finished (delete of a queued/running job), engine_unavailable (Scheduler.wait)
-        self.code = code
+        self.code = RefusalCode(code)  # an unknown code is a programming error: fail loudly here
         self.message = message
         self.retry_at = retry_at
         self.job_id = job_id
@@ -177,6 +227,10 @@ class SchedulerAPI(Protocol):
 
     async def save_input(self, requester: Requester, png_bytes: bytes, width: int, height: int) -> str:
         """Store a validated, re-encoded input image; returns its sha256 to put in ``request.image``."""
+
+    async def storage_problem(self) -> str:
+        """"" when new videos and inputs can be stored (folders writable, enough free disk), else why not
+        (for the operator; users get ``Refusal("storage_unavailable")`` from submit and save_input)."""
 
     async def set_status_message(self, job_id: int, message_id: str, extra: dict[str, Any] | None = None) -> None:
         """Remember the status message of a job (and platform extras) so later events edit it."""

@@ -33,7 +33,7 @@ def list_job_files(directory: Path) -> list[JobFile]:
     out: list[JobFile] = []
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # missing, or a file in its place (reported elsewhere)
         return out
     for name in names:
         m = _FINAL.match(name)
@@ -73,7 +73,7 @@ def remove_files(paths: list[Path]) -> int:
 def remove_partial_inputs(directory: Path) -> int:
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # missing, or a file in its place (reported elsewhere)
         return 0
     return remove_files([directory / n for n in names if n.startswith(INPUT_PARTIAL_PREFIX)])
 

@@ -5,7 +5,22 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter
 
+from generator.scheduler.api import RefusalCode
+
 EXIT_REASONS = {0: "stopped", 3: "cuda_error", 4: "load_failed", -9: "killed"}
+
+
+# The ``reason`` labels of refusal metrics: one per code, and "other" for anything unknown (labels stay bounded).
+REFUSAL_LABELS = tuple(code.metric_label for code in RefusalCode)
+OTHER_REFUSAL = "other"
+
+
+def refusal_label(code: str) -> str:
+    """The metric label of a refusal code as stored (e.g. the audit log's "code: ..." detail)."""
+    try:
+        return RefusalCode(code).metric_label
+    except ValueError:
+        return OTHER_REFUSAL
 
 
 class SchedulerMetrics:

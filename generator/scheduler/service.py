@@ -46,9 +46,11 @@ from generator.scheduler.api import (
     JobView,
     QuotaView,
     Refusal,
+    RefusalCode,
     Requester,
     SubmitResult,
 )
+from generator.scheduler.disk import STORAGE_MESSAGE, storage_problem
 from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.events import EventHub
 from generator.scheduler.metrics import SchedulerMetrics
@@ -114,8 +116,10 @@ class Scheduler:
         if self._started:
             return
         self._started = True
-        await asyncio.to_thread(self.outputs_dir.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(self.inputs_dir.mkdir, parents=True, exist_ok=True)
+        # An unusable folder must not stop the service: it reports not-ready and refuses jobs until fixed.
+        problem = await self.storage_problem()
+        if problem:
+            log.error("storage is not usable: %s; new jobs are refused until it is fixed", problem)
         await self._requeue_expired()
         if run_workers:
             # Our previous workers died with their parent (stdin EOF); give their jobs back now
@@ -189,19 +193,20 @@ class Scheduler:
             if self._workers_failed.is_set():
                 # Details (paths, library errors) go to the operator's log and /readyz, not to chat users.
                 raise Refusal(
-                    "engine_unavailable",
+                    RefusalCode.ENGINE_UNAVAILABLE,
                     "The video engine is not available right now (the server's model failed to load). "
                     "The operator has been told; please try again later.",
                 )
             try:
                 req = validate(request, self.settings.request_limits)
             except RequestError as exc:
-                raise Refusal("invalid", exc.message) from None
+                raise Refusal(RefusalCode.INVALID, exc.message) from None
             word = blocked_word(self.settings, req.prompt)
             if word is not None:
-                raise Refusal("blocked_words", "That prompt contains words this bot does not accept.")
+                raise Refusal(RefusalCode.BLOCKED_WORDS, "That prompt contains words this bot does not accept.")
             if req.seed is None:
                 req = req.with_seed(new_seed())
+            await self._require_storage()
             job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id)
         except Refusal as refusal:
             await self._audit_refusal(requester, refusal, request)
@@ -212,7 +217,7 @@ class Scheduler:
                 self.supervisor.wake()
         view = await self.get(job_id)
         if view is None:  # deleted in between (e.g. /forget): nothing sensible to return
-            raise Refusal("not_found", f"Job #{job_id} does not exist (any more).", job_id=job_id)
+            raise Refusal(RefusalCode.NOT_FOUND, f"Job #{job_id} does not exist (any more).", job_id=job_id)
         if not duplicate:
             self.hub.wake(job_id, view)  # the "queued" event, without loading the job again
         return SubmitResult(view, duplicate=duplicate)
@@ -231,10 +236,10 @@ class Scheduler:
                 if req.image:
                     row = await repo_files.get_input(s, req.image)
                     if row is None:
-                        raise Refusal("invalid", "That image is no longer stored here; please attach it again.")
+                        raise Refusal(RefusalCode.INVALID, "That image is no longer stored here; please attach it again.")
                     input_id = row.id
                 if parent_id is not None and await s.get(Job, parent_id) is None:
-                    raise Refusal("not_found", f"Job #{parent_id} does not exist (any more).")
+                    raise Refusal(RefusalCode.NOT_FOUND, f"Job #{parent_id} does not exist (any more).")
                 user = await repo_users.upsert_user(
                     s, requester.platform, requester.user_id, display_name=requester.display_name, role=role
                 )
@@ -284,28 +289,45 @@ class Scheduler:
         async with self.db.read() as s:
             parent = await repo_jobs.get_job(s, parent_id)
         if parent is None:
-            raise Refusal("not_found", f"Job #{parent_id} does not exist (any more).")
+            raise Refusal(RefusalCode.NOT_FOUND, f"Job #{parent_id} does not exist (any more).")
         mine = parent.user.platform == requester.platform and parent.user.platform_user_id == requester.user_id
         same_chat = bool(parent.chat_id) and (parent.platform, parent.chat_id) == (target.platform, target.chat_id)
         if not (mine or same_chat or self.is_moderator(requester)):
             # Only what was posted where you are: job ids are guessable, other people's DMs are private.
-            raise Refusal("forbidden", f"Job #{parent_id} was not posted here, so it cannot be remixed here.")
+            raise Refusal(RefusalCode.FORBIDDEN, f"Job #{parent_id} was not posted here, so it cannot be remixed here.")
         base = dict(parent.request)
         changes = dict(overrides or {})
         bad = sorted(set(changes) - set(USER_FIELDS))
         if bad:
-            raise Refusal("invalid", f"'{bad[0]}' cannot be changed in a remix.")
+            raise Refusal(RefusalCode.INVALID, f"'{bad[0]}' cannot be changed in a remix.")
         if new_seed:
             changes["seed"] = None
         try:
             request = GenerationRequest.from_dict({**base, **changes})
         except (RequestError, TypeError) as exc:
-            raise Refusal("invalid", getattr(exc, "message", str(exc))) from None
+            raise Refusal(RefusalCode.INVALID, getattr(exc, "message", str(exc))) from None
         return await self.submit(request, requester, target, idempotency_key, parent_id=parent_id)
 
+    async def storage_problem(self) -> str:
+        """"" when the outputs and inputs folders take new files with enough free space, else why not."""
+        folders = (self.outputs_dir, self.inputs_dir)
+        return await asyncio.to_thread(storage_problem, folders, self.settings.app.min_free_bytes)
+
+    async def _require_storage(self) -> None:
+        problem = await self.storage_problem()
+        if problem:
+            # The path and the reason are for the operator's log and /readyz, not for chat users.
+            log.warning("refusing new work: %s", problem)
+            raise Refusal(RefusalCode.STORAGE_UNAVAILABLE, STORAGE_MESSAGE)
+
     async def save_input(self, requester: Requester, png_bytes: bytes, width: int, height: int) -> str:
+        await self._require_storage()
         sha = await asyncio.to_thread(lambda: hashlib.sha256(png_bytes).hexdigest())
-        path = await asyncio.to_thread(files.write_atomic, self.inputs_dir, f"{sha}.png", png_bytes)
+        try:
+            path = await asyncio.to_thread(files.write_atomic, self.inputs_dir, f"{sha}.png", png_bytes)
+        except OSError as exc:  # e.g. the disk filled up between the check and the write
+            log.warning("cannot store an input image: %s", exc)
+            raise Refusal(RefusalCode.STORAGE_UNAVAILABLE, STORAGE_MESSAGE) from None
         role = role_of(self.settings, requester.key)
         async with self.db.write() as s:
             user = await repo_users.upsert_user(
@@ -325,10 +347,10 @@ class Scheduler:
         async with self.db.read() as s:
             job = await repo_jobs.get_job(s, job_id)
         if job is None:
-            raise Refusal("not_found", f"Job #{job_id} does not exist (any more).", job_id=job_id)
+            raise Refusal(RefusalCode.NOT_FOUND, f"Job #{job_id} does not exist (any more).", job_id=job_id)
         mine = job.user.platform == requester.platform and job.user.platform_user_id == requester.user_id
         if not mine and not self.is_moderator(requester):
-            raise Refusal("forbidden", "Only the person who asked for this video (or a moderator) can do that.")
+            raise Refusal(RefusalCode.FORBIDDEN, "Only the person who asked for this video (or a moderator) can do that.")
         return job
 
     async def cancel(self, job_id: int, requester: Requester) -> JobView:
@@ -336,10 +358,10 @@ class Scheduler:
         async with self.db.write() as s:
             outcome = await queue.cancel(s, job_id, now=utcnow())
         if outcome == "missing":
-            raise Refusal("not_found", f"Job #{job_id} does not exist (any more).", job_id=job_id)
+            raise Refusal(RefusalCode.NOT_FOUND, f"Job #{job_id} does not exist (any more).", job_id=job_id)
         if outcome.startswith("already_"):
             state = outcome.removeprefix("already_")
-            raise Refusal("not_cancellable", f"Job #{job_id} has already finished ({state}).", job_id=job_id)
+            raise Refusal(RefusalCode.NOT_CANCELLABLE, f"Job #{job_id} has already finished ({state}).", job_id=job_id)
         if outcome == "requested" and self.supervisor is not None:
             self.supervisor.cancel(job_id)
         self._snap = None
@@ -351,7 +373,7 @@ class Scheduler:
     async def delete(self, job_id: int, requester: Requester) -> None:
         job = await self._owned_job(job_id, requester)
         if job.state not in TERMINAL_KINDS:
-            raise Refusal("not_finished", f"Job #{job_id} is still {job.state}; cancel it first.", job_id=job_id)
+            raise Refusal(RefusalCode.NOT_FINISHED, f"Job #{job_id} is still {job.state}; cancel it first.", job_id=job_id)
         async with self.db.write() as s:
             paths = await repo_files.output_paths_for_jobs(s, [job_id])
             await repo_jobs.delete_jobs(s, [job_id])
@@ -394,13 +416,13 @@ class Scheduler:
     async def wait(self, job_id: int, *, stop_on_worker_error: bool = False) -> JobView:
         """Until job ``job_id`` is terminal (independent of sinks and delivery); for the CLI and tests.
         Bound it with ``async with asyncio.timeout(...)``. ``stop_on_worker_error``: raise
-        ``Refusal("engine_unavailable")`` when every local worker has failed to load its engine."""
+        ``Refusal(RefusalCode.ENGINE_UNAVAILABLE)`` when every local worker has failed to load its engine."""
         fut = self.hub.add_waiter(job_id)
         failed: asyncio.Future[Any] | None = None
         try:
             view = await self.get(job_id)
             if view is None:
-                raise Refusal("not_found", f"Job #{job_id} does not exist (any more).", job_id=job_id)
+                raise Refusal(RefusalCode.NOT_FOUND, f"Job #{job_id} does not exist (any more).", job_id=job_id)
             if view.state in TERMINAL_KINDS:
                 return view
             self.hub.wake(job_id)
@@ -411,7 +433,7 @@ class Scheduler:
             if fut.done():
                 return fut.result()
             errors = "; ".join(sorted(set(self.worker_errors.values())))
-            raise Refusal("engine_unavailable", f"The video engine could not start: {errors}", job_id=job_id)
+            raise Refusal(RefusalCode.ENGINE_UNAVAILABLE, f"The video engine could not start: {errors}", job_id=job_id)
         finally:
             if failed is not None:
                 failed.cancel()
@@ -446,13 +468,13 @@ class Scheduler:
     # --- admin ----------------------------------------------------------------------------------
     def _require_owner(self, actor: Requester) -> None:
         if not self.is_owner(actor):
-            raise Refusal("forbidden", "Only the bot's owners can do that.")
+            raise Refusal(RefusalCode.FORBIDDEN, "Only the bot's owners can do that.")
 
     @staticmethod
     def _split_key(user_key: str) -> tuple[str, str]:
         platform, sep, uid = user_key.strip().partition(":")
         if not sep or not platform or not uid:
-            raise Refusal("invalid", f"Users are written platform:id, e.g. discord:1234 (got '{user_key}').")
+            raise Refusal(RefusalCode.INVALID, f"Users are written platform:id, e.g. discord:1234 (got '{user_key}').")
         return platform, uid
 
     async def set_limits(
@@ -706,7 +728,8 @@ class Scheduler:
 
     # --- health ---------------------------------------------------------------------------------
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """For /readyz: the database takes a write lock and some worker's heartbeat is fresh."""
+        """For /readyz: the database takes a write lock, some worker's heartbeat is fresh and the outputs and
+        inputs folders are usable."""
         detail: dict[str, Any] = {}
         try:
             async with self.db.write():
@@ -724,5 +747,6 @@ class Scheduler:
             for w in rows
         ]
         live = any(w.state in ("idle", "busy") and now - w.heartbeat_at < fresh for w in rows)
-        return detail["database"] == "ok" and live, detail
+        detail["storage"] = await self.storage_problem() or "ok"
+        return detail["database"] == "ok" and live and detail["storage"] == "ok", detail
 

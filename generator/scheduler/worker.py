@@ -50,6 +50,7 @@ from generator.engine.api import EngineError, JobCancelled, OutOfMemory, Progres
 from generator.engine.video import output_name as video_output_name
 from generator.request import GenerationRequest
 from generator.scheduler import queue
+from generator.scheduler.disk import storage_problem
 from generator.scheduler.estimate import Shape, StepStats
 from storage.db import Database
 from storage.models import utcnow
@@ -217,6 +218,7 @@ class Worker:
         self.engine_info: dict[str, Any] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.db: Database | None = None
+        self.storage_error = ""  # why outputs cannot be written now ("" = fine); no claims meanwhile
 
     # Called from the stdin thread.
     def command(self, line: str) -> None:
@@ -236,7 +238,6 @@ class Worker:
         self.db = Database(
             self.settings.database_url, busy_timeout_ms=db_cfg.busy_timeout_ms, synchronous=db_cfg.synchronous
         )
-        self.outputs.mkdir(parents=True, exist_ok=True)
         async with self.db.write() as s:
             row = await register_worker(
                 s, self.worker_id, pid=os.getpid(), device=self.device,
@@ -259,7 +260,7 @@ class Worker:
             await self._save_worker_row()
             self.send({"t": "ready", "info": self.engine_info})
             while True:
-                claimed = await self._claim()
+                claimed = await self._claim() if await self._storage_ok() else None
                 if claimed is None:
                     self.wake.clear()
                     with contextlib.suppress(TimeoutError):
@@ -268,6 +269,19 @@ class Worker:
                 await self._run(claimed)
         finally:
             hb.cancel()
+
+    async def _storage_ok(self) -> bool:
+        """Claim only while a finished video can be written: with a full or read-only disk, jobs stay queued
+        (rendering them would only fail each at the end) and the worker resumes once it is fixed."""
+        problem = await asyncio.to_thread(storage_problem, [self.outputs], self.settings.app.min_free_bytes)
+        if problem != self.storage_error:
+            if problem:
+                log.error("worker %s: not taking jobs: %s", self.worker_id, problem)
+            else:
+                log.info("worker %s: storage is usable again; taking jobs", self.worker_id)
+            self.storage_error = problem
+            await self._save_worker_row()  # the admin page shows why the worker is not taking jobs
+        return not problem
 
     async def _load_failed(self, exc: Exception) -> None:
         """Tell the supervisor why (it keeps retrying with a growing delay) and exit."""
@@ -316,6 +330,8 @@ class Worker:
         info = {
             **self.engine_info, "host": socket.gethostname(), "pid": os.getpid(), "ema": self.stats.to_dict(),
         }
+        if self.storage_error:
+            info["storage_error"] = self.storage_error
         await self._write(update_worker, self.worker_id, now=utcnow(), state=self.state, info=info)
 
     async def _claim(self) -> queue.Claimed | None:

@@ -41,15 +41,17 @@ function renderHistory(history) {
     ` latest ${last.step_mean.toFixed(3)} s/step (job #${last.job_id}), min ${Math.min(...vals).toFixed(3)}, max ${Math.max(...vals).toFixed(3)}`));
 }
 
-function renderEngine(workers) {
+function renderEngine(workers, storage) {
   const box = document.getElementById("engine");
-  if (!workers.length) return box.replaceChildren(TB.el("p", { class: "notice" }, "No worker has registered yet."));
+  // A full or read-only disk stops all work: say so above the workers.
+  const warn = storage && !storage.ok ? TB.el("p", { class: "error", id: "storage-problem" }, `Storage: ${storage.reason}. New jobs are refused and queued jobs wait until it is fixed.`) : null;
+  if (!workers.length) return box.replaceChildren(...[warn, TB.el("p", { class: "notice" }, "No worker has registered yet.")].filter(Boolean));
   const table = TB.el("table", { id: "workers-table" },
     TB.el("thead", {}, TB.el("tr", {}, ["Worker", "Device", "State", "Heartbeat", "Restarts", "Engine"].map((h) => TB.el("th", {}, h)))),
     TB.el("tbody", {}, workers.map((w) => TB.el("tr", { class: "worker-row" },
       TB.el("td", {}, w.id), TB.el("td", {}, w.device), TB.el("td", {}, TB.el("span", { class: `state ${w.fresh ? "succeeded" : "failed"}` }, w.fresh ? w.state.replace("_", " ") : `${w.state.replace("_", " ")} (stale)`)),
       TB.el("td", {}, `${w.heartbeat_age_s} s ago`), TB.el("td", {}, String(w.restarts)), TB.el("td", {}, engineInfo(w.info))))));
-  box.replaceChildren(table);
+  box.replaceChildren(...[warn, table].filter(Boolean));
 }
 
 function renderQueue(jobs) {
@@ -81,7 +83,7 @@ async function refresh() {
   const err = document.getElementById("admin-error");
   if (!r.ok) return TB.showError(err, r);
   err.hidden = true;
-  renderEngine(r.data.workers);
+  renderEngine(r.data.workers, r.data.storage);
   renderHistory(r.data.step_history);
   renderQueue(r.data.queue);
   const c = r.data.counts;
