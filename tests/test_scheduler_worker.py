@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from scheduler_support import (
     where,
     who,
 )
+from sqlalchemy import text
 
 from generator.scheduler.api import Refusal
 from generator.scheduler.service import Scheduler
 from storage import repo_workers
+from storage.db import Database
 from storage.models import Job
 
 
@@ -163,6 +166,34 @@ async def test_oom_fails_one_job_and_the_worker_keeps_serving(tmp_path: Path, ba
         assert (v1.state, v1.error_code, v1.error_message) == ("failed", "test_refused", "The test engine refuses this prompt.")
         assert (v2.state, v2.error_code) == ("failed", "internal_error") and "ValueError" not in v2.error_message
         assert worker_pid(sched) == pid
+
+
+async def test_render_thread_hogging_the_interpreter_does_not_hold_the_write_lock(
+    tmp_path: Path, base_mp4: Path
+) -> None:
+    # A render thread that keeps the interpreter lock for long C calls (importing torch, a gc pass) used
+    # to stall the worker's lease/progress transactions between statements while they held SQLite's write
+    # lock: every other writer (submits, the scheduler's maintenance pass) waited seconds and, on a loaded
+    # machine, hit its busy timeout again and again. Now those writes commit statement by statement.
+    hog = 4.0
+    async with running(tmp_path, base_mp4, env={"TURBOBOT_TEST_GIL_SECONDS": str(hog)}) as (sched, rec):
+        other = Database(sched.settings.database_url, busy_timeout_ms=30_000)
+        try:
+            job = (await sched.submit(t2v("gil"), who(1), where(), "k1")).job
+            await until(lambda: "started" in rec.kinds(job.id), what="started")
+            waits: list[float] = []
+            end = time.monotonic() + hog * 0.75  # inside the hog window, which began before "started"
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                async with other.write() as s:  # BEGIN IMMEDIATE: waits for the write lock
+                    await s.execute(text("SELECT 1"))
+                waits.append(time.monotonic() - t0)
+                await asyncio.sleep(0.02)
+            # Before the fix: up to ~3 s (a transaction stuck across several 0.3 s hog calls).
+            assert max(waits) < 1.0, f"write lock waits {sorted(waits)[-5:]}"
+            assert (await finished(sched, job.id)).state == "succeeded"
+        finally:
+            await other.dispose()
 
 
 async def test_cuda_error_restarts_worker_and_bounds_attempts(tmp_path: Path, base_mp4: Path) -> None:
