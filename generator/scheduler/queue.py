@@ -377,6 +377,12 @@ async def requeue_expired(session: AsyncSession, *, now: dt.datetime, max_attemp
     return await _requeue_rows(session, rows, now=now, max_attempts=max_attempts, why="lease expired")
 
 
+async def running_worker_ids(session: AsyncSession) -> list[str]:
+    """The workers holding running jobs."""
+    stmt = select(Job.worker_id).where(Job.state == "running").distinct()
+    return [str(w) for w in (await session.execute(stmt)).scalars()]
+
+
 async def release_worker(
     session: AsyncSession, worker_ids: list[str], *, now: dt.datetime, max_attempts: int
 ) -> list[Transition]:

@@ -9,8 +9,8 @@ Lifecycle::
     await scheduler.stop()
 
 ``start`` does not create or migrate tables: run ``storage.migrate.upgrade_database(url)`` first.
-On start: expired leases are requeued, jobs of this host's previous workers (dead with their parent) are
-released, orphaned files are swept, and undelivered results are offered to sinks as they subscribe.
+On start: expired leases are requeued, jobs of workers that are really gone (stale heartbeat, or a process
+of this host that no longer exists) are released, orphaned files are swept, and undelivered results are offered to sinks as they subscribe.
 
 Nothing here blocks the event loop: the database is reached through the async driver, file work goes to
 threads and GPU work happens in worker processes (``generator.scheduler.worker``).
@@ -23,6 +23,8 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -52,11 +54,11 @@ from generator.scheduler.api import (
 from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.events import EventHub
 from generator.scheduler.metrics import SchedulerMetrics
-from generator.scheduler.supervisor import Supervisor, WorkerHandle, worker_ids
+from generator.scheduler.supervisor import Supervisor, WorkerHandle
 from generator.scheduler.views import job_view
 from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users, repo_workers
 from storage.db import Database
-from storage.models import Job, utcnow
+from storage.models import Job, WorkerState, utcnow
 from turbobot.config import Settings
 
 log = logging.getLogger("turbobot.scheduler")
@@ -118,9 +120,10 @@ class Scheduler:
         await asyncio.to_thread(self.inputs_dir.mkdir, parents=True, exist_ok=True)
         await self._requeue_expired()
         if run_workers:
-            # Our previous workers died with their parent (stdin EOF); give their jobs back now
-            # instead of waiting for the leases. A straggler still finishing is fenced out.
-            await self._release(worker_ids(self.settings))
+            # Workers of a previous run died with their parent (stdin EOF): give their jobs back now instead
+            # of waiting for the leases. Only workers that are really gone: another process (a `turbobot
+            # generate` beside `turbobot run`) may be serving this database right now.
+            await self._release_gone_workers()
         await self.sweep()
         await asyncio.to_thread(files.remove_partial_inputs, self.inputs_dir)
         if run_workers:
@@ -643,6 +646,16 @@ class Scheduler:
             moved = await queue.release_worker(s, ids, now=utcnow(), max_attempts=self.cfg.max_attempts)
         self._after_transitions(moved)
 
+    async def _release_gone_workers(self) -> None:
+        now = utcnow()
+        async with self.db.read() as s:
+            holders = await queue.running_worker_ids(s)
+            rows = {w.id: w for w in await repo_workers.list_workers(s)} if holders else {}
+        gone = [w for w in holders if worker_gone(rows.get(w), now=now, fresh=self._fresh_window())]
+        if gone:
+            log.info("releasing the jobs of gone worker(s) %s", ", ".join(gone))
+            await self._release(gone)
+
     async def _requeue_expired(self) -> None:
         now = utcnow()
         async with self.db.read() as s:
@@ -726,3 +739,25 @@ class Scheduler:
         live = any(w.state in ("idle", "busy") and now - w.heartbeat_at < fresh for w in rows)
         return detail["database"] == "ok" and live, detail
 
+
+
+def pid_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def worker_gone(row: WorkerState | None, *, now: dt.datetime, fresh: dt.timedelta) -> bool:
+    """A job's worker is really gone (its job may be released before the lease runs out) when it has no
+    row, its row's heartbeat is older than ``fresh``, or it ran on this host and its process no longer
+    exists. A live worker of another process serving the same database is none of these."""
+    if row is None or now - row.heartbeat_at > fresh:
+        return True
+    info = row.info or {}
+    return info.get("host") == socket.gethostname() and not pid_exists(int(row.pid or info.get("pid") or 0))
