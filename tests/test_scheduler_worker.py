@@ -268,3 +268,27 @@ async def test_stop_right_after_start_does_not_wait_for_the_worker(tmp_path: Pat
             await sched.stop()
     finally:
         await db.dispose()
+
+
+async def test_clean_stop_hands_the_running_job_back_without_using_an_attempt(
+    tmp_path: Path, base_mp4: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ctrl+C / SIGTERM end in Scheduler.stop(): that used to requeue the job as "worker lost" with its
+    # attempt used up (a few restarts and it failed with "the GPU worker stopped during it N times").
+    caplog.set_level("INFO", logger="turbobot.scheduler")
+    slow = {"TURBOBOT_TEST_STEP_SECONDS": "1.0"}  # 3 s left after the first step: stop lands mid-job
+    async with running(tmp_path, base_mp4, env=slow) as (sched, rec):
+        job = (await sched.submit(t2v("slow one", steps=4), who(1), where(), "k1")).job
+        await until(lambda: "progress" in rec.kinds(job.id), what="job running")
+        async with sched.db.read() as s:
+            assert (await s.get(Job, job.id)).attempts == 1
+        await sched.stop()  # the context's own stop() is then a no-op
+        async with sched.db.read() as s:
+            row = await s.get(Job, job.id)
+        assert (row.state, row.attempts, row.worker_id, row.lease_until) == ("queued", 0, "", None)
+    lines = [r.getMessage() for r in caplog.records if "handed back" in r.getMessage()]
+    assert lines == [f"job {job.id} handed back to the queue (shutdown; the attempt does not count)"]
+    assert not [r for r in caplog.records if "worker lost" in r.getMessage()]
+    async with running(tmp_path, base_mp4) as (sched, _rec):  # the next start finishes it
+        done = await finished(sched, job.id)
+        assert (done.state, done.attempts) == ("succeeded", 1)

@@ -66,6 +66,7 @@ class OutputInfo:
 class Transition:
     job_id: int
     state: str  # the state the job was moved to
+    handed_back: bool = False  # requeued by a clean shutdown, the attempt not counted
 
 
 def _running_counts() -> Any:
@@ -384,16 +385,34 @@ async def running_worker_ids(session: AsyncSession) -> list[str]:
 
 
 async def release_worker(
-    session: AsyncSession, worker_ids: list[str], *, now: dt.datetime, max_attempts: int
+    session: AsyncSession, worker_ids: list[str], *, now: dt.datetime, max_attempts: int, hand_back: bool = False
 ) -> list[Transition]:
-    """Requeue the running jobs of workers known to be dead (their process has exited)."""
+    """Requeue the running jobs of workers known to be dead (their process has exited).
+
+    ``hand_back``: we stopped them on purpose (a clean shutdown), so the interrupted attempt is not counted:
+    ``attempts`` goes back down by one. Safe for the fence because the worker process has already exited
+    (no straggler of that attempt can commit); the next claim reuses the number."""
     if not worker_ids:
         return []
     stmt = select(Job.id, Job.attempts, Job.cancel_requested).where(
         Job.state == "running", Job.worker_id.in_(worker_ids)
     )
     rows = [(int(a), int(b), bool(c)) for a, b, c in (await session.execute(stmt)).tuples()]
-    return await _requeue_rows(session, rows, now=now, max_attempts=max_attempts, why="worker exited")
+    if not hand_back:
+        return await _requeue_rows(session, rows, now=now, max_attempts=max_attempts, why="worker exited")
+    out: list[Transition] = []
+    for job_id, attempt, cancel_requested in rows:
+        if cancel_requested:  # it was being cancelled anyway
+            out += await _requeue_rows(session, [(job_id, attempt, True)], now=now, max_attempts=max_attempts,
+                                       why="stopped")
+            continue
+        stmt = update(Job).where(_fenced(job_id, attempt)).values(
+            state="queued", attempts=attempt - 1, lease_until=None, worker_id="", started_at=None,
+            progress_step=0, progress_total=0,
+        )
+        if (await session.execute(stmt)).rowcount == 1:
+            out.append(Transition(job_id, "queued", handed_back=True))
+    return out
 
 
 # --- queue positions ------------------------------------------------------------------------------

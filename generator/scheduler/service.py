@@ -56,6 +56,7 @@ from generator.scheduler.events import EventHub
 from generator.scheduler.metrics import SchedulerMetrics
 from generator.scheduler.supervisor import Supervisor, WorkerHandle
 from generator.scheduler.views import job_view
+from generator.scheduler.worker import EXIT_CUDA_FATAL
 from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users, repo_workers
 from storage.db import Database
 from storage.models import Job, WorkerState, utcnow
@@ -573,7 +574,10 @@ class Scheduler:
 
     async def _on_worker_exit(self, handle: WorkerHandle, returncode: int | None) -> None:
         self.metrics.worker_exit(returncode)
-        await self._release([handle.worker_id])
+        # Stopped by us (Ctrl+C, SIGTERM, stop()): hand its job back without counting the attempt. A CUDA
+        # failure that happened to coincide is still a failed attempt.
+        clean = self.supervisor is not None and self.supervisor.stopping and returncode != EXIT_CUDA_FATAL
+        await self._release([handle.worker_id], hand_back=clean)
         await self.sweep()
 
     def _schedule_position_updates(self) -> None:
@@ -641,9 +645,11 @@ class Scheduler:
         return [job_view(j, snap=snap, stats=stats, n_workers=n_workers, now=now) for j in jobs]
 
     # --- maintenance ----------------------------------------------------------------------------
-    async def _release(self, ids: list[str]) -> None:
+    async def _release(self, ids: list[str], *, hand_back: bool = False) -> None:
         async with self.db.write() as s:
-            moved = await queue.release_worker(s, ids, now=utcnow(), max_attempts=self.cfg.max_attempts)
+            moved = await queue.release_worker(
+                s, ids, now=utcnow(), max_attempts=self.cfg.max_attempts, hand_back=hand_back
+            )
         self._after_transitions(moved)
 
     async def _release_gone_workers(self) -> None:
@@ -670,9 +676,12 @@ class Scheduler:
         if not moved:
             return
         self._snap = None
-        self.metrics.requeued.inc(sum(t.state == "queued" for t in moved))
+        self.metrics.requeued.inc(sum(t.state == "queued" and not t.handed_back for t in moved))
         for t in moved:
-            log.warning("job %s -> %s (worker lost)", t.job_id, t.state)
+            if t.handed_back:
+                log.info("job %s handed back to the queue (shutdown; the attempt does not count)", t.job_id)
+            else:
+                log.warning("job %s -> %s (worker lost)", t.job_id, t.state)
             self.hub.wake(t.job_id)
         if self.supervisor is not None and any(t.state == "queued" for t in moved):
             self.supervisor.wake()

@@ -105,6 +105,11 @@ class Supervisor:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
+    @property
+    def stopping(self) -> bool:
+        """``stop()`` has begun: workers exiting now were stopped on purpose."""
+        return self._stopping.is_set()
+
     def start(self) -> None:
         for handle in self.handles:
             self._tasks.append(asyncio.create_task(self._run_slot(handle), name=f"worker-slot-{handle.slot}"))
