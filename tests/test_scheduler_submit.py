@@ -154,8 +154,8 @@ async def test_gpu_seconds_quota_and_chat_bucket(tmp_path: Path) -> None:
         first = await sched.submit(t2v(), who(1), where(), "a")
         async with sched.db.write() as s:
             c = await queue.claim(s, worker_id="w", now=utcnow(), lease_seconds=30, max_running_per_user=1)
-            await queue.finish(s, c.job_id, c.attempt, state="failed", code="x", message="x", gpu_seconds=11.0,
-                               now=utcnow())
+            await queue.finish(s, c.job_id, c.attempt, state="failed", code="out_of_memory", message="x",
+                               gpu_seconds=11.0, now=utcnow())  # a failure that counts (the user's size)
         assert c.job_id == first.job.id
         r = await refusal(sched.submit(t2v(), who(1), where(), "b"))
         assert r.code == "quota_gpu" and r.retry_at is not None
