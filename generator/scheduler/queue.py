@@ -346,8 +346,8 @@ async def cancel(session: AsyncSession, job_id: int, *, now: dt.datetime) -> str
         await refund_job(session, row[0], utc_day(row[1]))  # it never ran
         await add_audit(session, "cancelled", job_id=job_id, detail="while queued", now=now)
         return "cancelled"
-    stmt = update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
-    if (await session.execute(stmt)).rowcount == 1:
+    flag = update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
+    if (await session.execute(flag)).rowcount == 1:
         return "requested"
     state = (await session.execute(select(Job.state).where(Job.id == job_id))).scalar_one_or_none()
     return f"already_{state}" if state else "missing"
@@ -432,11 +432,11 @@ async def release_worker(
             out += await _requeue_rows(session, [(job_id, attempt, True)], now=now, max_attempts=max_attempts,
                                        why="stopped")
             continue
-        stmt = update(Job).where(_fenced(job_id, attempt)).values(
+        back = update(Job).where(_fenced(job_id, attempt)).values(
             state="queued", attempts=attempt - 1, lease_until=None, worker_id="", started_at=None,
             progress_step=0, progress_total=0,
         )
-        if (await session.execute(stmt)).rowcount == 1:
+        if (await session.execute(back)).rowcount == 1:
             out.append(Transition(job_id, "queued", handed_back=True))
     return out
 
