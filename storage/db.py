@@ -51,6 +51,8 @@ class Database:
         self.write_sessions = async_sessionmaker(
             self.engine.execution_options(begin_mode="BEGIN IMMEDIATE"), expire_on_commit=False
         )
+        # No BEGIN at all: every statement is its own transaction (see ``write_each``).
+        self.each_sessions = async_sessionmaker(self.engine.execution_options(begin_mode=""), expire_on_commit=False)
 
     def _configure_sqlite(self, busy_timeout_ms: int, synchronous: str) -> None:
         sync_engine = self.engine.sync_engine
@@ -68,7 +70,9 @@ class Database:
 
         @event.listens_for(sync_engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql(conn.get_execution_options().get("begin_mode", "BEGIN"))
+            mode = conn.get_execution_options().get("begin_mode", "BEGIN")
+            if mode:
+                conn.exec_driver_sql(mode)
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -77,6 +81,22 @@ class Database:
         Keep it short: never await network or GPU work inside it.
         """
         async with self.write_sessions() as session, session.begin():
+            yield session
+
+    @contextlib.asynccontextmanager
+    async def write_each(self) -> AsyncIterator[AsyncSession]:
+        """Writes where each statement commits on its own (no atomicity across statements).
+
+        On SQLite the write lock is then taken and released inside one C call of the driver. In a
+        transaction it is held across every hop between the driver's thread and the event loop, and in a
+        process where another thread holds the interpreter lock for long stretches (a GPU worker's render
+        thread importing torch, collecting garbage, loading weights) each hop can wait seconds: every
+        other writer on the database hits its busy timeout meanwhile. For single-statement updates
+        (heartbeats, progress); PostgreSQL (row locks only) gets an ordinary transaction. Avoid RETURNING
+        here: its rows are fetched in a second hop while the statement still holds the lock.
+        """
+        maker = self.each_sessions if self.sqlite else self.write_sessions
+        async with maker() as session, session.begin():
             yield session
 
     @contextlib.asynccontextmanager

@@ -47,6 +47,17 @@ async def add_usage(session: AsyncSession, user_id: int, day: str, *, jobs: int 
         await session.execute(stmt)
 
 
+async def refund_job(session: AsyncSession, user_id: int, day: str) -> None:
+    """Give back one of the day's jobs (a job that did not run, or failed through no fault of the user).
+    Never below zero; the row exists (``add_usage`` made it at submit)."""
+    stmt = (
+        update(QuotaUsage)
+        .where(QuotaUsage.user_id == user_id, QuotaUsage.day == day, QuotaUsage.jobs > 0)
+        .values(jobs=QuotaUsage.jobs - 1)
+    )
+    await session.execute(stmt)
+
+
 async def take_chat_token(
     session: AsyncSession,
     platform: str,

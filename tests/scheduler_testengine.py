@@ -9,6 +9,9 @@ Behaviour is chosen by words in the prompt:
   bug      raise ValueError (an unexpected error)
   hold     after the first step, wait until ``cancelled()`` says yes (or 60 s), checking every 5 ms
   stall    stop calling back for ``$TURBOBOT_TEST_STALL_SECONDS`` (the watchdog test)
+  gil      before the first step, hold the interpreter lock in back-to-back C calls of ~0.3 s for
+           ``$TURBOBOT_TEST_GIL_SECONDS`` (default 3): what importing torch or a gc pass does to the
+           worker's other threads (event loop, database driver)
 ``$TURBOBOT_TEST_STEP_SECONDS`` is the sleep per sampler step (default 0.01).
 ``$TURBOBOT_TEST_WARMUP_FILE``: ``warm_up`` waits (up to 60 s) until that file exists.
 """
@@ -79,6 +82,10 @@ class FastEngine:
             raise EngineError("The test engine refuses this prompt.", code="test_refused")
         if "bug" in words:
             raise ValueError("an unexpected bug (test)")
+        if "gil" in words:
+            hog_until = time.monotonic() + float(os.environ.get("TURBOBOT_TEST_GIL_SECONDS", "3"))
+            while time.monotonic() < hog_until:
+                sum(range(20_000_000))  # one C call (~0.3 s): no thread switch until it returns
         progress(Progress("denoise", 0, steps))
         for step in range(1, steps + 1):
             if cancelled():

@@ -171,3 +171,27 @@ def test_run_serves_the_console_alone_and_stops_on_sigterm(workdir: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_run_whose_port_is_taken_touches_no_job(workdir: Path) -> None:
+    # `turbobot run` a second time: it used to start its scheduler (requeueing and releasing jobs) before
+    # the web console found its port taken.
+    import socket
+
+    assert turbobot(workdir, "generate", "a fox", *FAST).returncode == 0
+    with sqlite3.connect(workdir / "data" / "turbobot.db") as conn:  # a job whose lease ran out
+        conn.execute(
+            "update jobs set state='running', attempts=1, worker_id='elsewhere:1.ab:0', "
+            "lease_until='2000-01-01 00:00:00.000000'"
+        )
+    before = db_rows(workdir, "select state, attempts, worker_id, lease_until from jobs")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = (ROOT / "config.toml").read_text().replace("port = 8080", f"port = {port}")
+        (workdir / "config.toml").write_text(cfg)
+        out = turbobot(workdir, "run", timeout=60)
+    assert out.returncode == 1 and f"127.0.0.1:{port}" in out.stderr and "already running" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert db_rows(workdir, "select state, attempts, worker_id, lease_until from jobs") == before

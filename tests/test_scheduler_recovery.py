@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,62 @@ async def test_start_with_workers_releases_this_hosts_jobs(tmp_path: Path, base_
     finally:
         await sched.stop()
         await db.dispose()
+
+
+async def test_a_second_scheduler_does_not_take_a_running_job_away(tmp_path: Path, base_mp4: Path) -> None:
+    # `turbobot generate` beside `turbobot run`: both used to call their worker HOST:0, and the second one
+    # to start released "its" predecessor's job, i.e. the first one's running job (lease lost, attempt burned).
+    settings = make_settings(tmp_path)
+    db = await make_db(settings)
+    env = {"TURBOBOT_TEST_MP4": str(base_mp4)}
+    first = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env=env)
+    rec = Recorder()
+    first.subscribe("test", rec)
+    await first.start(run_workers=True)
+    second: Scheduler | None = None
+    try:
+        job = (await first.submit(t2v("hold it"), who(1), where(), "k1")).job
+        await until(lambda: "progress" in rec.kinds(job.id), what="job running")
+        async with db.read() as s:
+            before = await s.get(Job, job.id)
+        for _ in range(2):  # two generate runs one after the other, as in the report
+            second = Scheduler(settings, engine_factory=ENGINE_SPEC, worker_env=env)
+            await second.start(run_workers=True)
+            assert second.supervisor is not None and first.supervisor is not None
+            assert {h.worker_id for h in second.supervisor.handles}.isdisjoint(
+                h.worker_id for h in first.supervisor.handles
+            )
+            await second.stop()
+            second = None
+        async with db.read() as s:
+            after = await s.get(Job, job.id)
+        assert (after.state, after.attempts, after.worker_id) == ("running", 1, before.worker_id)
+        assert rec.kinds(job.id).count("started") == 1
+        await first.cancel(job.id, who(1))
+        async with asyncio.timeout(30):
+            done = await first.wait(job.id)
+        assert (done.state, done.attempts) == ("cancelled", 1)
+    finally:
+        if second is not None:
+            await second.stop()
+        await first.stop()
+        await db.dispose()
+
+
+def test_gone_worker_rule() -> None:
+    from generator.scheduler.service import worker_gone
+    from storage.models import WorkerState
+
+    fresh = dt.timedelta(seconds=20)
+    now = utcnow()
+    here = socket.gethostname()
+
+    def row(pid: int, host: str = here, age: float = 0.0) -> WorkerState:
+        return WorkerState(id="w", pid=pid, heartbeat_at=now - dt.timedelta(seconds=age), info={"host": host})
+
+    assert worker_gone(None, now=now, fresh=fresh)
+    assert not worker_gone(row(os.getpid()), now=now, fresh=fresh)  # alive, heartbeat fresh
+    assert worker_gone(row(os.getpid(), age=60), now=now, fresh=fresh)  # heartbeat stale
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert worker_gone(row(int(dead.stdout)), now=now, fresh=fresh)  # this host, process gone
+    assert not worker_gone(row(int(dead.stdout), host="elsewhere"), now=now, fresh=fresh)  # cannot tell: wait

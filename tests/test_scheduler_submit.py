@@ -154,8 +154,8 @@ async def test_gpu_seconds_quota_and_chat_bucket(tmp_path: Path) -> None:
         first = await sched.submit(t2v(), who(1), where(), "a")
         async with sched.db.write() as s:
             c = await queue.claim(s, worker_id="w", now=utcnow(), lease_seconds=30, max_running_per_user=1)
-            await queue.finish(s, c.job_id, c.attempt, state="failed", code="x", message="x", gpu_seconds=11.0,
-                               now=utcnow())
+            await queue.finish(s, c.job_id, c.attempt, state="failed", code="out_of_memory", message="x",
+                               gpu_seconds=11.0, now=utcnow())  # a failure that counts (the user's size)
         assert c.job_id == first.job.id
         r = await refusal(sched.submit(t2v(), who(1), where(), "b"))
         assert r.code == "quota_gpu" and r.retry_at is not None
@@ -250,3 +250,59 @@ async def test_jobs_for_and_queue_info(sched: Scheduler) -> None:
     mine, quota, total = await sched.queue_info(who(1))
     assert [v.position for v in mine] == [1, 3, 4] and total == 4
     assert quota.queued == 3 and quota.max_queued == 5 and quota.jobs_today == 3 and quota.daily_jobs == 8
+
+
+async def test_quota_refunds_jobs_that_did_not_run_or_failed_through_no_fault_of_the_user(tmp_path: Path) -> None:
+    # Cancelled while queued, internal error, worker kept dying: the daily job comes back and no GPU time
+    # is charged, exactly once. Successes, cancels of a running job and the user's own failures (out of
+    # memory at the size they picked) still count.
+    sched = await started(
+        tmp_path, quotas={"max_queued_per_user": 5, "daily_jobs_per_user": 2}, scheduler={"max_attempts": 1}
+    )
+    db, user = sched.db, who(1)
+
+    async def used() -> tuple[int, float]:
+        _jobs, quota, _n = await sched.queue_info(user)
+        return quota.jobs_today, quota.gpu_seconds_today
+
+    async def run_next(**finish: Any) -> int:
+        async with db.write() as s:
+            c = await queue.claim(s, worker_id="w", now=utcnow(), lease_seconds=60, max_running_per_user=5)
+            assert c is not None
+            assert await queue.finish(s, c.job_id, c.attempt, now=utcnow(), **finish)
+        return c.job_id
+
+    try:
+        a = (await sched.submit(t2v("a"), user, where(), "a")).job.id
+        assert await used() == (1, 0.0)
+        await sched.cancel(a, user)
+        assert await used() == (0, 0.0)  # never ran
+        with pytest.raises(Refusal):
+            await sched.cancel(a, user)
+        assert await used() == (0, 0.0)  # not twice
+
+        await sched.submit(t2v("b"), user, where(), "b")
+        await sched.submit(t2v("c"), user, where(), "c")
+        assert (await refusal(sched.submit(t2v("d"), user, where(), "d"))).code == "quota_daily"
+        b = await run_next(state="failed", code="internal_error", message="x", gpu_seconds=5.0)
+        assert await used() == (1, 0.0)
+        async with db.write() as s:  # a second (stale) finish of the same attempt is fenced out
+            assert not await queue.finish(s, b, 1, state="failed", code="internal_error", message="x", now=utcnow())
+        assert await used() == (1, 0.0)
+        await run_next(state="failed", code="out_of_memory", message="oom", gpu_seconds=3.0)  # the user's size
+        assert await used() == (1, 3.0)
+
+        await sched.submit(t2v("d"), user, where(), "d")
+        async with db.write() as s:  # the worker dies; lease runs out; max_attempts 1: failed, worker_lost
+            await queue.claim(s, worker_id="w", now=utcnow() - dt.timedelta(minutes=5), lease_seconds=60,
+                              max_running_per_user=5)
+            moved = await queue.requeue_expired(s, now=utcnow(), max_attempts=1)
+        assert [t.state for t in moved] == ["failed"]
+        assert await used() == (1, 3.0)
+
+        await sched.submit(t2v("e"), user, where(), "e")
+        await run_next(state="cancelled", code="cancelled", message="Cancelled.", gpu_seconds=2.0)  # it ran
+        assert await used() == (2, 5.0)
+    finally:
+        await sched.stop()
+        await db.dispose()

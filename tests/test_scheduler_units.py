@@ -8,7 +8,7 @@ from scheduler_support import make_settings
 
 from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.files import JobFile, orphans
-from generator.scheduler.supervisor import device_env, worker_ids
+from generator.scheduler.supervisor import device_env, new_run_id, worker_ids
 from generator.scheduler.worker import (
     decode_settings,
     encode_settings,
@@ -20,7 +20,8 @@ from generator.scheduler.worker import (
 
 def test_one_worker_per_device_with_its_own_cuda_visible_devices(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, scheduler={"worker_devices": ["0", "1", "cpu", "auto"]})
-    assert worker_ids(settings, "box") == ["box:0", "box:1", "box:2", "box:3"]
+    assert worker_ids(settings, "77.ab12", "box") == ["box:77.ab12:0", "box:77.ab12:1", "box:77.ab12:2", "box:77.ab12:3"]
+    assert new_run_id() != new_run_id()  # unique per start, even within one process
     assert [device_env(d) for d in settings.scheduler.worker_devices] == [
         {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": ""}, {},
     ]

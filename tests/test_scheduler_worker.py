@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from scheduler_support import (
     where,
     who,
 )
+from sqlalchemy import text
 
 from generator.scheduler.api import Refusal
 from generator.scheduler.service import Scheduler
 from storage import repo_workers
+from storage.db import Database
 from storage.models import Job
 
 
@@ -165,6 +168,34 @@ async def test_oom_fails_one_job_and_the_worker_keeps_serving(tmp_path: Path, ba
         assert worker_pid(sched) == pid
 
 
+async def test_render_thread_hogging_the_interpreter_does_not_hold_the_write_lock(
+    tmp_path: Path, base_mp4: Path
+) -> None:
+    # A render thread that keeps the interpreter lock for long C calls (importing torch, a gc pass) used
+    # to stall the worker's lease/progress transactions between statements while they held SQLite's write
+    # lock: every other writer (submits, the scheduler's maintenance pass) waited seconds and, on a loaded
+    # machine, hit its busy timeout again and again. Now those writes commit statement by statement.
+    hog = 4.0
+    async with running(tmp_path, base_mp4, env={"TURBOBOT_TEST_GIL_SECONDS": str(hog)}) as (sched, rec):
+        other = Database(sched.settings.database_url, busy_timeout_ms=30_000)
+        try:
+            job = (await sched.submit(t2v("gil"), who(1), where(), "k1")).job
+            await until(lambda: "started" in rec.kinds(job.id), what="started")
+            waits: list[float] = []
+            end = time.monotonic() + hog * 0.75  # inside the hog window, which began before "started"
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                async with other.write() as s:  # BEGIN IMMEDIATE: waits for the write lock
+                    await s.execute(text("SELECT 1"))
+                waits.append(time.monotonic() - t0)
+                await asyncio.sleep(0.02)
+            # Before the fix: up to ~3 s (a transaction stuck across several 0.3 s hog calls).
+            assert max(waits) < 1.0, f"write lock waits {sorted(waits)[-5:]}"
+            assert (await finished(sched, job.id)).state == "succeeded"
+        finally:
+            await other.dispose()
+
+
 async def test_cuda_error_restarts_worker_and_bounds_attempts(tmp_path: Path, base_mp4: Path) -> None:
     async with running(tmp_path, base_mp4, scheduler={"max_attempts": 2}) as (sched, _rec):
         job = (await sched.submit(t2v("cudafail"), who(1), where(), "k1")).job
@@ -237,3 +268,27 @@ async def test_stop_right_after_start_does_not_wait_for_the_worker(tmp_path: Pat
             await sched.stop()
     finally:
         await db.dispose()
+
+
+async def test_clean_stop_hands_the_running_job_back_without_using_an_attempt(
+    tmp_path: Path, base_mp4: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ctrl+C / SIGTERM end in Scheduler.stop(): that used to requeue the job as "worker lost" with its
+    # attempt used up (a few restarts and it failed with "the GPU worker stopped during it N times").
+    caplog.set_level("INFO", logger="turbobot.scheduler")
+    slow = {"TURBOBOT_TEST_STEP_SECONDS": "1.0"}  # 3 s left after the first step: stop lands mid-job
+    async with running(tmp_path, base_mp4, env=slow) as (sched, rec):
+        job = (await sched.submit(t2v("slow one", steps=4), who(1), where(), "k1")).job
+        await until(lambda: "progress" in rec.kinds(job.id), what="job running")
+        async with sched.db.read() as s:
+            assert (await s.get(Job, job.id)).attempts == 1
+        await sched.stop()  # the context's own stop() is then a no-op
+        async with sched.db.read() as s:
+            row = await s.get(Job, job.id)
+        assert (row.state, row.attempts, row.worker_id, row.lease_until) == ("queued", 0, "", None)
+    lines = [r.getMessage() for r in caplog.records if "handed back" in r.getMessage()]
+    assert lines == [f"job {job.id} handed back to the queue (shutdown; the attempt does not count)"]
+    assert not [r for r in caplog.records if "worker lost" in r.getMessage()]
+    async with running(tmp_path, base_mp4) as (sched, _rec):  # the next start finishes it
+        done = await finished(sched, job.id)
+        assert (done.state, done.attempts) == ("succeeded", 1)

@@ -42,7 +42,9 @@ def test_dense_processor_equals_stock(model: WanTransformer3DModel) -> None:
     with torch.no_grad():
         ours = TurboSelfAttnProcessor("dense")(attn, hidden, None, None, rope)
         stock = WanAttnProcessor()(attn, hidden, None, None, rope)
-    assert torch.equal(ours, stock)
+    # Two code paths over the same weights: BLAS kernel choice (CPU, alignment) may reorder sums. float32
+    # u ~ 6e-8, dot products of <= 288 terms on values ~1: ~1e-6 typical, 1.7e-5 worst case.
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("topk", [0.1, 0.5])
@@ -71,7 +73,7 @@ def test_sla_processor_equals_reference(
     # CPU has no int8 kernel: "sagesla" runs the same SLA math there.
     with torch.no_grad():
         sage = TurboSelfAttnProcessor("sagesla", topk)(attn, hidden, None, None, rope)
-    assert torch.equal(sage, ours)
+    torch.testing.assert_close(sage, ours, rtol=0, atol=1e-6)  # same function, separate calls
 
 
 def test_set_attention_switches_every_block(model: WanTransformer3DModel) -> None:

@@ -129,7 +129,8 @@ def test_engine_decode_paths_use_the_chunked_decode(
     ref_u8 = vae_ops.to_uint8_frames(ref)
     assert np.abs(frames.astype(int) - ref_u8.astype(int)).max() <= 1  # float rounding at a .5 boundary at most
     torch.testing.assert_close(vae_ops.decode(vae, latents), ref, rtol=0, atol=1e-4)
-    np.testing.assert_array_equal(vae_ops.decode_uint8(vae, latents), frames)
+    # Separate float decodes: a last-bit difference may move a value across a .5 rounding boundary.
+    assert np.abs(vae_ops.decode_uint8(vae, latents).astype(int) - frames.astype(int)).max() <= 1
 
 
 def test_cpu_default_is_one_frame_per_pass(tiny: tuple[AutoencoderKLWan, torch.Tensor, torch.Tensor]) -> None:

@@ -107,7 +107,8 @@ def test_our_decode_equals_diffusers_decode(vae_file: tuple[Path, dict[str, torc
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     frames = vae_ops.decode_uint8(vae, latents)
     assert frames.dtype == np.uint8 and frames.shape == (9, 32, 48, 3)
-    np.testing.assert_array_equal(frames, vae_ops.to_uint8_frames(ref))
+    # The float decodes agree to 1e-5 (above); rounding to uint8 can split them by one step at a .5 boundary.
+    assert np.abs(frames.astype(int) - vae_ops.to_uint8_frames(ref).astype(int)).max() <= 1
 
 
 def test_tiled_decode_fallback_runs() -> None:

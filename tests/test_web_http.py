@@ -472,7 +472,7 @@ async def test_admin_cancel_limits_and_block(tmp_path: Path) -> None:
         assert len(users) == 1
         u = users[0]
         assert (u["max_queued"], u["daily_jobs"], u["daily_gpu_seconds"]) == (5, 7, None)
-        assert (u["queued"], u["jobs_today"]) == (1, 2)
+        assert (u["queued"], u["jobs_today"]) == (1, 1)  # the job cancelled while queued does not count
         resp = await c.post_json("/api/admin/users/limits", {"user_key": "telegram:77", "max_queued": -1})
         assert resp.status == 400
         resp = await c.post_json("/api/admin/users/limits", {"user_key": "nobody", "max_queued": 1})

@@ -282,6 +282,24 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before starting anything when the web console's port is taken (often: turbobot already runs)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
+            sock.bind(addr)
+    except OSError as exc:
+        raise UserError(
+            f"the web console cannot listen on {host}:{port} ({exc.strerror or exc}). Is turbobot already "
+            "running? Stop it, or set another [web] port in config.toml."
+        ) from None
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from generator.scheduler.service import Scheduler
     from turbobot.logs import protect_secret
@@ -315,6 +333,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
 
+    if settings.web.enabled:
+        _check_port_free(settings.web.host, settings.web.port)  # before the scheduler touches any job
     db = await _open_database(settings)
     scheduler = Scheduler(settings, db=db)
     await scheduler.start(run_workers=True)

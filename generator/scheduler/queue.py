@@ -10,6 +10,13 @@ Fair order (service.md): next job = min over queued jobs of
 skipping users already at their running cap (owners/unlimited are not capped). Queue positions use the
 same key with each user's k-th queued job counted as k more running jobs, which is the order repeated
 claims produce.
+
+Quotas (service.md): submit counts one of the user's daily jobs; the terminal transition charges the GPU
+time. A job cancelled before it ran, or failed for a reason that is not the user's (worker lost, internal
+error, stored input gone, engine or model trouble: anything not in ``USER_FAILURES``), gets its daily job
+back and is charged no GPU time, in the transaction of that transition (which is fenced, so exactly once).
+Successes, cancels of a running job and the user's own failures count: running out of GPU memory at the
+size the user picked, an input image the engine cannot read.
 """
 
 from __future__ import annotations
@@ -26,8 +33,14 @@ from generator.scheduler.estimate import Shape
 from storage.models import InputImage, Job, Output, QuotaUsage, User
 from storage.repo_audit import add_audit
 from storage.repo_files import add_output
-from storage.repo_quotas import add_usage, utc_day
+from storage.repo_quotas import add_usage, refund_job, utc_day
 from storage.repo_users import EXEMPT_ROLES
+
+USER_FAILURES = frozenset({"out_of_memory", "bad_image"})  # failures that still count against the quota
+
+
+def users_fault(code: str) -> bool:
+    return code in USER_FAILURES
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class OutputInfo:
 class Transition:
     job_id: int
     state: str  # the state the job was moved to
+    handed_back: bool = False  # requeued by a clean shutdown, the attempt not counted
 
 
 def _running_counts() -> Any:
@@ -293,12 +307,16 @@ async def finish(
             state=state, finished_at=now, lease_until=None, gpu_seconds=gpu_seconds, timings=timings or {},
             error_code=code[:32], error_message=message,
         )
-        .returning(Job.user_id)
+        .returning(Job.user_id, Job.created_at)
     )
-    user_id = (await session.execute(stmt)).scalar_one_or_none()
-    if user_id is None:
+    row = (await session.execute(stmt)).first()
+    if row is None:
         return False
-    await _charge(session, user_id, gpu_seconds, now)
+    user_id, created_at = row
+    if state == "failed" and not users_fault(code):
+        await refund_job(session, user_id, utc_day(created_at))
+    else:
+        await _charge(session, user_id, gpu_seconds, now)
     await add_audit(session, state, job_id=job_id, detail=f"attempt {attempt}: {code}", now=now)
     return True
 
@@ -321,12 +339,15 @@ async def cancel(session: AsyncSession, job_id: int, *, now: dt.datetime) -> str
         update(Job)
         .where(Job.id == job_id, Job.state == "queued")
         .values(state="cancelled", finished_at=now, error_code="cancelled", error_message="Cancelled.")
+        .returning(Job.user_id, Job.created_at)
     )
-    if (await session.execute(stmt)).rowcount == 1:
+    row = (await session.execute(stmt)).first()
+    if row is not None:
+        await refund_job(session, row[0], utc_day(row[1]))  # it never ran
         await add_audit(session, "cancelled", job_id=job_id, detail="while queued", now=now)
         return "cancelled"
-    stmt = update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
-    if (await session.execute(stmt)).rowcount == 1:
+    flag = update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
+    if (await session.execute(flag)).rowcount == 1:
         return "requested"
     state = (await session.execute(select(Job.state).where(Job.id == job_id))).scalar_one_or_none()
     return f"already_{state}" if state else "missing"
@@ -355,9 +376,15 @@ async def _requeue_rows(
             base.update(worker_id="", started_at=None, progress_step=0, progress_total=0)
         else:
             base.update(finished_at=now)
-        stmt = update(Job).where(_fenced(job_id, attempt)).values(**base, **values)
-        if (await session.execute(stmt)).rowcount != 1:
+        stmt = (
+            update(Job).where(_fenced(job_id, attempt)).values(**base, **values)
+            .returning(Job.user_id, Job.created_at)
+        )
+        row = (await session.execute(stmt)).first()
+        if row is None:
             continue
+        if state == "failed":  # the worker kept dying: not the user's doing
+            await refund_job(session, row[0], utc_day(row[1]))
         if state != "queued":
             await add_audit(session, state, job_id=job_id, detail=f"attempt {attempt}: {why}", now=now)
         out.append(Transition(job_id, state))
@@ -377,17 +404,41 @@ async def requeue_expired(session: AsyncSession, *, now: dt.datetime, max_attemp
     return await _requeue_rows(session, rows, now=now, max_attempts=max_attempts, why="lease expired")
 
 
+async def running_worker_ids(session: AsyncSession) -> list[str]:
+    """The workers holding running jobs."""
+    stmt = select(Job.worker_id).where(Job.state == "running").distinct()
+    return [str(w) for w in (await session.execute(stmt)).scalars()]
+
+
 async def release_worker(
-    session: AsyncSession, worker_ids: list[str], *, now: dt.datetime, max_attempts: int
+    session: AsyncSession, worker_ids: list[str], *, now: dt.datetime, max_attempts: int, hand_back: bool = False
 ) -> list[Transition]:
-    """Requeue the running jobs of workers known to be dead (their process has exited)."""
+    """Requeue the running jobs of workers known to be dead (their process has exited).
+
+    ``hand_back``: we stopped them on purpose (a clean shutdown), so the interrupted attempt is not counted:
+    ``attempts`` goes back down by one. Safe for the fence because the worker process has already exited
+    (no straggler of that attempt can commit); the next claim reuses the number."""
     if not worker_ids:
         return []
     stmt = select(Job.id, Job.attempts, Job.cancel_requested).where(
         Job.state == "running", Job.worker_id.in_(worker_ids)
     )
     rows = [(int(a), int(b), bool(c)) for a, b, c in (await session.execute(stmt)).tuples()]
-    return await _requeue_rows(session, rows, now=now, max_attempts=max_attempts, why="worker exited")
+    if not hand_back:
+        return await _requeue_rows(session, rows, now=now, max_attempts=max_attempts, why="worker exited")
+    out: list[Transition] = []
+    for job_id, attempt, cancel_requested in rows:
+        if cancel_requested:  # it was being cancelled anyway
+            out += await _requeue_rows(session, [(job_id, attempt, True)], now=now, max_attempts=max_attempts,
+                                       why="stopped")
+            continue
+        back = update(Job).where(_fenced(job_id, attempt)).values(
+            state="queued", attempts=attempt - 1, lease_until=None, worker_id="", started_at=None,
+            progress_step=0, progress_total=0,
+        )
+        if (await session.execute(back)).rowcount == 1:
+            out.append(Transition(job_id, "queued", handed_back=True))
+    return out
 
 
 # --- queue positions ------------------------------------------------------------------------------

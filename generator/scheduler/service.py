@@ -9,8 +9,8 @@ Lifecycle::
     await scheduler.stop()
 
 ``start`` does not create or migrate tables: run ``storage.migrate.upgrade_database(url)`` first.
-On start: expired leases are requeued, jobs of this host's previous workers (dead with their parent) are
-released, orphaned files are swept, and undelivered results are offered to sinks as they subscribe.
+On start: expired leases are requeued, jobs of workers that are really gone (stale heartbeat, or a process
+of this host that no longer exists) are released, orphaned files are swept, and undelivered results are offered to sinks as they subscribe.
 
 Nothing here blocks the event loop: the database is reached through the async driver, file work goes to
 threads and GPU work happens in worker processes (``generator.scheduler.worker``).
@@ -23,6 +23,8 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -54,11 +56,12 @@ from generator.scheduler.disk import STORAGE_MESSAGE, storage_problem
 from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.events import EventHub
 from generator.scheduler.metrics import SchedulerMetrics
-from generator.scheduler.supervisor import Supervisor, WorkerHandle, worker_ids
+from generator.scheduler.supervisor import Supervisor, WorkerHandle
 from generator.scheduler.views import job_view
+from generator.scheduler.worker import EXIT_CUDA_FATAL
 from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users, repo_workers
 from storage.db import Database
-from storage.models import Job, utcnow
+from storage.models import Job, WorkerState, utcnow
 from turbobot.config import Settings
 
 log = logging.getLogger("turbobot.scheduler")
@@ -122,9 +125,10 @@ class Scheduler:
             log.error("storage is not usable: %s; new jobs are refused until it is fixed", problem)
         await self._requeue_expired()
         if run_workers:
-            # Our previous workers died with their parent (stdin EOF); give their jobs back now
-            # instead of waiting for the leases. A straggler still finishing is fenced out.
-            await self._release(worker_ids(self.settings))
+            # Workers of a previous run died with their parent (stdin EOF): give their jobs back now instead
+            # of waiting for the leases. Only workers that are really gone: another process (a `turbobot
+            # generate` beside `turbobot run`) may be serving this database right now.
+            await self._release_gone_workers()
         await self.sweep()
         await asyncio.to_thread(files.remove_partial_inputs, self.inputs_dir)
         if run_workers:
@@ -592,7 +596,10 @@ class Scheduler:
 
     async def _on_worker_exit(self, handle: WorkerHandle, returncode: int | None) -> None:
         self.metrics.worker_exit(returncode)
-        await self._release([handle.worker_id])
+        # Stopped by us (Ctrl+C, SIGTERM, stop()): hand its job back without counting the attempt. A CUDA
+        # failure that happened to coincide is still a failed attempt.
+        clean = self.supervisor is not None and self.supervisor.stopping and returncode != EXIT_CUDA_FATAL
+        await self._release([handle.worker_id], hand_back=clean)
         await self.sweep()
 
     def _schedule_position_updates(self) -> None:
@@ -660,10 +667,22 @@ class Scheduler:
         return [job_view(j, snap=snap, stats=stats, n_workers=n_workers, now=now) for j in jobs]
 
     # --- maintenance ----------------------------------------------------------------------------
-    async def _release(self, ids: list[str]) -> None:
+    async def _release(self, ids: list[str], *, hand_back: bool = False) -> None:
         async with self.db.write() as s:
-            moved = await queue.release_worker(s, ids, now=utcnow(), max_attempts=self.cfg.max_attempts)
+            moved = await queue.release_worker(
+                s, ids, now=utcnow(), max_attempts=self.cfg.max_attempts, hand_back=hand_back
+            )
         self._after_transitions(moved)
+
+    async def _release_gone_workers(self) -> None:
+        now = utcnow()
+        async with self.db.read() as s:
+            holders = await queue.running_worker_ids(s)
+            rows = {w.id: w for w in await repo_workers.list_workers(s)} if holders else {}
+        gone = [w for w in holders if worker_gone(rows.get(w), now=now, fresh=self._fresh_window())]
+        if gone:
+            log.info("releasing the jobs of gone worker(s) %s", ", ".join(gone))
+            await self._release(gone)
 
     async def _requeue_expired(self) -> None:
         now = utcnow()
@@ -679,9 +698,12 @@ class Scheduler:
         if not moved:
             return
         self._snap = None
-        self.metrics.requeued.inc(sum(t.state == "queued" for t in moved))
+        self.metrics.requeued.inc(sum(t.state == "queued" and not t.handed_back for t in moved))
         for t in moved:
-            log.warning("job %s -> %s (worker lost)", t.job_id, t.state)
+            if t.handed_back:
+                log.info("job %s handed back to the queue (shutdown; the attempt does not count)", t.job_id)
+            else:
+                log.warning("job %s -> %s (worker lost)", t.job_id, t.state)
             self.hub.wake(t.job_id)
         if self.supervisor is not None and any(t.state == "queued" for t in moved):
             self.supervisor.wake()
@@ -750,3 +772,25 @@ class Scheduler:
         detail["storage"] = await self.storage_problem() or "ok"
         return detail["database"] == "ok" and live and detail["storage"] == "ok", detail
 
+
+
+def pid_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def worker_gone(row: WorkerState | None, *, now: dt.datetime, fresh: dt.timedelta) -> bool:
+    """A job's worker is really gone (its job may be released before the lease runs out) when it has no
+    row, its row's heartbeat is older than ``fresh``, or it ran on this host and its process no longer
+    exists. A live worker of another process serving the same database is none of these."""
+    if row is None or now - row.heartbeat_at > fresh:
+        return True
+    info = row.info or {}
+    return info.get("host") == socket.gethostname() and not pid_exists(int(row.pid or info.get("pid") or 0))

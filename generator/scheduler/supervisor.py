@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
@@ -34,9 +35,17 @@ MAX_BACKOFF = 30.0
 HEALTHY_AFTER = 60.0  # a worker that lived this long restarts without delay
 
 
-def worker_ids(settings: Settings, host: str | None = None) -> list[str]:
-    host = host or socket.gethostname()
-    return [f"{host}:{slot}" for slot in range(len(settings.scheduler.worker_devices))]
+def new_run_id() -> str:
+    """This supervisor's part of its workers' ids: pid plus a random token, unique per process start
+    (a pid alone repeats across container restarts and PID namespaces)."""
+    return f"{os.getpid()}.{secrets.token_hex(2)}"
+
+
+def worker_ids(settings: Settings, run_id: str, host: str | None = None) -> list[str]:
+    """``host:run:slot``. Two processes serving one database (``turbobot run`` and a ``turbobot generate``)
+    must never share an id: a job is released by the id of the worker that holds it."""
+    host = (host or socket.gethostname())[:40]  # ids are stored in 64-character columns
+    return [f"{host}:{run_id}:{slot}" for slot in range(len(settings.scheduler.worker_devices))]
 
 
 def device_env(device: str) -> dict[str, str]:
@@ -87,12 +96,19 @@ class Supervisor:
         self._engine_factory = engine_factory
         self._env = dict(env or {})
         self._settings_line = encode_settings(settings) + "\n"
+        self.run_id = new_run_id()
+        ids = worker_ids(settings, self.run_id)
         self.handles = [
             WorkerHandle(slot, wid, dev)
-            for slot, (wid, dev) in enumerate(zip(worker_ids(settings), settings.scheduler.worker_devices, strict=True))
+            for slot, (wid, dev) in enumerate(zip(ids, settings.scheduler.worker_devices, strict=True))
         ]
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        """``stop()`` has begun: workers exiting now were stopped on purpose."""
+        return self._stopping.is_set()
 
     def start(self) -> None:
         for handle in self.handles:

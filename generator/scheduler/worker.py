@@ -306,12 +306,25 @@ class Worker:
             self.engine_info = {}
 
     async def _write(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run one queue verb in its own write transaction, retrying transient lock errors."""
+        """Run one queue verb in its own write transaction, retrying transient lock errors.
+        Only while no render or engine load runs (see ``_write_each``)."""
         assert self.db is not None
+        return await self._retry(self.db.write, fn, *args, **kwargs)
+
+    async def _write_each(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """For the writes made while the render thread works (lease, progress, worker row): every
+        statement commits on its own, so the database's write lock is never held while this process waits
+        for the interpreter lock that the render thread may keep for seconds (``Database.write_each``)."""
+        assert self.db is not None
+        return await self._retry(self.db.write_each, fn, *args, **kwargs)
+
+    async def _retry(
+        self, begin: Callable[[], Any], fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
         delay = 0.05
         for attempt in range(6):
             try:
-                async with self.db.write() as s:
+                async with begin() as s:
                     return await fn(s, *args, **kwargs)
             except DBAPIError as exc:
                 if attempt == 5:
@@ -332,7 +345,7 @@ class Worker:
         }
         if self.storage_error:
             info["storage_error"] = self.storage_error
-        await self._write(update_worker, self.worker_id, now=utcnow(), state=self.state, info=info)
+        await self._write_each(update_worker, self.worker_id, now=utcnow(), state=self.state, info=info)
 
     async def _claim(self) -> queue.Claimed | None:
         try:
@@ -363,7 +376,7 @@ class Worker:
             if now_m - last_row >= row_heartbeat_seconds(self.settings):
                 last_row = now_m
                 try:
-                    await self._write(update_worker, self.worker_id, now=utcnow(), state=self.state)
+                    await self._write_each(update_worker, self.worker_id, now=utcnow(), state=self.state)
                 except DBAPIError:
                     log.exception("worker %s: heartbeat write failed", self.worker_id)
             await asyncio.sleep(self.cfg.heartbeat_seconds)
@@ -378,7 +391,7 @@ class Worker:
                 if stalled:
                     status = await self._read(queue.lease_status, job.job_id, job.attempt)
                 else:
-                    status = await self._write(
+                    status = await self._write_each(
                         queue.heartbeat, job.job_id, job.attempt, now=utcnow(), lease_seconds=self.cfg.lease_seconds
                     )
             except DBAPIError:
@@ -399,7 +412,7 @@ class Worker:
             if item.stage != "denoise":
                 continue
             try:
-                status = await self._write(
+                status = await self._write_each(
                     queue.progress, job.job_id, job.attempt, item.step, item.total, now=utcnow(),
                     lease_seconds=self.cfg.lease_seconds,
                 )
