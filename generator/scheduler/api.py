@@ -66,6 +66,12 @@ class Refusal(Exception):
         self.job_id = job_id
 
 
+class DeliverLater(Exception):
+    """Raised by a sink whose front end cannot reach its platform now (stopped, or not started yet in this
+    process). A normal event, not an error: the event hub logs it in one line; a terminal event is offered
+    again later (and after a restart), a status update is simply not shown."""
+
+
 @dataclass(frozen=True)
 class OutputView:
     path: str

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from generator.scheduler.api import TERMINAL_KINDS, EventKind, EventSink, JobEvent, JobView
+from generator.scheduler.api import TERMINAL_KINDS, DeliverLater, EventKind, EventSink, JobEvent, JobView
 
 log = logging.getLogger("turbobot.events")
 
@@ -192,6 +192,10 @@ class EventHub:
                 await sink(event)
             except asyncio.CancelledError:
                 raise
+            except DeliverLater as exc:
+                ok = False
+                log.info("job %s %s: not delivered on %s now (%s); will offer it again", view.id, kind,
+                         view.target.platform, exc)
             except Exception:
                 ok = False
                 log.exception("sink for %s raised on job %s %s; will retry", view.target.platform, view.id, kind)
@@ -214,6 +218,8 @@ class EventHub:
                 await sink(event)
             except asyncio.CancelledError:
                 raise
+            except DeliverLater as exc:
+                log.info("job %s %s: not shown on %s (%s)", view.id, kind, view.target.platform, exc)
             except Exception:
                 log.exception("sink for %s raised on job %s %s", view.target.platform, view.id, kind)
         await self._observe(event)
