@@ -18,6 +18,12 @@ from generator.request import GenerationRequest
 
 EventKind = Literal["queued", "started", "progress", "succeeded", "failed", "cancelled"]
 TERMINAL_KINDS = ("succeeded", "failed", "cancelled")
+# What a running job is doing, in order: encoding the prompt, sampling (step k of n), decoding the latents,
+# finishing the mp4. "" = not reported yet (or a worker of an older version).
+Phase = Literal["", "text", "sampling", "decoding", "encoding"]
+PHASES: tuple[Phase, ...] = ("text", "sampling", "decoding", "encoding")
+# How a job came from its parent: "remix" (same seed, changes) or "retry" (same request, new seed).
+Lineage = Literal["", "remix", "retry"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ class JobView:
     error_message: str
     timings: dict[str, float]
     cancel_requested: bool = False  # running and asked to stop: it ends "cancelled" after the current step
+    progress_phase: Phase = ""  # while running; progress_step/progress_total stay the sampler's steps
+    lineage: Lineage = ""  # with parent_id: "remix" or "retry" ("" for children recorded before lineage was)
 
     @property
     def seed(self) -> int:
