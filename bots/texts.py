@@ -70,6 +70,26 @@ def progress_bar(step: int, total: int, width: int = 12) -> str:
     return "█" * filled + "░" * (width - filled) + f" {round(100 * step / total)}%"
 
 
+def lineage_word(job: JobView) -> str:
+    """What a child job is of its parent: "Retry" (same request, new seed) or "Remix"."""
+    return "Retry" if job.lineage == "retry" else "Remix"
+
+
+def running_line(job: JobView) -> str:
+    """What a running job is doing now: its phase, with the sampler's steps (no markup; same on every front end).
+    Decoding and the mp4 encode take seconds after the last step: they are said, not left at "100%"."""
+    if not job.progress_total:
+        return "Starting…"
+    steps = f"{job.progress_step}/{job.progress_total}"
+    if job.progress_phase == "text":
+        return "Encoding the prompt…"
+    if job.progress_phase == "decoding":
+        return f"Decoding the video… (sampled {steps} steps)"
+    if job.progress_phase == "encoding":
+        return f"Encoding the mp4… (sampled {steps} steps)"
+    return f"Sampling {progress_bar(job.progress_step, job.progress_total)} (step {steps})"
+
+
 def model_name(job: JobView) -> str:
     if job.output is not None and job.output.model_label:
         return job.output.model_label
@@ -95,10 +115,7 @@ def status_text(job: JobView, flavor: str = "plain", *, now: dt.datetime | None 
         if job.eta is not None:
             lines.append(f"Expected done {_when(job.eta, flavor, now)}")
     elif job.state == "running":
-        if job.progress_total:
-            lines.append(f"{progress_bar(job.progress_step, job.progress_total)} (step {job.progress_step}/{job.progress_total})")
-        else:
-            lines.append("Starting…")
+        lines.append(running_line(job))
         if job.eta is not None:
             lines.append(f"Expected done {_when(job.eta, flavor, now)}")
     elif job.state == "failed":
@@ -118,7 +135,7 @@ def result_caption(job: JobView, flavor: str = "plain") -> str:
         head += f" · {took:.1f} s"
     lines = [_bold(head, flavor), _esc(_short_prompt(job.request.prompt, 300), flavor)]
     if job.parent_id:
-        lines.append(f"Remix of job #{job.parent_id}")
+        lines.append(f"{lineage_word(job)} of job #{job.parent_id}")
     if job.output is not None and job.output.is_demo:
         lines.append(_esc(DEMO_NOTE, flavor))
     return "\n".join(lines)
@@ -128,7 +145,7 @@ def params_text(job: JobView, flavor: str = "plain") -> str:
     """Every parameter of a job, enough to reproduce it."""
     r = job.request
     rows = [
-        ("job", f"#{job.id}" + (f" (remix of #{job.parent_id})" if job.parent_id else "")),
+        ("job", f"#{job.id}" + (f" ({lineage_word(job).lower()} of #{job.parent_id})" if job.parent_id else "")),
         ("state", job.state),
         ("mode", r.mode),
         ("model", model_name(job)),

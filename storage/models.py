@@ -114,6 +114,9 @@ class Job(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
     input_id: Mapped[int | None] = mapped_column(ForeignKey("inputs.id", ondelete="SET NULL"), nullable=True)
+    # How this job came from parent_id: "remix" (same seed, changes) or "retry" (same request, new seed);
+    # "" for originals (and for children made before this was recorded).
+    lineage: Mapped[str] = mapped_column(String(8), default="", server_default="")
 
     # Delivery target: where the front end shows status and the result.
     platform: Mapped[str] = mapped_column(String(16))
@@ -149,6 +152,9 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    # What the running job is doing: "text", "sampling" (progress_step of progress_total), "decoding",
+    # "encoding"; "" before the first report.
+    progress_phase: Mapped[str] = mapped_column(String(16), default="", server_default="")
 
     # Timestamps and timings.
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -72,3 +72,40 @@ async def test_turbobot_run_serves_discord_from_config_and_environment(tmp_path:
     logs = log_path.read_text(errors="replace")
     assert code == 0, logs[-3000:]
     assert TOKEN not in logs  # debug logging (-v) is on, the token is never printed
+
+
+async def test_sigterm_while_a_job_renders_waits_for_the_next_start_quietly(tmp_path: Path) -> None:
+    """Stopping with a Discord job still rendering is normal: its result waits for the next start, and the
+    log says so in one line, with no traceback. The voice-support warnings of discord.py stay out too."""
+    srv = FakeDiscord(token=TOKEN)
+    await srv.start()
+    cfg = write_config(tmp_path, srv)
+    env = {**os.environ, "DISCORD_TOKEN": TOKEN, "TURBOBOT_ENGINE_FACTORY": ENGINE, "TELEGRAM_TOKEN": ""}
+    log_path = tmp_path / "turbobot.log"
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "turbobot.cli", "--config", str(cfg), "run",
+            cwd=str(ROOT), env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            exited = asyncio.ensure_future(proc.wait())
+            ready = asyncio.ensure_future(srv.wait_identified(within=60))
+            await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
+            assert not exited.done(), "turbobot run exited:\n" + log_path.read_text(errors="replace")[-3000:]
+            ready.result()
+
+            alice = srv.new_user("alice")
+            iid = await srv.slash("t2v", alice, prompt="a long one [hold]")  # renders until cancelled
+            await srv.wait_for(lambda: "Rendering" in ((srv.original(iid) or {}).get("content") or ""), 60)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(proc.wait(), 30)
+            await srv.stop()
+    logs = log_path.read_text(errors="replace")
+    assert code == 0, logs[-3000:]
+    assert "Traceback" not in logs, logs[-3000:]
+    assert "voice will NOT be supported" not in logs, logs[-3000:]
+    # The job went back to the queue (its worker stopped with the process): said in one line.
+    assert any(line.startswith(tuple("0123456789")) and "job 1 " in line and "Discord client" in line
+               for line in logs.splitlines()), logs[-3000:]

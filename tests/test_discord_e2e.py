@@ -9,6 +9,8 @@ import io
 import logging
 from pathlib import Path
 
+import pytest
+from fakes.discord_engine import GATES_ENV
 from fakes.discord_harness import TOKEN, buttons, discord_env, file_bytes, job_id_of, png_bytes
 
 from turbobot.logs import setup_logging
@@ -133,6 +135,11 @@ async def test_remix_and_retry_buttons_work_after_a_restart(tmp_path: Path) -> N
         retried = await env.delivered(retry)
         again = await env.sched.get(job_id_of(retried))
         assert again is not None and again.parent_id == parent and again.seed != 777
+        assert (child.lineage, again.lineage) == ("remix", "retry")
+        assert f"Retry of job #{parent}" in retried["content"] and "Remix of" not in retried["content"]
+        # Its Params say so too.
+        click = await srv.click(retried["id"], f"tb:params:{again.id}", alice)
+        assert f"(retry of #{parent})" in await env.private_answer(click)
         assert again.request.prompt == "a lighthouse at night"
 
         # /remix as a slash command: same seed, new prompt and options.
@@ -142,3 +149,34 @@ async def test_remix_and_retry_buttons_work_after_a_restart(tmp_path: Path) -> N
         assert child2 is not None and child2.parent_id == parent
         assert (child2.seed, child2.request.prompt, child2.request.steps) == (777, "a lighthouse at dawn", 1)
 
+
+
+PHASES = (("Encoding the prompt", "text"), ("Decoding the video", "decode"), ("Encoding the mp4", "encode"))
+
+
+async def test_status_shows_decoding_and_encoding_as_their_own_phases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding and the mp4 encode take seconds after the last step: the status says so instead of 100%.
+    The test engine stays in each phase until its gate is opened, so nothing here depends on timing."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    monkeypatch.setenv(GATES_ENV, str(gates))  # inherited by the worker process
+    async with discord_env(tmp_path) as env:
+        srv = env.server
+        alice = srv.new_user("alice")
+        iid = await srv.slash("t2v", alice, prompt="a tide coming in [phases]", steps=2)
+        status = await env.answered(iid)
+        job_id = job_id_of(status)
+        for words, gate in PHASES:
+            await srv.wait_for(lambda w=words: w in (srv.messages[status["id"]]["content"] or ""), 30)
+            (gates / f"{job_id}-{gate}").touch()
+        final = await env.delivered(iid)
+        assert f"Job #{job_id}" in final["content"]
+        shown = [line for v in srv.history[status["id"]] for line in v["content"].splitlines()]
+        decoding = next(line for line in shown if line.startswith("Decoding the video"))
+        assert "(sampled 2/2 steps)" in decoding and "100%" not in decoding
+        # Every phase was shown, in order, never going back.
+        words = [w for w, _ in PHASES]
+        order = [w for line in shown for w in words if line.startswith(w)]
+        assert list(dict.fromkeys(order)) == words and order == sorted(order, key=words.index)

@@ -32,7 +32,7 @@ from scheduler_support import (
 )
 from sqlalchemy import text
 
-from generator.scheduler.api import Refusal
+from generator.scheduler.api import PHASES, Refusal
 from generator.scheduler.service import Scheduler
 from storage import repo_workers
 from storage.db import Database
@@ -87,8 +87,10 @@ async def test_success_file_events_and_eta(tmp_path: Path, base_mp4: Path) -> No
         await until(lambda: len(rec.terminal(done.id)) == 1, what="terminal event")
         kinds = rec.kinds(done.id)
         assert kinds[0] in ("queued", "started") and kinds[-1] == "succeeded" and "started" in kinds
-        steps = [e.job.progress_step for e in rec.events if e.job.id == done.id and e.kind == "progress"]
-        assert steps == sorted(set(steps)) and steps and steps[-1] <= 4
+        # (phase, step) only moves forward: decoding is news at the same step as the last sampling step.
+        keys = [(PHASES.index(e.job.progress_phase), e.job.progress_step)
+                for e in rec.events if e.job.id == done.id and e.kind == "progress"]
+        assert keys == sorted(set(keys)) and keys and keys[-1][1] <= 4
         # The worker learned step times (stored just after the job): running and queued jobs get ETAs.
         async def learned() -> bool:
             async with sched.db.read() as s:
@@ -121,8 +123,9 @@ async def test_progress_events_are_ordered_and_throttled(tmp_path: Path, base_mp
             kinds = rec.kinds(job_id)
             assert kinds.index("started") < kinds.index("succeeded") == len(kinds) - 1
             assert "queued" not in kinds[kinds.index("started"):]
-            steps = [e.job.progress_step for e in rec.events if e.job.id == job_id and e.kind == "progress"]
-            assert steps == sorted(set(steps)) and steps, steps
+            keys = [(PHASES.index(e.job.progress_phase), e.job.progress_step)
+                    for e in rec.events if e.job.id == job_id and e.kind == "progress"]
+            assert keys == sorted(set(keys)) and keys, keys
         # Throttle: progress events of one job are at least an interval apart (timestamps from the sink).
         for e, t in zip(rec.events, rec.times, strict=True):
             if e.kind == "progress":

@@ -62,7 +62,7 @@ async def test_upgrade_creates_every_table_and_is_idempotent(tmp_path: Path) -> 
     await upgrade_database(url)
     assert table_names(db_file) == set(Base.metadata.tables) | {"alembic_version"}
     assert {"ix_jobs_state_created", "ix_jobs_user_state", "ix_jobs_state_lease"} <= index_names(db_file)
-    assert await current_revisions(url) == head_revisions() == ("0001",)
+    assert await current_revisions(url) == head_revisions() == ("0002",)
 
     await upgrade_database(url)  # a second start is a no-op
     assert await current_revisions(url) == head_revisions()
@@ -151,8 +151,8 @@ BROKEN_REVISION = """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9999"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -180,7 +180,7 @@ def test_failed_upgrade_on_sqlite_rolls_back_entirely(tmp_path: Path, failure: s
     """A revision that fails halfway leaves neither its DDL nor a version bump behind (one transaction)."""
     extra = tmp_path / "extra_versions"
     extra.mkdir()
-    (extra / "0002_broken.py").write_text(BROKEN_REVISION.format(failure=failure))
+    (extra / "9999_broken.py").write_text(BROKEN_REVISION.format(failure=failure, head=head_revisions()[0]))
     db_file = tmp_path / "app.db"
     url = sqlite_url(db_file)
     asyncio.run(upgrade_database(url))
@@ -194,7 +194,7 @@ def test_failed_upgrade_on_sqlite_rolls_back_entirely(tmp_path: Path, failure: s
     assert table_names(db_file) == before
     with sqlite3.connect(db_file) as conn:
         assert "half" not in {r[1] for r in conn.execute("PRAGMA table_info(users)")}
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [head_revisions()]
         assert conn.execute("SELECT count(*) FROM quota_usage").fetchone() == (0,)
 
 
@@ -265,3 +265,32 @@ def test_ci_check_command_passes() -> None:
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "match the models" in done.stdout
+
+
+async def test_0002_keeps_existing_jobs_and_gives_them_empty_lineage_and_phase(tmp_path: Path) -> None:
+    """A database made by 0001 with a parent and a child job upgrades in place (SQLite batch copy)."""
+    db_file = tmp_path / "app.db"
+    url = sqlite_url(db_file)
+    await upgrade_database(url, "0001")
+    cols = ("id, idempotency_key, user_id, parent_id, platform, chat_id, guild_id, status_message_id, "
+            "reply_to_message_id, delivery, mode, prompt, model, resolution, aspect, frames, steps, seed, sla_topk, "
+            "sampler, adaptive_resolution, boundary, attention, request, state, priority, attempts, worker_id, "
+            "cancel_requested, progress_step, progress_total, created_at, gpu_seconds, timings, error_code, "
+            "error_message")
+    row = ("'telegram', '', '', '', '', '{}', 't2v', 'p', '', '480p', '16:9', 9, 2, 7, 0.1, 'sde', 0, "
+           "0.9, 'auto', '{}', 'running', 0, 1, 'w', 0, 1, 2, '2026-01-01 00:00:00', 0, '{}', '', ''")
+    with sqlite3.connect(db_file) as conn:
+        conn.execute("INSERT INTO users (id, platform, platform_user_id, display_name, role, blocked, blocked_reason,"
+                     " created_at) VALUES (1, 'telegram', '5', 'a', 'user', 0, '', '2026-01-01 00:00:00')")
+        conn.execute(f"INSERT INTO jobs ({cols}) VALUES (1, 'k1', 1, NULL, {row})")
+        conn.execute(f"INSERT INTO jobs ({cols}) VALUES (2, 'k2', 1, 1, {row})")
+
+    await upgrade_database(url)
+    with sqlite3.connect(db_file) as conn:
+        rows = conn.execute("SELECT id, parent_id, lineage, progress_phase, progress_step FROM jobs ORDER BY id")
+        assert rows.fetchall() == [(1, None, "", "", 1), (2, 1, "", "", 1)]
+    assert check_migrations(url) == []
+    await downgrade_database(url, "0001")
+    with sqlite3.connect(db_file) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (2,)
+        assert "lineage" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes.telegram_engine import GATES_ENV
 from fakes.telegram_server import FakeTelegram
 from fakes.telegram_stack import TOKEN, Stack, make_settings, one_reply, replies_to, running_stack, submitted
 from PIL import Image
@@ -233,6 +234,7 @@ async def test_buttons_work_after_a_restart_remix_retry_params_delete(tmp_path: 
         # Retry from the same (old) result message: same parameters, new seed.
         await tg.click(ANN, result_msg, f"retry:{first.id}")
         await tg.wait_for(lambda: len(tg.calls_of("sendVideo")) == 3)
+        retry_video = tg.calls_of("sendVideo")[-1]
 
         jobs = {j.id: j for j in await stack.jobs_of(ANN["id"])}
         remix = next(j for j in jobs.values() if j.request.prompt == "a paper boat in a storm")
@@ -240,6 +242,10 @@ async def test_buttons_work_after_a_restart_remix_retry_params_delete(tmp_path: 
         assert remix.parent_id == first.id and remix.seed == 4242 and remix.request.steps == 1
         assert retry.parent_id == first.id and retry.seed != 4242 and retry.request.prompt == first.request.prompt
         assert f"Remix of job #{first.id}" in tg.message(chat["id"], remix_video.result["message_id"])["caption"]
+        # A retry says so (it is not a remix), in the caption and in its parameters.
+        assert (remix.lineage, retry.lineage) == ("remix", "retry")
+        retry_caption = tg.message(chat["id"], retry_video.result["message_id"])["caption"]
+        assert f"Retry of job #{first.id}" in retry_caption and "Remix" not in retry_caption
 
         # /remix as a reply to a result video, and /remix <job> with flags.
         by_reply = await tg.send_text(chat, ANN, "/remix --steps 1",
@@ -380,3 +386,29 @@ async def test_too_big_results_are_re_encoded_or_sent_as_a_preview(tmp_path: Pat
         assert "too large to send" in caption and "Job #" in caption
         assert buttons(preview)[0].startswith("retry:")
         assert not tg.calls_of("sendVideo")
+
+
+async def test_status_message_shows_each_phase_until_the_video_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status goes text -> sampling -> decoding -> encoding instead of sitting at 100% through the decode
+    and the mp4 encode. The test engine waits in each gated phase until the test opens the gate."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    monkeypatch.setenv(GATES_ENV, str(gates))  # inherited by the worker process
+    async with running_stack(tmp_path) as stack:
+        tg = stack.tg
+        chat = tg.private_chat(ANN)
+        cmd = await tg.send_text(chat, ANN, "/t2v a tide coming in [phases] --steps 2")
+        status = await submitted(tg, cmd)
+        sid = status["message_id"]
+        (job,) = await stack.jobs_of(ANN["id"])
+        for words, gate in (("Encoding the prompt", "text"), ("Decoding the video", "decode"),
+                            ("Encoding the mp4", "encode")):
+            await tg.wait_for(lambda w=words: w in (tg.message(chat["id"], sid) or {}).get("text", ""))
+            (gates / f"{job.id}-{gate}").touch()
+        await delivered(stack, cmd)
+        texts = [c.params["text"] for c in tg.calls_of("editMessageText") if c.params["message_id"] == sid]
+        decoding = next(t for t in texts if "Decoding the video" in t)
+        assert "(sampled 2/2 steps)" in decoding and "100%" not in decoding
+        # (Sampling 2 fast steps may be coalesced away by the edit throttle: that is the throttle working.)

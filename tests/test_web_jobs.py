@@ -61,8 +61,10 @@ async def test_live_status_video_remix_retry_cancel_and_metrics(tmp_path: Path) 
         resp = await c.post_json(f"/api/jobs/{job_id}/retry", {"client_key": "retry-0001-key"})
         retry = (await resp.json())["job"]
         assert retry["seed"] != 1234 and retry["params"]["steps"] == 3
-        for jid in (remix["id"], retry["id"]):
-            assert (await c.wait_state(jid, ("succeeded",)))["output"] is not None
+        assert (remix["lineage"], retry["lineage"]) == ("remix", "retry")
+        for jid, word in ((remix["id"], "Remix"), (retry["id"], "Retry")):
+            finished = await c.wait_state(jid, ("succeeded",))
+            assert finished["output"] is not None and f"{word} of job #{job_id}" in finished["caption"]
         page = await c.job(job_id)
         assert sorted(ch["id"] for ch in page["children"]) == sorted([remix["id"], retry["id"]])
 

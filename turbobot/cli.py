@@ -120,6 +120,22 @@ class _ProgressPrinter:
             sys.stderr.write("\n")
 
 
+def _phase_progress(job: Any, bar: Any) -> str:
+    """``[k/4] phase`` with the phase's own progress: a step bar while sampling, words for the others
+    (decoding and the mp4 encode have no steps), instead of sitting at "step n/n 100%" through them."""
+    from generator.scheduler.api import PHASES
+
+    phase = job.progress_phase or ("sampling" if job.progress_total else "")
+    if phase not in PHASES:
+        return "starting…"
+    where = f"[{PHASES.index(phase) + 1}/{len(PHASES)}]"
+    if phase == "sampling":
+        total = job.progress_total or job.request.steps
+        return f"{where} sampling {bar(job.progress_step, total)} step {job.progress_step}/{total}"
+    return f"{where} " + {"text": "encoding the prompt…", "decoding": "decoding the video…",
+                          "encoding": "encoding the mp4…"}[phase]
+
+
 async def _open_database(settings: Settings) -> Any:
     from storage.db import Database
     from storage.migrate import upgrade_database
@@ -197,8 +213,7 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         if event.kind == "queued" and job.position:
             printer.show(f"job #{job.id}: queued (#{job.position})")
         elif event.kind in ("started", "progress"):
-            total = job.progress_total or job.request.steps
-            printer.show(f"job #{job.id}: {progress_bar(job.progress_step, total)} step {job.progress_step}/{total}")
+            printer.show(f"job #{job.id}: {_phase_progress(job, progress_bar)}")
 
     try:
         await scheduler.start(run_workers=True)

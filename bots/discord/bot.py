@@ -12,7 +12,7 @@ from discord import app_commands
 from bots.discord.buttons import ForgetButton, JobButton
 from bots.discord.delivery import Delivery
 from bots.discord.slash import build_commands, on_tree_error
-from generator.scheduler.api import JobEvent, SchedulerAPI
+from generator.scheduler.api import DeliverLater, JobEvent, SchedulerAPI
 from turbobot.config import Settings
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class _Relay:
 
     async def __call__(self, event: JobEvent) -> None:
         if self.delivery is None:
-            raise RuntimeError("no Discord client is running; deliver later")
+            raise DeliverLater("no Discord client is running")
         await self.delivery(event)
 
 
@@ -58,6 +58,10 @@ class TurboBot(discord.Client):
     """Default intents only: slash commands, context menus, buttons and modals need nothing privileged."""
 
     def __init__(self, settings: Settings, scheduler: SchedulerAPI, **options: object) -> None:
+        # A video bot never joins voice: without PyNaCl/davey discord.py would warn about it on every start.
+        # These class flags are exactly what its Client checks before those two warnings (discord.py 2.7).
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         intents = discord.Intents.default()
         intents.message_content = False
         super().__init__(intents=intents, **options)  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ import discord
 from bots.discord.buttons import job_view
 from bots.discord.media import Upload, prepare_upload
 from bots.texts import result_caption, status_text
-from generator.scheduler.api import JobEvent, JobView
+from generator.scheduler.api import DeliverLater, JobEvent, JobView
 
 if TYPE_CHECKING:
     from bots.discord.bot import TurboBot
@@ -103,7 +103,7 @@ class Delivery:
     # --- the sink -----------------------------------------------------------------------------
     async def __call__(self, event: JobEvent) -> None:
         if self.bot.is_closed():
-            raise RuntimeError("the Discord client is closed; deliver later")
+            raise DeliverLater("the Discord client is closed")
         job = event.job
         if not event.terminal:
             await self._status(job)

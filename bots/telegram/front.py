@@ -21,6 +21,7 @@ from bots.telegram.delivery import deliver_result
 from bots.telegram.status import StatusBoard
 from bots.texts import refusal_text
 from generator.scheduler.api import (
+    DeliverLater,
     DeliveryTarget,
     JobEvent,
     JobView,
@@ -139,7 +140,7 @@ class TelegramFront:
         if self.closed:
             if not event.terminal:
                 return  # a status update nobody will see: nothing to retry
-            raise RuntimeError("the Telegram front end is stopped; deliver this result later")
+            raise DeliverLater("the Telegram front end is stopped")
         if not event.terminal:
             # Status edits may wait on flood limits: never hold the scheduler up for them.
             self._spawn(self.board.show(job))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from generator.request import GenerationRequest
 
@@ -55,9 +55,12 @@ class RenderJob:
     output_path: Path = Path("out.mp4")  # where to write the mp4 (the worker renames it afterwards)
 
 
+Stage = Literal["text", "denoise", "decode", "encode"]
+
+
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "text", "denoise", "decode", "encode"
+    stage: Stage  # reported on entering each stage, and after every denoise step
     step: int  # steps done in the denoise stage (0..total)
     total: int
     step_seconds: float | None = None  # duration of the step just finished

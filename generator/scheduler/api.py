@@ -19,6 +19,12 @@ from generator.request import GenerationRequest
 
 EventKind = Literal["queued", "started", "progress", "succeeded", "failed", "cancelled"]
 TERMINAL_KINDS = ("succeeded", "failed", "cancelled")
+# What a running job is doing, in order: encoding the prompt, sampling (step k of n), decoding the latents,
+# finishing the mp4. "" = not reported yet (or a worker of an older version).
+Phase = Literal["", "text", "sampling", "decoding", "encoding"]
+PHASES: tuple[Phase, ...] = ("text", "sampling", "decoding", "encoding")
+# How a job came from its parent: "remix" (same seed, changes) or "retry" (same request, new seed).
+Lineage = Literal["", "remix", "retry"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,12 @@ class Refusal(Exception):
         self.job_id = job_id
 
 
+class DeliverLater(Exception):
+    """Raised by a sink whose front end cannot reach its platform now (stopped, or not started yet in this
+    process). A normal event, not an error: the event hub logs it in one line; a terminal event is offered
+    again later (and after a restart), a status update is simply not shown."""
+
+
 @dataclass(frozen=True)
 class OutputView:
     path: str
@@ -154,6 +166,8 @@ class JobView:
     error_message: str
     timings: dict[str, float]
     cancel_requested: bool = False  # running and asked to stop: it ends "cancelled" after the current step
+    progress_phase: Phase = ""  # while running; progress_step/progress_total stay the sampler's steps
+    lineage: Lineage = ""  # with parent_id: "remix" or "retry" ("" for children recorded before lineage was)
 
     @property
     def seed(self) -> int:

@@ -3,7 +3,7 @@
 The database is the truth; this hub only looks at it when told a job changed (a hint from a local worker,
 a submit, a cancel) and on a slow poll (workers on other machines, lost hints, undelivered results).
 Per job, examinations run one at a time, so a job's events come out in order: started, progress (at most
-one per ``progress_interval``, steps increasing), then exactly one terminal event per process lifetime,
+one per ``progress_interval``, (phase, step) increasing), then exactly one terminal event per process lifetime,
 marked delivered in the database once every sink of its platform returned normally. A sink that raises
 gets the terminal event again later (with backoff) and after a restart.
 
@@ -20,12 +20,23 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from generator.scheduler.api import TERMINAL_KINDS, EventKind, EventSink, JobEvent, JobView
+from generator.scheduler.api import (
+    PHASES,
+    TERMINAL_KINDS,
+    DeliverLater,
+    EventKind,
+    EventSink,
+    JobEvent,
+    JobView,
+)
 
 log = logging.getLogger("turbobot.events")
 
 ANY_PLATFORM = "*"
 RETRY_DELAYS = (1.0, 5.0, 15.0, 60.0, 300.0)
+
+_PHASE_RANK = {phase: rank for rank, phase in enumerate(PHASES)}
+_PHASE_RANK[""] = _PHASE_RANK["sampling"]  # a worker that reports steps only
 
 # (view, delivered) for a job id; None when the job no longer exists.
 Loader = Callable[[int], Awaitable[tuple[JobView, bool] | None]]
@@ -34,7 +45,7 @@ Loader = Callable[[int], Awaitable[tuple[JobView, bool] | None]]
 @dataclass
 class _Track:
     started_attempt: int = 0
-    progress_step: int = -1
+    progress_key: tuple[int, int] = (-1, -1)  # (phase rank, step) last sent
     progress_at: float = 0.0
     progress_timer: asyncio.TimerHandle | None = None
     position: int | None = None
@@ -145,7 +156,7 @@ class EventHub:
         if view.state == "running":
             if track.started_attempt != view.attempts:
                 track.started_attempt = view.attempts
-                track.progress_step = -1
+                track.progress_key = (-1, -1)
                 track.progress_at = 0.0
                 await self._emit("started", view)
             await self._progress(job_id, view, track)
@@ -166,12 +177,14 @@ class EventHub:
             await self._deliver(view, track)
 
     async def _progress(self, job_id: int, view: JobView, track: _Track) -> None:
-        """At most one progress event per interval; a newer step inside the interval is sent when it ends."""
-        if view.progress_step <= track.progress_step or view.progress_total <= 0:
+        """At most one progress event per interval; a newer phase or step inside the interval is sent when it
+        ends. (Decoding and encoding are new phases at the same step, so they are news too.)"""
+        key = (_PHASE_RANK.get(view.progress_phase, 0), view.progress_step)
+        if key <= track.progress_key or view.progress_total <= 0:
             return
         wait = track.progress_at + self._interval - time.monotonic()
         if wait <= 0:
-            track.progress_step = view.progress_step
+            track.progress_key = key
             track.progress_at = time.monotonic()
             await self._emit("progress", view)
         elif track.progress_timer is None:
@@ -192,6 +205,10 @@ class EventHub:
                 await sink(event)
             except asyncio.CancelledError:
                 raise
+            except DeliverLater as exc:
+                ok = False
+                log.info("job %s %s: not delivered on %s now (%s); will offer it again", view.id, kind,
+                         view.target.platform, exc)
             except Exception:
                 ok = False
                 log.exception("sink for %s raised on job %s %s; will retry", view.target.platform, view.id, kind)
@@ -214,6 +231,8 @@ class EventHub:
                 await sink(event)
             except asyncio.CancelledError:
                 raise
+            except DeliverLater as exc:
+                log.info("job %s %s: not shown on %s (%s)", view.id, kind, view.target.platform, exc)
             except Exception:
                 log.exception("sink for %s raised on job %s %s", view.target.platform, view.id, kind)
         await self._observe(event)

@@ -145,6 +145,7 @@ async def claim(
                 started_at=now,
                 progress_step=0,
                 progress_total=0,
+                progress_phase="",
             )
             .returning(Job.id, Job.attempts, Job.request, Job.created_at, Job.input_id)
         )
@@ -230,12 +231,15 @@ async def progress(
     *,
     now: dt.datetime,
     lease_seconds: float,
+    phase: str | None = None,
 ) -> LeaseStatus:
-    stmt = (
-        update(Job)
-        .where(_fenced(job_id, attempt))
-        .values(progress_step=step, progress_total=total, lease_until=now + dt.timedelta(seconds=lease_seconds))
-    )
+    """``step``/``total``: sampler steps done; ``phase`` (text, sampling, decoding, encoding) when known."""
+    values: dict[str, Any] = {
+        "progress_step": step, "progress_total": total, "lease_until": now + dt.timedelta(seconds=lease_seconds)
+    }
+    if phase is not None:
+        values["progress_phase"] = phase
+    stmt = update(Job).where(_fenced(job_id, attempt)).values(**values)
     if (await session.execute(stmt)).rowcount != 1:
         return LeaseStatus(alive=False)
     return await lease_status(session, job_id, attempt)
@@ -373,7 +377,7 @@ async def _requeue_rows(
             state, values = "queued", {}
         base: dict[str, Any] = {"state": state, "lease_until": None}
         if state == "queued":
-            base.update(worker_id="", started_at=None, progress_step=0, progress_total=0)
+            base.update(worker_id="", started_at=None, progress_step=0, progress_total=0, progress_phase="")
         else:
             base.update(finished_at=now)
         stmt = (

@@ -46,6 +46,7 @@ from generator.scheduler.api import (
     DeliveryTarget,
     EventSink,
     JobView,
+    Lineage,
     QuotaView,
     Refusal,
     RefusalCode,
@@ -191,6 +192,19 @@ class Scheduler:
         *,
         parent_id: int | None = None,
     ) -> SubmitResult:
+        return await self._submit(request, requester, target, idempotency_key, parent_id=parent_id,
+                                  lineage="remix" if parent_id is not None else "")
+
+    async def _submit(
+        self,
+        request: GenerationRequest,
+        requester: Requester,
+        target: DeliveryTarget,
+        idempotency_key: str,
+        *,
+        parent_id: int | None,
+        lineage: Lineage,
+    ) -> SubmitResult:
         key = (idempotency_key or "").strip()[:160] or f"auto:{uuid.uuid4()}"
         try:
             check_access(self.settings, requester)
@@ -211,7 +225,7 @@ class Scheduler:
             if req.seed is None:
                 req = req.with_seed(new_seed())
             await self._require_storage()
-            job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id)
+            job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id, lineage)
         except Refusal as refusal:
             await self._audit_refusal(requester, refusal, request)
             raise
@@ -227,7 +241,8 @@ class Scheduler:
         return SubmitResult(view, duplicate=duplicate)
 
     async def _enqueue(
-        self, req: GenerationRequest, requester: Requester, target: DeliveryTarget, key: str, parent_id: int | None
+        self, req: GenerationRequest, requester: Requester, target: DeliveryTarget, key: str, parent_id: int | None,
+        lineage: Lineage = "",
     ) -> tuple[int, bool]:
         now = utcnow()
         role = role_of(self.settings, requester.key)
@@ -252,7 +267,7 @@ class Scheduler:
                     s, user=user, idempotency_key=key, request=req.to_dict(), platform=target.platform,
                     chat_id=target.chat_id, guild_id=target.guild_id, status_message_id=target.status_message_id,
                     reply_to_message_id=target.reply_to_message_id, delivery=target.extra, parent_id=parent_id,
-                    input_id=input_id, now=now,
+                    lineage=lineage, input_id=input_id, now=now,
                 )
                 await repo_quotas.add_usage(s, user.id, repo_quotas.utc_day(now), jobs=1)
                 await repo_audit.add_audit(
@@ -310,7 +325,9 @@ class Scheduler:
             request = GenerationRequest.from_dict({**base, **changes})
         except (RequestError, TypeError) as exc:
             raise Refusal(RefusalCode.INVALID, getattr(exc, "message", str(exc))) from None
-        return await self.submit(request, requester, target, idempotency_key, parent_id=parent_id)
+        # A Retry is the same request with a fresh seed; anything changed makes it a remix.
+        lineage: Lineage = "retry" if new_seed and not changes.keys() - {"seed"} else "remix"
+        return await self._submit(request, requester, target, idempotency_key, parent_id=parent_id, lineage=lineage)
 
     async def storage_problem(self) -> str:
         """"" when the outputs and inputs folders take new files with enough free space, else why not."""

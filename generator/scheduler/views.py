@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from generator.request import GenerationRequest, RequestError
-from generator.scheduler.api import DeliveryTarget, JobView, OutputView, Requester
+from generator.scheduler.api import PHASES, DeliveryTarget, JobView, OutputView, Requester
 from generator.scheduler.estimate import StepStats
 from generator.scheduler.queue import QueueSnapshot
 from storage.models import Job, Output, User
@@ -102,6 +102,8 @@ def job_view(
         error_message=job.error_message,
         timings=_timings(job),
         cancel_requested=bool(job.cancel_requested) and job.state == "running",
+        progress_phase=job.progress_phase if job.progress_phase in PHASES else "",  # type: ignore[arg-type]
+        lineage=job.lineage if job.lineage in ("remix", "retry") else "",  # type: ignore[arg-type]
     )
 
 

@@ -50,6 +50,7 @@ from generator.engine.api import EngineError, JobCancelled, OutOfMemory, Progres
 from generator.engine.video import output_name as video_output_name
 from generator.request import GenerationRequest
 from generator.scheduler import queue
+from generator.scheduler.api import Phase
 from generator.scheduler.disk import storage_problem
 from generator.scheduler.estimate import Shape, StepStats
 from storage.db import Database
@@ -65,6 +66,8 @@ EXIT_CUDA_FATAL = 3
 PARTIAL_PREFIX = ".partial-job"
 ROW_HEARTBEAT_MIN_SECONDS = 2.0
 EXIT_LOAD_FAILED = 4
+# Engine stages -> the phase front ends show (the engine knows nothing of the scheduler's words).
+PHASE_OF_STAGE: dict[str, Phase] = {"text": "text", "denoise": "sampling", "decode": "decoding", "encode": "encoding"}
 
 OOM_MESSAGE = (
     "The GPU ran out of memory making this video. Try fewer frames or a lower resolution."
@@ -409,12 +412,10 @@ class Worker:
             item = await events.get()
             if item is None:
                 return
-            if item.stage != "denoise":
-                continue
             try:
                 status = await self._write_each(
                     queue.progress, job.job_id, job.attempt, item.step, item.total, now=utcnow(),
-                    lease_seconds=self.cfg.lease_seconds,
+                    lease_seconds=self.cfg.lease_seconds, phase=PHASE_OF_STAGE.get(item.stage, "sampling"),
                 )
             except DBAPIError:
                 log.exception("worker %s: job %s progress write failed", self.worker_id, job.job_id)

@@ -3,12 +3,14 @@
 It writes a real, small H.264 mp4 (seeded noise, so re-encoding it smaller is real work for ffmpeg) and
 reports progress per step. A prompt containing "[hold]" keeps the job running until it is cancelled, so a
 cancel test needs no timing; "[fail]" fails the job with a user-facing message; "[flat]" renders one flat
-colour (a tiny first-frame preview).
+colour (a tiny first-frame preview); "[phases]" stops in the text, decode and encode phases until the test
+opens a gate (``wait_gate``), so the status shown in each phase can be checked without timing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,21 @@ from generator.engine.api import EngineError, JobCancelled, Progress, RenderJob,
 SIDE = 64
 FPS = 16
 HOLD_LIMIT_S = 30.0
+GATES_ENV = "TURBOBOT_TEST_GATES"
+
+
+def wait_gate(job_id: int, name: str, cancelled: Callable[[], bool]) -> None:
+    """A "[phases]" job stays in its current phase until the test creates ``$TURBOBOT_TEST_GATES/<job>-<name>``
+    (polling ``cancelled`` keeps the worker's watchdog fed). Bounded, so a broken test cannot hang it."""
+    folder = os.environ.get(GATES_ENV)
+    if not folder:
+        return
+    gate = Path(folder) / f"{job_id}-{name}"
+    deadline = time.monotonic() + 30.0
+    while not gate.exists() and time.monotonic() < deadline:
+        if cancelled():
+            raise JobCancelled
+        time.sleep(0.01)
 
 
 class FastEngine:
@@ -48,10 +65,19 @@ class FastEngine:
                     raise EngineError("held too long without a cancel")
                 time.sleep(0.01)
             raise JobCancelled
+        phases = "[phases]" in req.prompt
+        if phases:
+            progress(Progress("text", 0, req.steps))
+            wait_gate(job.job_id, "text", cancelled)
         for step in range(1, req.steps + 1):
             if cancelled():
                 raise JobCancelled
             progress(Progress("denoise", step, req.steps, step_seconds=0.001))
+        if phases:
+            progress(Progress("decode", req.steps, req.steps))
+            wait_gate(job.job_id, "decode", cancelled)
+            progress(Progress("encode", req.steps, req.steps))
+            wait_gate(job.job_id, "encode", cancelled)
         frames = min(req.frames, 17)
         rng = np.random.default_rng(req.seed or 0)
         if "[flat]" in req.prompt:

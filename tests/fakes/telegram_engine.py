@@ -4,12 +4,14 @@
 It writes a real (tiny) H.264 mp4 in a fraction of a second, reports one progress event per step, and
 obeys a few words in the prompt so tests can steer it: ``hold`` keeps the job running until it is
 cancelled, ``fail`` makes it fail with a user-facing message, ``big`` writes a noisy video of a few hundred
-kilobytes (to exercise the upload size limit).
+kilobytes (to exercise the upload size limit), ``[phases]`` stops in the text, decode and encode phases
+until the test opens a gate (``wait_gate``), so each phase's status can be checked without timing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,21 @@ from generator.engine.api import EngineError, JobCancelled, Progress, RenderJob,
 from turbobot.config import Settings
 
 FPS = 16
+GATES_ENV = "TURBOBOT_TEST_GATES"
+
+
+def wait_gate(job_id: int, name: str, cancelled: Callable[[], bool]) -> None:
+    """A "[phases]" job stays in its current phase until the test creates ``$TURBOBOT_TEST_GATES/<job>-<name>``
+    (polling ``cancelled`` keeps the worker's watchdog fed). Bounded, so a broken test cannot hang it."""
+    folder = os.environ.get(GATES_ENV)
+    if not folder:
+        return
+    gate = Path(folder) / f"{job_id}-{name}"
+    deadline = time.monotonic() + 30.0
+    while not gate.exists() and time.monotonic() < deadline:
+        if cancelled():
+            raise JobCancelled
+        time.sleep(0.01)
 
 
 class FastEngine:
@@ -41,6 +58,9 @@ class FastEngine:
         req = job.request
         total = req.steps
         progress(Progress("text", 0, total))
+        phases = "[phases]" in req.prompt
+        if phases:
+            wait_gate(job.job_id, "text", cancelled)
         if "hold" in req.prompt:
             deadline = time.monotonic() + 20.0
             while not cancelled():
@@ -54,6 +74,11 @@ class FastEngine:
             if cancelled():
                 raise JobCancelled()
             progress(Progress("denoise", step, total, step_seconds=0.001))
+        if phases:
+            progress(Progress("decode", total, total))
+            wait_gate(job.job_id, "decode", cancelled)
+            progress(Progress("encode", total, total))
+            wait_gate(job.job_id, "encode", cancelled)
         big = "big" in req.prompt
         width, height, frames = (128, 128, 17) if big else (64, 48, 9)
         rng = np.random.default_rng(req.seed)

@@ -150,7 +150,7 @@ TB.jobCard = function (job, opts) {
     card.append(TB.el("div", { class: "meta" }, TB.paramsLine(j)));
     card.append(TB.el("div", { class: "meta" },
       `${j.user.platform}:${j.user.id}${j.user.name ? " (" + j.user.name + ")" : ""} · ${TB.fmtTime(j.created_at)}`,
-      j.parent_id ? TB.el("span", {}, " · remix of ", TB.el("a", { href: `/jobs/${j.parent_id}` }, `#${j.parent_id}`)) : null));
+      j.parent_id ? TB.el("span", {}, j.lineage === "retry" ? " · retry of " : " · remix of ", TB.el("a", { href: `/jobs/${j.parent_id}` }, `#${j.parent_id}`)) : null));
     if (j.input_url) card.append(TB.el("img", { class: "input", src: j.input_url, alt: "input image" }));
     if (j.state === "queued") {
       const pos = j.position ? `Position in queue: #${j.position}${j.queue_length ? " of " + j.queue_length : ""}` : "Queued";
