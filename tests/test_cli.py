@@ -105,6 +105,46 @@ def test_corrupt_image_is_refused(workdir: Path) -> None:
     assert out.returncode == 1 and "corrupt or truncated" in out.stderr
 
 
+def _error_lines(out: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in out.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ("/dev/zero", "it is a character device, not a regular file"),
+        ("/dev/urandom", "it is a character device, not a regular file"),
+        ("fifo", "it is a pipe (FIFO), not a regular file"),
+        ("dir", "it is a directory, not a regular file"),
+    ],
+)
+def test_image_that_is_not_a_regular_file_is_refused_at_once(workdir: Path, source: str, needle: str) -> None:
+    if source == "fifo":
+        os.mkfifo(workdir / "pipe.png")  # nobody ever writes: reading it would block forever
+        source = "pipe.png"
+    elif source == "dir":
+        (workdir / "pics.png").mkdir()
+        source = "pics.png"
+    elif not Path(source).exists():
+        pytest.skip(f"{source} does not exist here")
+    # The timeout is the "quickly": a read of /dev/zero grows without end and a FIFO read never returns.
+    out = turbobot(workdir, "generate", "move", "--image", source, timeout=60)
+    assert out.returncode == 1
+    assert _error_lines(out) == [f"turbobot: Cannot use {source} as an image: {needle}."]
+    assert not (workdir / "data").exists()  # refused before the database or a worker was touched
+
+
+def test_image_over_the_upload_limit_is_refused_before_reading(workdir: Path) -> None:
+    config = (workdir / "config.toml").read_text()
+    assert "\nmax_image_bytes = " in config
+    (workdir / "config.toml").write_text(config.replace("\nmax_image_bytes = ", "\nmax_image_bytes = 102400 #", 1))
+    with (workdir / "huge.png").open("wb") as f:
+        f.truncate(50 * 1024 * 1024)  # sparse: 50 MB claimed, nothing to read
+    out = turbobot(workdir, "generate", "move", "--image", "huge.png", timeout=60)
+    assert out.returncode == 1
+    assert _error_lines(out) == ["turbobot: Image huge.png is too big (50 MB); the limit is 100 KB."]
+
+
 @pytest.mark.parametrize(
     ("config", "needle"),
     [

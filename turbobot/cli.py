@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import time
 import uuid
@@ -156,6 +157,54 @@ def _safe_url(url: str) -> str:
     return url
 
 
+def _file_kind(st_mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(st_mode):
+            return name
+    return "not a regular file"
+
+
+def _size(n: int) -> str:
+    return f"{n / (1024 * 1024):.0f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB"
+
+
+def _read_image_file(path: Path, max_bytes: int) -> bytes:
+    """Read a local input image: only a regular file, and never more than the upload limit.
+
+    /dev/zero or /dev/urandom would otherwise be read forever and a FIFO with no writer would block: the file
+    is opened non-blocking (a FIFO open returns at once) and checked with fstat on the open descriptor
+    before a single byte is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise UserError(f"Cannot read image {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"Cannot use {path} as an image: it is {_file_kind(st.st_mode)}, not a regular file.")
+        if st.st_size > max_bytes:
+            raise UserError(f"Image {path} is too big ({_size(st.st_size)}); the limit is {_size(max_bytes)}.")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_bytes:  # reading one byte past the limit catches a file that grew since fstat
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise UserError(f"Cannot read image {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if total > max_bytes:
+        raise UserError(f"Image {path} is too big; the limit is {_size(max_bytes)}.")
+    return b"".join(chunks)
+
+
 async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     from bots.commands import build_request
     from bots.images import ImageRejected, load_image
@@ -170,10 +219,7 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         raise UserError("Image-to-video needs --image PATH.")
     image_bytes: bytes | None = None
     if args.image:
-        try:
-            image_bytes = args.image.read_bytes()
-        except OSError as exc:
-            raise UserError(f"Cannot read image {args.image}: {exc.strerror or exc}") from None
+        image_bytes = _read_image_file(args.image, settings.limits.max_image_bytes)
         try:
             validated = load_image(image_bytes, settings.limits)
         except ImageRejected as exc:
