@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -21,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--frames", "9", "--steps", "2", "--no-progress"]
 
 
-def turbobot(cwd: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def turbobot(cwd: Path, *args: str, timeout: float = 180, **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DISCORD_TOKEN", "TELEGRAM_TOKEN", "TURBOBOT_CONFIG")}
+    env.update(extra_env)
     return subprocess.run(
         [sys.executable, "-m", "turbobot.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=timeout, check=False,
@@ -57,6 +59,23 @@ def test_generate_leaves_a_job_row_and_a_playable_mp4(workdir: Path) -> None:
 
     listing = turbobot(workdir, "jobs")
     assert listing.returncode == 0 and "succeeded" in listing.stdout and "42" in listing.stdout
+    assert_columns_line_up(listing.stdout)
+    assert "alembic" not in listing.stderr and "INFO" not in listing.stderr, listing.stderr
+
+
+def assert_columns_line_up(table: str) -> None:
+    """Every value starts where its header starts (left-aligned) or ends where it ends (right-aligned)."""
+    header, *rows = table.rstrip("\n").splitlines()
+    assert rows
+    names = header.split()
+    starts = [header.index(n) for n in names]
+    for row in rows:
+        for name, start, nxt in zip(names, starts, [*starts[1:], None], strict=True):
+            cell = row[start:nxt] if name not in ("id", "seed") else row[: start + len(name)]
+            if name in ("id", "seed"):  # right-aligned: the value ends under the header's last letter
+                assert cell.endswith(cell.strip()) and cell[-1] != " ", (name, row)
+            else:
+                assert cell[0] != " " and (nxt is None or cell.endswith("  ")), (name, row)
 
 
 def test_generate_human_output_and_inline_flags(workdir: Path) -> None:
@@ -167,6 +186,80 @@ def test_db_upgrade_and_check(workdir: Path) -> None:
     assert (workdir / "data" / "turbobot.db").exists()
     check = turbobot(workdir, "db", "check")
     assert check.returncode == 0 and "agree" in check.stdout
+
+
+def test_quiet_terminal_and_a_start_message_while_the_worker_loads(workdir: Path) -> None:
+    out = turbobot(workdir, "generate", "a fox", "--frames", "9", "--steps", "2")  # progress on (lines: no tty)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    # Only the progress display: no Alembic narration, no INFO lines from this process or the worker.
+    assert all(line.startswith("job #1: ") for line in lines), lines
+    loading = [i for i, line in enumerate(lines) if "starting the GPU worker and loading the model" in line]
+    first_step = next(i for i, line in enumerate(lines) if "step 0/2" in line or "step 1/2" in line)
+    assert loading and loading[0] < first_step, lines
+
+
+def test_verbose_shows_the_worker_log_in_the_same_format(workdir: Path) -> None:
+    out = turbobot(workdir, "-v", "generate", "a fox", *FAST)
+    assert out.returncode == 0, out.stderr
+    worker_lines = [line for line in out.stderr.splitlines() if " worker[" in line]
+    assert worker_lines
+    # The CLI's own format: "HH:MM:SS LEVEL worker[id] logger: message" (no date, no milliseconds).
+    assert all(re.match(r"^\d\d:\d\d:\d\d [A-Z]+ worker\[[^\]]+\] [\w.]+: ", line) for line in worker_lines), worker_lines
+    assert "alembic" in out.stderr  # debugging detail is there when asked for
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["db", "upgrade"], ["db", "check"]])
+def test_commands_do_not_print_alembic_info(workdir: Path, command: list[str]) -> None:
+    out = turbobot(workdir, *command)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "", out.stderr
+
+
+def test_bad_flag_to_generate_shows_generate_usage(workdir: Path) -> None:
+    out = turbobot(workdir, "generate", "a fox", "--colour", "red")
+    assert out.returncode == 2
+    assert out.stderr.startswith("usage: turbobot generate ")
+    assert "turbobot generate: error: unrecognized arguments: --colour red" in out.stderr
+    jobs = turbobot(workdir, "jobs", "--bogus")
+    assert jobs.stderr.startswith("usage: turbobot jobs ") and jobs.returncode == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_checks_the_port_before_starting_or_announcing(workdir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = (ROOT / "config.toml").read_text().replace("port = 8080", f"port = {port}")
+        (workdir / "config.toml").write_text(cfg)
+        out = turbobot(workdir, "run", timeout=60)
+    assert out.returncode == 1
+    assert out.stdout == ""  # no "Web console: http://..." for a console that never listened
+    assert _error_lines(out) == [
+        f"turbobot: Cannot serve the web console on http://127.0.0.1:{port}/: port {port} is already in use "
+        "(another turbobot or another program is listening). Stop it, or set another [web] port in config.toml."
+    ]
+    assert not (workdir / "data").exists()  # nothing started: no database, no worker
+
+
+def test_run_refuses_a_host_that_is_not_here_before_starting(workdir: Path) -> None:
+    cfg = (ROOT / "config.toml").read_text().replace('host = "127.0.0.1"', 'host = "192.0.2.1"')
+    (workdir / "config.toml").write_text(cfg.replace("port = 8080", f"port = {_free_port()}"))
+    out = turbobot(workdir, "run", timeout=60, TURBOBOT_ADMIN_TOKEN="t" * 40)
+    assert out.returncode == 1 and out.stdout == ""
+    (line,) = _error_lines(out)
+    assert "192.0.2.1 is not an address of this machine" in line
+    assert not (workdir / "data").exists()
 
 
 def test_run_with_nothing_enabled_says_how_to_configure(workdir: Path) -> None:

@@ -55,6 +55,7 @@ from storage.db import Database
 from storage.models import utcnow
 from storage.repo_workers import register_worker, update_worker
 from turbobot.config import Settings, settings_from_dict
+from turbobot.logs import setup_logging
 
 log = logging.getLogger("turbobot.worker")
 
@@ -587,11 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
 
     settings = decode_settings(sys.stdin.readline())
-    logging.basicConfig(
-        level=getattr(logging, settings.app.log_level, logging.INFO),
-        format=f"%(asctime)s %(levelname)s worker[{args.worker_id}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # The parent's format, so worker lines read like the rest of the terminal (and secrets stay redacted).
+    setup_logging(settings.app.log_level, settings.app.log_format, sys.stderr, process=f"worker[{args.worker_id}]")
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
         os.environ.setdefault(name, "1")
     worker = Worker(settings, args.worker_id, args.device, wire.send)
