@@ -304,3 +304,32 @@ def test_run_serves_the_console_alone_and_stops_on_sigterm(workdir: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_frames_range_stated_in_help_and_readme_is_the_validated_one(workdir: Path) -> None:
+    from generator.request import GenerationRequest, RequestError, validate
+    from turbobot.config import Settings
+
+    limits = Settings().request_limits
+    accepted = []
+    for frames in range(0, 100):
+        try:
+            validate(GenerationRequest(mode="t2v", prompt="a fox", frames=frames), limits)
+        except RequestError:
+            continue
+        accepted.append(frames)
+    assert accepted == list(range(5, 82, 4))
+    stated = "5 to 81 in steps of 4"
+    helptext = turbobot(workdir, "generate", "--help").stdout
+    assert stated in " ".join(helptext.split())
+    readme = (ROOT / "README.md").read_text()
+    assert stated in readme
+    for text in (helptext, readme, (ROOT / "config.toml").read_text()):
+        assert "1 mod 4" not in text
+
+
+def test_virtualenv_folder_is_ignored_by_git() -> None:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "check-ignore", "-q", "--no-index", ".venv/bin/python"], cwd=ROOT, check=False)
+    assert out.returncode == 0, ".venv/ is not in .gitignore"

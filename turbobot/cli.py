@@ -44,7 +44,7 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="configured model name (default: the first one for the mode)")
     g.add_argument("--res", "--resolution", dest="resolution", help="480p or 720p")
     g.add_argument("--ar", "--aspect", dest="aspect", help="16:9, 9:16, 1:1, 4:3 or 3:4")
-    g.add_argument("--frames", type=int, help="number of frames, 1 mod 4 (81 = 5 s)")
+    g.add_argument("--frames", type=int, help="number of frames: 5 to 81 in steps of 4 (5, 9, 13 … 81; 81 = 5 s at 16 fps)")
     g.add_argument("--steps", type=int, help="sampling steps, 1-4")
     g.add_argument("--seed", type=int, help="seed (0 or omitted = random; the seed used is printed)")
     g.add_argument("--topk", dest="sla_topk", type=float, help="SLA top-k fraction (0.1-0.15)")
