@@ -333,3 +333,83 @@ def test_virtualenv_folder_is_ignored_by_git() -> None:
         pytest.skip("not a git checkout")
     out = subprocess.run(["git", "check-ignore", "-q", "--no-index", ".venv/bin/python"], cwd=ROOT, check=False)
     assert out.returncode == 0, ".venv/ is not in .gitignore"
+
+
+# --- the run command installs the runtime only: nothing at runtime may need a developer extra ------------
+
+_HIDE_DEV_EXTRAS = '''
+import sys
+
+HIDDEN = set({hidden!r})
+
+
+class _WithoutDevExtras:
+    """Acts as if the developer extras were not installed: not found, not importable."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HIDDEN:
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [_WithoutDevExtras(f) if getattr(f, "__name__", "") == "PathFinder" else f for f in sys.meta_path]
+'''
+
+
+def _dev_only_modules() -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {re.split(r"[<>=\[;! ]", d)[0].lower() for d in project["dependencies"]}
+    dev = {re.split(r"[<>=\[;! ]", d)[0].lower() for d in project["optional-dependencies"]["dev"]}
+    return sorted(name.replace("-", "_") for name in dev - runtime)
+
+
+def test_runtime_needs_no_developer_extra(workdir: Path, tmp_path: Path) -> None:
+    hidden = _dev_only_modules()
+    assert {"triton", "selenium", "hypothesis", "ruff", "pytest"} <= set(hidden)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_HIDE_DEV_EXTRAS.format(hidden=hidden))
+    path = os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])
+
+    # Every runtime module imports (the Triton kernel modules are only imported once Triton is found).
+    probe_code = (
+        "import importlib, importlib.util, pkgutil\n"
+        "assert importlib.util.find_spec('triton') is None and importlib.util.find_spec('pytest') is None\n"
+        # migrations.env runs only inside an Alembic command (the generate below runs it that way).
+        "optional = {'generator.attention.sla_triton', 'generator.attention.block_map', 'migrations.env'}\n"
+        "for pkg in ('turbobot', 'bots', 'generator', 'storage', 'migrations'):\n"
+        "    mod = importlib.import_module(pkg)\n"
+        "    for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):\n"
+        "        if info.name not in optional and not info.name.startswith('migrations.versions'):\n"
+        "            importlib.import_module(info.name)\n"
+        "print('imported')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DISCORD_TOKEN", "TELEGRAM_TOKEN", "TURBOBOT_CONFIG")}
+    env["PYTHONPATH"] = path
+    out = subprocess.run([sys.executable, "-c", probe_code], cwd=workdir, env=env, capture_output=True, text=True,
+                         timeout=180, check=False)
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr[-3000:]
+
+    # A whole job, worker process included (it inherits the environment, so the extras are hidden there too).
+    job = turbobot(workdir, "generate", "a red fox", "--json", *FAST, PYTHONPATH=path)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert Path(json.loads(job.stdout.strip().splitlines()[-1])["output"]).exists()
+
+
+def test_readme_run_command_installs_the_runtime_only_and_ci_follows_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    run = 'pip install torch==2.13.0 && pip install -e . && turbobot generate "a red fox running through snow" && turbobot run'
+    test = 'pip install -e ".[dev]" && python -m pytest -q'
+    assert run in readme and test in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    steps = [ci.index(s) for s in ("pip install -q torch==2.13.0", "pip install -q -e .\n", "storage.migrate check",
+                                   'pip install -q -e ".[dev]"', "ruff check .", "python -m pytest -q")]
+    assert steps == sorted(steps)
