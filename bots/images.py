@@ -112,12 +112,12 @@ def to_display_rgb(img: Image.Image) -> Image.Image:
         gray = Image.fromarray(_gray_to_uint8(img))
         key = img.info.get("transparency")
         if isinstance(key, int) and mode != "F":  # 16-bit PNG tRNS: one sample value is transparent
-            alpha = np.where(np.asarray(img) == key, 0, 255).astype(np.uint8)
-            return _on_background(Image.merge("RGBA", (gray, gray, gray, Image.fromarray(alpha))))
+            keyed = Image.fromarray(np.where(np.asarray(img) == key, 0, 255).astype(np.uint8))
+            return _on_background(Image.merge("RGBA", (gray, gray, gray, keyed)))
         return gray.convert("RGB")
     if mode == "La":  # premultiplied gray + alpha: Pillow has no direct conversion
-        lum, alpha = img.split()
-        img = Image.merge("RGBa", (lum, lum, lum, alpha))
+        lum, premult_alpha = img.split()
+        img = Image.merge("RGBa", (lum, lum, lum, premult_alpha))
         mode = "RGBa"
     if mode in _ALPHA_MODES or "transparency" in img.info:
         return _on_background(img.convert("RGBA"))
@@ -144,7 +144,7 @@ def load_image(data: bytes, limits: LimitsSettings) -> ValidatedImage:
             # decompression bomb is, and becomes an error.
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+            img: Image.Image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
             _check_dimensions(img.width, img.height, limits)  # header only: nothing decoded yet
             img.seek(0)  # first frame of an animation
             img.load()
