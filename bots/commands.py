@@ -41,23 +41,6 @@ def _merge(text_options: dict[str, Any], typed: dict[str, Any]) -> dict[str, Any
     return {**text_options, **typed}
 
 
-def defaults_request(settings: Settings, mode: str, prompt: str, image: str | None = None) -> GenerationRequest:
-    d = settings.defaults
-    return GenerationRequest(
-        mode=mode,
-        prompt=prompt,
-        image=image,
-        resolution=d.resolution,
-        aspect=d.aspect,
-        frames=d.frames,
-        steps=d.steps,
-        sla_topk=d.sla_topk,
-        sampler=d.sampler,
-        boundary=d.boundary,
-        attention=d.attention,
-    )
-
-
 def build_request(
     settings: Settings,
     mode: str,
@@ -81,10 +64,8 @@ def build_request(
             req = req.replace(prompt=prompt)
         if image is not None:
             req = req.replace(image=image)
-    else:
-        if not prompt and mode == "i2v":
-            prompt = settings.defaults.i2v_prompt
-        req = defaults_request(settings, mode, prompt, image)
+    else:  # for i2v with no prompt text, the configured default motion prompt
+        req = settings.default_request(mode, prompt, image)
     if merged:
         req = req.replace(**merged)
     return validate(req, settings.request_limits)

@@ -214,7 +214,7 @@ def help_text(flavor: str = "plain") -> str:
             "",
             _bold("Options (add them to the prompt)", flavor),
             f"{c('--ar')} {'/'.join(ASPECTS)} · {c('--res')} {'/'.join(RESOLUTIONS)} · {c('--steps')} 1-4 · "
-            f"{c('--seed')} N · {c('--frames')} 5-81 (1 mod 4) · {c('--model')} NAME · {c('--topk')} 0.1-0.15 · "
+            f"{c('--seed')} N · {c('--frames')} 5-81 (5, 9, 13 … 81) · {c('--model')} NAME · {c('--topk')} 0.1-0.15 · "
             f"{c('--ode')} · {c('--adaptive')} · {c('--boundary')} 0-1",
             "",
             "Tip: describe subject + action + setting + light/mood + style, with concrete motion verbs.",

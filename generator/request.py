@@ -49,20 +49,25 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Server-side bounds a request must respect (from config.toml ``[limits]`` and ``[models]``)."""
+    """Server-side bounds a request must respect.
 
-    max_prompt_chars: int = 800
-    min_frames: int = 5
-    max_frames: int = 81
-    max_steps: int = 4
-    resolutions: tuple[str, ...] = RESOLUTIONS
-    aspects: tuple[str, ...] = ASPECTS
+    No defaults on purpose: the only source is the configuration (``Settings.request_limits``, from
+    config.toml ``[limits]`` and ``[models]``), so the bounds a request is checked against are the ones the
+    configuration's defaults were checked against.
+    """
+
+    max_prompt_chars: int
+    min_frames: int
+    max_frames: int
+    max_steps: int
+    resolutions: tuple[str, ...]
+    aspects: tuple[str, ...]
     # Model names a user may pick, per mode; the first one is the default for that mode.
-    t2v_models: tuple[str, ...] = ("tiny-t2v",)
-    i2v_models: tuple[str, ...] = ("tiny-i2v",)
-    min_topk: float = 0.01
-    max_topk: float = 0.5
-    max_sigma: float = 1000.0
+    t2v_models: tuple[str, ...]
+    i2v_models: tuple[str, ...]
+    min_topk: float
+    max_topk: float
+    max_sigma: float
 
     def models_for(self, mode: str) -> tuple[str, ...]:
         return self.t2v_models if mode == "t2v" else self.i2v_models

@@ -12,16 +12,28 @@ from storage.models import WorkerState
 
 
 async def register_worker(
-    session: AsyncSession, worker_id: str, *, pid: int, device: str, info: dict[str, Any], now: dt.datetime
+    session: AsyncSession,
+    worker_id: str,
+    *,
+    pid: int,
+    device: str,
+    info: dict[str, Any],
+    now: dt.datetime,
+    restarts: int = 0,
 ) -> WorkerState:
+    """Record a worker process that just started.
+
+    ``restarts`` is how many times its supervisor has restarted this slot since the service started (0 on a
+    fresh start): an existing row only means an earlier run used the same worker id, not a restart.
+    """
     row = await session.get(WorkerState, worker_id)
     if row is None:
-        row = WorkerState(id=worker_id, restarts=0)
+        row = WorkerState(id=worker_id)
         session.add(row)
     else:
-        row.restarts = (row.restarts or 0) + 1
         # Keep learned step times across restarts; replace the rest.
         info = {**{k: v for k, v in (row.info or {}).items() if k == "ema"}, **info}
+    row.restarts = restarts
     row.pid = pid
     row.device = device
     row.state = "starting"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from bots.commands import build_request, parse_remix
-from generator.request import GenerationRequest, Limits, RequestError, validate
-from turbobot.config import settings_from_dict
+from generator.request import GenerationRequest, RequestError, validate
+from turbobot.config import Settings, settings_from_dict
 
-LIM = Limits()
+LIM = Settings().request_limits
 
 
 def req(**kw: object) -> GenerationRequest:

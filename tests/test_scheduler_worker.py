@@ -295,3 +295,25 @@ async def test_clean_stop_hands_the_running_job_back_without_using_an_attempt(
     async with running(tmp_path, base_mp4) as (sched, _rec):  # the next start finishes it
         done = await finished(sched, job.id)
         assert (done.state, done.attempts) == ("succeeded", 1)
+
+
+async def test_restarts_count_real_restarts_only_not_fresh_starts(tmp_path: Path, base_mp4: Path) -> None:
+    async def row(sched: Scheduler) -> tuple[int | None, int | None]:
+        async with sched.db.read() as s:
+            w = await repo_workers.get_worker(s, sched.supervisor.handles[0].worker_id)  # type: ignore[union-attr]
+            return (w.pid, w.restarts) if w is not None else (None, None)
+
+    async def registered(sched: Scheduler, pid: int | None, restarts: int) -> bool:
+        return pid is not None and await row(sched) == (pid, restarts)
+
+    for _ in range(2):  # the second run finds the first run's worker row: still a fresh start, not a restart
+        async with running(tmp_path, base_mp4) as (sched, _rec):
+            await until(lambda s=sched: registered(s, worker_pid(s), 0), limit=60, what="worker registered")
+            assert sched.supervisor.handles[0].restarts == 0  # type: ignore[union-attr]
+    async with running(tmp_path, base_mp4) as (sched, _rec):
+        await until(lambda: registered(sched, worker_pid(sched), 0), limit=60, what="worker registered")
+        first = worker_pid(sched)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: worker_pid(sched) not in (None, first), limit=60, what="worker respawned")
+        await until(lambda: registered(sched, worker_pid(sched), 1), limit=60, what="restart recorded")

@@ -460,6 +460,10 @@ async def test_admin_cancel_limits_and_block(tmp_path: Path) -> None:
         assert [j["position"] for j in overview["queue"]] == [1, 2]
         assert overview["workers"][0]["fresh"] is True
         assert overview["workers"][0]["info"]["attention"] == "sla"
+        # Shown to people as sentences, not as JSON.
+        engine = overview["workers"][0]["engine"]
+        assert engine == ["Attention sla", "model: tiny"]
+        assert overview["workers"][0]["restarts"] == 0  # a fresh registration is not a restart
 
         resp = await c.post_json(f"/api/jobs/{jobs[0].id}/cancel")
         assert resp.status == 200 and (await resp.json())["job"]["state"] == "cancelled"

@@ -121,3 +121,32 @@ async def test_run_web_serves_until_stopped(tmp_path: Path) -> None:
         stop.set()
         await scheduler.stop()
         await db.dispose()
+
+
+def test_engine_status_reads_as_sentences_not_json() -> None:
+    from bots.web.api_admin import engine_status
+
+    info = {
+        "engine": "turbo", "device": "cuda:0", "attention": "auto", "offload": "model",
+        "models": {
+            "wan-1.3b": {"kind": "wan2.1-t2v-1.3b", "label": "Wan2.1 1.3B", "demo": False, "loaded": True,
+                         "offload_text": True, "offload_dit": False},
+            "tiny-i2v": {"kind": "tiny-i2v", "label": "tiny-i2v", "demo": True, "loaded": False},
+        },
+        "default_t2v": "wan-1.3b", "default_i2v": "tiny-i2v", "demo": False,
+        "gpu": "NVIDIA H200", "gpu_memory_gb": 139.8, "gpu_allocated_gb": 2.5,
+        "host": "gpu-1", "pid": 4242, "ema": {"step": {"480p": 0.5}}, "step_times": [0.5, 0.6],
+        "compiled": True,
+    }
+    assert engine_status(info) == [
+        "Engine turbo on cuda:0 · NVIDIA H200, 139.8 GB (2.5 GB in use)",
+        "Attention auto · offload model",
+        "Model Wan2.1 1.3B: wan2.1-t2v-1.3b, loaded, default for text-to-video",
+        "Model tiny-i2v: untrained demo model, not loaded yet, default for image-to-video",
+        "compiled: yes",
+        "Process 4242 on gpu-1",
+    ]
+    assert engine_status({"error": "No weights at /m.pth", "host": "h", "pid": 7}) == [
+        "Could not load the engine: No weights at /m.pth", "Process 7 on h",
+    ]
+    assert engine_status(None) == []

@@ -8,12 +8,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import getpass
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
+import stat
 import sys
 import time
 import uuid
@@ -40,7 +44,7 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="configured model name (default: the first one for the mode)")
     g.add_argument("--res", "--resolution", dest="resolution", help="480p or 720p")
     g.add_argument("--ar", "--aspect", dest="aspect", help="16:9, 9:16, 1:1, 4:3 or 3:4")
-    g.add_argument("--frames", type=int, help="number of frames, 1 mod 4 (81 = 5 s)")
+    g.add_argument("--frames", type=int, help="number of frames: 5 to 81 in steps of 4 (5, 9, 13 … 81; 81 = 5 s at 16 fps)")
     g.add_argument("--steps", type=int, help="sampling steps, 1-4")
     g.add_argument("--seed", type=int, help="seed (0 or omitted = random; the seed used is printed)")
     g.add_argument("--topk", dest="sla_topk", type=float, help="SLA top-k fraction (0.1-0.15)")
@@ -52,17 +56,32 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", help="auto, sagesla, sla or dense")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An error in a subcommand's arguments shows that subcommand's usage, not the top-level one.
+
+    argparse parses a subcommand's arguments with the subparser but collects unknown ones for the parent,
+    which then reports them with its own usage; here each parser refuses unknown arguments itself.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog != "turbobot":
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="turbobot",
         description="Chat bots that turn messages into short videos (TurboDiffusion-style Wan models).",
     )
     parser.add_argument("--config", type=Path, help="config file (default: $TURBOBOT_CONFIG or ./config.toml)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (secrets stay redacted)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, the GPU worker's included (secrets stay redacted)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     db = sub.add_parser("db", help="database maintenance")
-    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION", parser_class=_Parser)
     db_sub.add_parser("upgrade", help="create or migrate the database to the latest schema")
     db_sub.add_parser("check", help="fail if the models and the migrations disagree")
 
@@ -172,6 +191,54 @@ def _safe_url(url: str) -> str:
     return url
 
 
+def _file_kind(st_mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(st_mode):
+            return name
+    return "not a regular file"
+
+
+def _size(n: int) -> str:
+    return f"{n / (1024 * 1024):.0f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB"
+
+
+def _read_image_file(path: Path, max_bytes: int) -> bytes:
+    """Read a local input image: only a regular file, and never more than the upload limit.
+
+    /dev/zero or /dev/urandom would otherwise be read forever and a FIFO with no writer would block: the file
+    is opened non-blocking (a FIFO open returns at once) and checked with fstat on the open descriptor
+    before a single byte is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise UserError(f"Cannot read image {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"Cannot use {path} as an image: it is {_file_kind(st.st_mode)}, not a regular file.")
+        if st.st_size > max_bytes:
+            raise UserError(f"Image {path} is too big ({_size(st.st_size)}); the limit is {_size(max_bytes)}.")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_bytes:  # reading one byte past the limit catches a file that grew since fstat
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise UserError(f"Cannot read image {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if total > max_bytes:
+        raise UserError(f"Image {path} is too big; the limit is {_size(max_bytes)}.")
+    return b"".join(chunks)
+
+
 async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     from bots.commands import build_request
     from bots.images import ImageRejected, load_image
@@ -186,10 +253,7 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         raise UserError("Image-to-video needs --image PATH.")
     image_bytes: bytes | None = None
     if args.image:
-        try:
-            image_bytes = args.image.read_bytes()
-        except OSError as exc:
-            raise UserError(f"Cannot read image {args.image}: {exc.strerror or exc}") from None
+        image_bytes = _read_image_file(args.image, settings.limits.max_image_bytes)
         try:
             validated = load_image(image_bytes, settings.limits)
         except ImageRejected as exc:
@@ -205,13 +269,24 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     printer = _ProgressPrinter(enabled=not args.no_progress and not args.json)
     job_id: int | None = None
 
+    def worker_loading() -> bool:
+        sup = scheduler.supervisor
+        return sup is not None and not any(h.state in ("idle", "busy") for h in sup.handles)
+
+    def waiting(job_id: int, position: int | None) -> str:
+        # Loading the engine takes many seconds (torch import, weights): say so instead of going silent.
+        where = f"queued (#{position})" if position else "queued"
+        if worker_loading():
+            return f"job #{job_id}: {where}; starting the GPU worker and loading the model…"
+        return f"job #{job_id}: {where}"
+
     async def show_progress(event: JobEvent) -> None:
         # Display only (and it marks CLI jobs delivered): completion is awaited with scheduler.wait().
         job = event.job
         if job.id != job_id:
             return
         if event.kind == "queued" and job.position:
-            printer.show(f"job #{job.id}: queued (#{job.position})")
+            printer.show(waiting(job.id, job.position))
         elif event.kind in ("started", "progress"):
             printer.show(f"job #{job.id}: {_phase_progress(job, progress_bar)}")
 
@@ -225,6 +300,8 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
             result = await scheduler.submit(request, requester, DeliveryTarget(platform="cli"), f"cli:{uuid.uuid4()}")
             job_id = result.job.id
             printer.show(f"job #{job_id}: submitted, seed {result.job.seed}")
+            if worker_loading():
+                printer.show(waiting(job_id, result.job.position))
             scheduler.subscribe("cli", show_progress)
             job = await scheduler.wait(job_id, stop_on_worker_error=True)
         except Refusal as exc:
@@ -290,29 +367,71 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     if not data:
         print("No jobs yet. Try: turbobot generate \"a red fox running through snow\"")
         return 0
-    print(f"{'id':>6}  {'state':<10} {'mode':<4} {'seed':>12}  {'model':<16} {'created':<19}  prompt")
-    for d in data:
-        prompt = d["prompt"] if len(d["prompt"]) <= 50 else d["prompt"][:49] + "…"
-        print(f"{d['id']:>6}  {d['state']:<10} {d['mode']:<4} {d['seed']:>12}  {d['model']:<16} {d['created']:<19}  {prompt}")
+    _print_table(
+        [("id", ">"), ("state", "<"), ("mode", "<"), ("seed", ">"), ("model", "<"), ("created", "<"), ("prompt", "<")],
+        [
+            [str(d["id"]), d["state"], d["mode"], str(d["seed"]), d["model"], _local_time(d["created"]),
+             d["prompt"] if len(d["prompt"]) <= 50 else d["prompt"][:49] + "…"]
+            for d in data
+        ],
+    )
     return 0
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Fail before starting anything when the web console's port is taken (often: turbobot already runs)."""
-    import socket
+def _local_time(iso: str) -> str:
+    """The stored UTC timestamp as local wall-clock time, the way people read it in a table."""
+    import datetime as dt
 
+    when = dt.datetime.fromisoformat(iso)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_table(columns: list[tuple[str, str]], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell, so headers and values line up whatever the data."""
+    widths = [max([len(name), *(len(r[i]) for r in rows)]) for i, (name, _) in enumerate(columns)]
+
+    def line(cells: list[str]) -> str:
+        parts = [f"{c:{align}{w}}" for c, (_, align), w in zip(cells, columns, widths, strict=True)]
+        parts[-1] = cells[-1]  # the last column is not padded (no trailing spaces)
+        return "  ".join(parts)
+
+    print(line([name for name, _ in columns]))
+    for r in rows:
+        print(line(r))
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind (and release) every address the console would listen on; UserError saying why one fails."""
+    where = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
-            sock.bind(addr)
-    except OSError as exc:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
         raise UserError(
-            f"the web console cannot listen on {host}:{port} ({exc.strerror or exc}). Is turbobot already "
-            "running? Stop it, or set another [web] port in config.toml."
+            f"Cannot serve the web console on {where}: the host {host!r} does not resolve ({exc.strerror}). "
+            "Set [web] host in config.toml (127.0.0.1 for this machine only)."
         ) from None
+    with contextlib.ExitStack() as stack:
+        for family, kind, proto, _, addr in infos:
+            sock = stack.enter_context(socket.socket(family, kind, proto))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    why = (f"port {port} is already in use (another turbobot or another program is listening). "
+                           "Stop it, or set another [web] port in config.toml.")
+                elif exc.errno == errno.EADDRNOTAVAIL:
+                    why = (f"{host} is not an address of this machine. Set [web] host in config.toml "
+                           "(127.0.0.1 for this machine only, 0.0.0.0 for every interface).")
+                elif exc.errno == errno.EACCES:
+                    why = f"port {port} needs administrator rights. Set [web] port to 1024 or above in config.toml."
+                else:
+                    why = f"{exc.strerror or exc}."
+                raise UserError(f"Cannot serve the web console on {where}: {why}") from None
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -349,7 +468,17 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     if settings.web.enabled:
-        _check_port_free(settings.web.host, settings.web.port)  # before the scheduler touches any job
+        # Before anything starts (database, GPU worker) or is announced: a console that cannot listen, or
+        # must not (public address without an admin token), stops the run here with the reason.
+        from bots.web import WebConfigError
+        from bots.web.security import load_admin_token
+
+        try:
+            load_admin_token(settings)
+        except WebConfigError as exc:
+            raise UserError(str(exc)) from None
+        _check_listen(settings.web.host, settings.web.port)
+
     db = await _open_database(settings)
     scheduler = Scheduler(settings, db=db)
     await scheduler.start(run_workers=True)
@@ -402,7 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"turbobot: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging("DEBUG" if args.verbose else settings.app.log_level, settings.app.log_format)
+    level = "DEBUG" if args.verbose else settings.app.log_level
+    if args.command == "generate" and not args.verbose and logging.getLevelName(level) < logging.WARNING:
+        # The progress bar and the result are generate's output: routine INFO lines, here and in the worker
+        # (which gets its level from these settings), would garble the bar. -v shows everything.
+        level = "WARNING"
+    if level != settings.app.log_level:
+        settings = dataclasses.replace(settings, app=dataclasses.replace(settings.app, log_level=level))
+    setup_logging(level, settings.app.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     started = time.perf_counter()

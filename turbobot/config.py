@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from generator.request import ASPECTS, ATTENTIONS, RESOLUTIONS, SAMPLERS, Limits
+from generator.request import (
+    ASPECTS,
+    ATTENTIONS,
+    MODES,
+    RESOLUTIONS,
+    SAMPLERS,
+    GenerationRequest,
+    Limits,
+    RequestError,
+    validate,
+)
 
 MODEL_KINDS = ("tiny-t2v", "tiny-i2v", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-i2v-a14b")
 
@@ -93,6 +103,9 @@ class LimitsSettings:
     max_steps: int = 4
     resolutions: tuple[str, ...] = RESOLUTIONS
     aspects: tuple[str, ...] = ASPECTS
+    min_topk: float = 0.01  # SLA top-k fraction users may pick (--topk)
+    max_topk: float = 0.5
+    max_sigma: float = 1000.0  # largest --sigma-max
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_image_side: int = 8192
@@ -221,6 +234,26 @@ class Settings:
             aspects=lim.aspects,
             t2v_models=self.model_names("t2v"),
             i2v_models=self.model_names("i2v"),
+            min_topk=lim.min_topk,
+            max_topk=lim.max_topk,
+            max_sigma=lim.max_sigma,
+        )
+
+    def default_request(self, mode: str, prompt: str, image: str | None = None) -> GenerationRequest:
+        """A request with every setting at its ``[defaults]`` value (not validated)."""
+        d = self.defaults
+        return GenerationRequest(
+            mode=mode,
+            prompt=prompt or (d.i2v_prompt if mode == "i2v" else ""),
+            image=image,
+            resolution=d.resolution,
+            aspect=d.aspect,
+            frames=d.frames,
+            steps=d.steps,
+            sla_topk=d.sla_topk,
+            sampler=d.sampler,
+            boundary=d.boundary,
+            attention=d.attention,
         )
 
     @property
@@ -345,26 +378,57 @@ def _build_section(cls: type, section: str, data: Any, pattern: str | None = Non
     return cls(**kwargs)
 
 
+def _validate_limits(lim: LimitsSettings) -> None:
+    if lim.max_prompt_chars < 1:
+        raise ConfigError(f"limits.max_prompt_chars must be at least 1 (got {lim.max_prompt_chars}).")
+    if not 1 <= lim.max_steps <= 4:
+        raise ConfigError(f"limits.max_steps must be from 1 to 4 (got {lim.max_steps}).")
+    if lim.min_frames < 1 or lim.max_frames < lim.min_frames:
+        raise ConfigError(
+            f"limits.min_frames must be at least 1 and at most limits.max_frames "
+            f"(got {lim.min_frames}..{lim.max_frames})."
+        )
+    if not any(f % 4 == 1 for f in range(lim.min_frames, min(lim.max_frames, lim.min_frames + 3) + 1)):
+        raise ConfigError(
+            f"limits.min_frames..max_frames ({lim.min_frames}..{lim.max_frames}) holds no frame count that is "
+            "1 more than a multiple of 4."
+        )
+    if not 0 < lim.min_topk <= lim.max_topk <= 1:
+        raise ConfigError(
+            f"limits.min_topk and limits.max_topk must satisfy 0 < min_topk <= max_topk <= 1 "
+            f"(got {lim.min_topk:g} and {lim.max_topk:g})."
+        )
+    if lim.max_sigma < 1:
+        raise ConfigError(f"limits.max_sigma must be at least 1 (got {lim.max_sigma:g}).")
+    for key in ("resolutions", "aspects"):
+        if not getattr(lim, key):
+            raise ConfigError(f"limits.{key} must list at least one value.")
+
+
+def _validate_defaults(settings: Settings) -> None:
+    """The default request of each mode must pass the very validation a user's request goes through."""
+    limits = settings.request_limits
+    for mode in MODES:
+        if not limits.models_for(mode):
+            continue  # that mode is simply not offered
+        req = settings.default_request(mode, "" if mode == "i2v" else "x", "0" * 64 if mode == "i2v" else None)
+        try:
+            validate(req, limits)
+        except RequestError as exc:
+            key = "i2v_prompt" if exc.field == "prompt" else exc.field
+            raise ConfigError(f"defaults.{key} = {getattr(settings.defaults, key)!r} is refused: {exc.message}") from None
+
+
 def _validate(settings: Settings) -> None:
     d = settings.defaults
     lim = settings.limits
+    _validate_limits(lim)
     if d.resolution not in lim.resolutions:
         raise ConfigError(f"defaults.resolution = {d.resolution!r} is not in limits.resolutions {list(lim.resolutions)}.")
     if d.aspect not in lim.aspects:
         raise ConfigError(f"defaults.aspect = {d.aspect!r} is not in limits.aspects {list(lim.aspects)}.")
-    if not 1 <= lim.max_steps <= 4:
-        raise ConfigError(f"limits.max_steps must be from 1 to 4 (got {lim.max_steps}).")
     if not 1 <= d.steps <= lim.max_steps:
         raise ConfigError(f"defaults.steps must be from 1 to limits.max_steps={lim.max_steps} (got {d.steps}).")
-    if d.frames % 4 != 1 or not lim.min_frames <= d.frames <= lim.max_frames:
-        raise ConfigError(
-            f"defaults.frames must be 1 mod 4 and within limits.min_frames..max_frames "
-            f"({lim.min_frames}..{lim.max_frames}); got {d.frames}."
-        )
-    if not 0 < d.sla_topk <= 1:
-        raise ConfigError(f"defaults.sla_topk must be in (0, 1] (got {d.sla_topk}).")
-    if not 0 <= d.boundary <= 1:
-        raise ConfigError(f"defaults.boundary must be from 0 to 1 (got {d.boundary}).")
     for name, model in settings.models.items():
         needs = [] if model.kind.startswith("tiny") else ["transformer", "vae", "text_encoder"]
         if model.kind == "wan2.2-i2v-a14b":
@@ -378,6 +442,7 @@ def _validate(settings: Settings) -> None:
                 f"engine.{mode}_model = {name!r} is not a configured {mode} model; "
                 f"configured: {', '.join(settings.model_names(mode)) or 'none'}."
             )
+    _validate_defaults(settings)
     q = settings.quotas
     for key in ("max_running_per_user", "max_queued_per_user", "global_queue_cap"):
         if getattr(q, key) < 1:

@@ -93,6 +93,10 @@ def protect_secret(secret: str | None) -> None:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, process: str = "") -> None:
+        super().__init__()
+        self.process = process
+
     def format(self, record: logging.LogRecord) -> str:
         data = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
@@ -100,6 +104,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.process:
+            data["process"] = self.process
         job_id = getattr(record, "job_id", None)
         if job_id is not None:
             data["job_id"] = job_id
@@ -108,7 +114,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", stream: object = None) -> None:
+def setup_logging(level: str = "INFO", fmt: str = "text", stream: object = None, process: str = "") -> None:
+    """One format for every process; ``process`` names a child (e.g. "worker[vm:0]") in each line."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_turbobot", False):
@@ -117,12 +124,17 @@ def setup_logging(level: str = "INFO", fmt: str = "text", stream: object = None)
     handler._turbobot = True  # type: ignore[attr-defined]
     handler.addFilter(RedactingFilter())
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(process))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        tag = f"{process} " if process else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)
     # Never let URL-logging libraries print request URLs (they contain the Telegram token).
     for noisy in ("httpx", "httpcore", "telegram.request", "hpack"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("discord.gateway").setLevel(max(logging.INFO, logging.getLevelName(level)))
+    # Alembic narrates every migration step at INFO (plugins, context, "Will assume transactional DDL"):
+    # debugging detail, shown only when debugging.
+    debug = logging.getLevelName(level) <= logging.DEBUG
+    logging.getLogger("alembic").setLevel(logging.NOTSET if debug else logging.WARNING)

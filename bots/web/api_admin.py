@@ -34,6 +34,61 @@ async def _with_positions(request: web.Request, jobs: list[JobView]) -> list[Job
     return out
 
 
+_ENGINE_KEYS = ("engine", "device", "gpu", "gpu_memory_gb", "gpu_allocated_gb", "attention", "offload", "models",
+                "default_t2v", "default_i2v", "demo", "host", "pid", "error", "ema", "step_times")
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_plain(v) for v in value)
+    return str(value)
+
+
+def engine_status(info: dict[str, Any] | None) -> list[str]:
+    """A worker's engine info as sentences for the admin page (the raw dict stays in ``info`` for tools)."""
+    info = dict(info or {})
+    lines: list[str] = []
+    if info.get("error"):
+        lines.append(f"Could not load the engine: {info['error']}")
+    if "engine" in info or "device" in info:
+        line = " ".join(p for p in ("Engine", str(info.get("engine", "")), "on", str(info.get("device", "?"))) if p)
+        if info.get("gpu"):
+            line += f" · {info['gpu']}"
+            if info.get("gpu_memory_gb") is not None:
+                line += f", {info['gpu_memory_gb']} GB"
+                if info.get("gpu_allocated_gb") is not None:
+                    line += f" ({info['gpu_allocated_gb']} GB in use)"
+        lines.append(line)
+    setup = " · ".join(f"{k} {info[k]}" for k in ("attention", "offload") if info.get(k) is not None)
+    if setup:
+        lines.append(setup[0].upper() + setup[1:])
+    for name, model in (info.get("models") or {}).items():
+        if not isinstance(model, dict):
+            continue
+        label = str(model.get("label") or name)
+        notes = [str(model["kind"])] if model.get("kind") and model.get("kind") != name else []
+        if model.get("demo") and "demo" not in label:
+            notes.append("untrained demo model")
+        notes.append("loaded" if model.get("loaded") else "not loaded yet")
+        defaults = [m for m, key in (("text-to-video", "default_t2v"), ("image-to-video", "default_i2v"))
+                    if info.get(key) == name]
+        if defaults:
+            notes.append("default for " + " and ".join(defaults))
+        lines.append(f"Model {label}: {', '.join(notes)}")
+    if info.get("demo") and not info.get("models"):
+        lines.append("Untrained demo model (random weights)")
+    for key, value in info.items():
+        if key not in _ENGINE_KEYS:
+            lines.append(f"{key}: {_plain(value)}")
+    if info.get("host") or info.get("pid"):
+        lines.append(f"Process {info.get('pid', '?')} on {info.get('host', '?')}")
+    return lines
+
+
 def _worker_json(w: queries.WorkerRow, now: dt.datetime, settings: Settings) -> dict[str, Any]:
     age = (now - w.heartbeat_at).total_seconds()
     return {
@@ -46,6 +101,7 @@ def _worker_json(w: queries.WorkerRow, now: dt.datetime, settings: Settings) -> 
         "fresh": worker_live(w.state, age, settings),
         "restarts": w.restarts,
         "info": w.info,
+        "engine": engine_status(w.info),
     }
 
 

@@ -178,7 +178,7 @@ class Supervisor:
             env[ENGINE_FACTORY_ENV] = self._engine_factory
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "generator.scheduler.worker", "--worker-id", handle.worker_id,
-            "--device", handle.device,
+            "--device", handle.device, "--restarts", str(handle.restarts),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True,
         )
         assert proc.stdin is not None

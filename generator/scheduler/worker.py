@@ -57,6 +57,7 @@ from storage.db import Database
 from storage.models import utcnow
 from storage.repo_workers import register_worker, update_worker
 from turbobot.config import Settings, settings_from_dict
+from turbobot.logs import setup_logging
 
 log = logging.getLogger("turbobot.worker")
 
@@ -205,8 +206,11 @@ class RunningJob:
 
 
 class Worker:
-    def __init__(self, settings: Settings, worker_id: str, device: str, send: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self, settings: Settings, worker_id: str, device: str, send: Callable[[dict[str, Any]], None], restarts: int = 0
+    ) -> None:
         self.settings = settings
+        self.restarts = restarts  # times the supervisor restarted this slot since the service started
         self.cfg = settings.scheduler
         self.worker_id = worker_id
         self.device = device
@@ -244,7 +248,7 @@ class Worker:
         async with self.db.write() as s:
             row = await register_worker(
                 s, self.worker_id, pid=os.getpid(), device=self.device,
-                info={"host": socket.gethostname(), "pid": os.getpid()}, now=utcnow(),
+                info={"host": socket.gethostname(), "pid": os.getpid()}, now=utcnow(), restarts=self.restarts,
             )
             self.stats = StepStats.from_dict((row.info or {}).get("ema"))
         hb = asyncio.create_task(self._heartbeat_loop())
@@ -614,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m generator.scheduler.worker")
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--restarts", type=int, default=0, help="restarts of this slot so far (from the supervisor)")
     args = parser.parse_args(argv)
 
     # Keep the protocol stream private: stray prints from libraries go to stderr.
@@ -622,14 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
 
     settings = decode_settings(sys.stdin.readline())
-    logging.basicConfig(
-        level=getattr(logging, settings.app.log_level, logging.INFO),
-        format=f"%(asctime)s %(levelname)s worker[{args.worker_id}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # The parent's format, so worker lines read like the rest of the terminal (and secrets stay redacted).
+    setup_logging(settings.app.log_level, settings.app.log_format, sys.stderr, process=f"worker[{args.worker_id}]")
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
         os.environ.setdefault(name, "1")
-    worker = Worker(settings, args.worker_id, args.device, wire.send)
+    worker = Worker(settings, args.worker_id, args.device, wire.send, restarts=args.restarts)
     threading.Thread(target=_watch_stdin, args=(worker,), daemon=True, name="stdin").start()
     try:
         asyncio.run(worker.run())

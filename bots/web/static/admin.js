@@ -15,12 +15,9 @@ function sparkline(values) {
   return svg;
 }
 
-function engineInfo(info) {
-  const rows = [];
-  for (const [k, v] of Object.entries(info || {})) {
-    if (k === "ema") continue;
-    rows.push(TB.el("div", {}, `${k}: `, typeof v === "object" ? JSON.stringify(v) : String(v)));
-  }
+// The server words the engine status (api_admin.engine_status); the raw info only feeds the step-time charts.
+function engineInfo(lines, info) {
+  const rows = (lines || []).map((line) => TB.el("div", {}, line));
   const ema = (info || {}).ema;
   if (ema && ema.step) {
     for (const [shape, secs] of Object.entries(ema.step)) {
@@ -50,7 +47,7 @@ function renderEngine(workers, storage) {
     TB.el("thead", {}, TB.el("tr", {}, ["Worker", "Device", "State", "Heartbeat", "Restarts", "Engine"].map((h) => TB.el("th", {}, h)))),
     TB.el("tbody", {}, workers.map((w) => TB.el("tr", { class: "worker-row" },
       TB.el("td", {}, w.id), TB.el("td", {}, w.device), TB.el("td", {}, TB.el("span", { class: `state ${w.fresh ? "succeeded" : "failed"}` }, w.fresh ? w.state.replace("_", " ") : `${w.state.replace("_", " ")} (stale)`)),
-      TB.el("td", {}, `${w.heartbeat_age_s} s ago`), TB.el("td", {}, String(w.restarts)), TB.el("td", {}, engineInfo(w.info))))));
+      TB.el("td", {}, `${w.heartbeat_age_s} s ago`), TB.el("td", {}, String(w.restarts)), TB.el("td", {}, engineInfo(w.engine, w.info))))));
   box.replaceChildren(...[warn, table].filter(Boolean));
 }
 
