@@ -195,7 +195,7 @@ def test_quiet_terminal_and_a_start_message_while_the_worker_loads(workdir: Path
     # Only the progress display: no Alembic narration, no INFO lines from this process or the worker.
     assert all(line.startswith("job #1: ") for line in lines), lines
     loading = [i for i, line in enumerate(lines) if "starting the GPU worker and loading the model" in line]
-    first_step = next(i for i, line in enumerate(lines) if "step 0/2" in line or "step 1/2" in line)
+    first_step = next(i for i, line in enumerate(lines) if "[1/4]" in line or "step 1/2" in line)
     assert loading and loading[0] < first_step, lines
 
 
