@@ -117,7 +117,8 @@ async def test_edited_or_redelivered_command_never_makes_a_second_job(tmp_path: 
 
 
 async def test_bad_input_gets_one_clear_reply_and_no_job(tmp_path: Path) -> None:
-    async with running_stack(tmp_path, limits={"max_prompt_chars": 50}) as stack:
+    # The default i2v prompt must fit the prompt limit too (the configuration refuses one that does not).
+    async with running_stack(tmp_path, limits={"max_prompt_chars": 50}, defaults={"i2v_prompt": "gentle motion"}) as stack:
         tg = stack.tg
         chat = tg.private_chat(ANN)
         cases = [
