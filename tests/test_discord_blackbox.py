@@ -106,6 +106,10 @@ async def test_sigterm_while_a_job_renders_waits_for_the_next_start_quietly(tmp_
     assert code == 0, logs[-3000:]
     assert "Traceback" not in logs, logs[-3000:]
     assert "voice will NOT be supported" not in logs, logs[-3000:]
-    # The job went back to the queue (its worker stopped with the process): said in one line.
-    assert any(line.startswith(tuple("0123456789")) and "job 1 " in line and "Discord client" in line
-               for line in logs.splitlines()), logs[-3000:]
+    # The job went back to the queue (its worker stopped with the process): said in one line. Whether its
+    # "queued" event still reached the stopping Discord sink (then one more line: delivery waits for the next
+    # start) depends on the order of shutdown; either way nothing is an error.
+    assert any("job 1 handed back to the queue" in line for line in logs.splitlines()), logs[-3000:]
+    assert not [line for line in logs.splitlines() if " ERROR " in line], logs[-3000:]
+    later = [line for line in logs.splitlines() if "job 1 " in line and "Discord client" in line]
+    assert len(later) <= 1, later
