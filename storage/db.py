@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from turbobot.config import Settings
+
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
@@ -114,3 +116,13 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def open_database(settings: Settings) -> Database:
+    """The service's database as configured (``[database]``); the caller disposes of it."""
+    return Database(
+        settings.database_url,
+        busy_timeout_ms=settings.database.busy_timeout_ms,
+        synchronous=settings.database.synchronous,
+        echo=settings.database.echo,
+    )

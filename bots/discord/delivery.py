@@ -113,7 +113,7 @@ class Delivery:
             task.cancel()
         waited = await self._wait_gate(job)
         if waited or not self._status_id(job):
-            fresh = await self.bot.scheduler.get(job.id)  # picks up the status message id stored since
+            fresh = await self.bot.scheduler.views.get(job.id)  # picks up the status message id stored since
             if fresh is not None and fresh.state == job.state:
                 job = fresh
         try:

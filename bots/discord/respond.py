@@ -140,7 +140,7 @@ async def respond_with_job(
             callback = await interaction.response.send_message(content, view=view)
             message_id = callback.message_id or (await interaction.original_response()).id
         bot.delivery.remember(job.id, str(message_id), content)
-        await bot.scheduler.set_status_message(job.id, str(message_id))
+        await bot.scheduler.jobs.set_status_message(job.id, str(message_id))
         return result
     finally:
         bot.delivery.close_gate(str(interaction.id))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -25,6 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from generator.scheduler import protocol
+from generator.scheduler.health import fresh_seconds
 from generator.scheduler.worker import ENGINE_FACTORY_ENV, encode_settings
 from turbobot.config import Settings
 
@@ -82,7 +83,7 @@ class Supervisor:
         self,
         settings: Settings,
         *,
-        on_message: Callable[[WorkerHandle, dict[str, Any]], None],
+        on_message: Callable[[WorkerHandle, protocol.WorkerMessage], None],
         on_exit: Callable[[WorkerHandle, int | None], Awaitable[None]],
         engine_factory: str | None = None,
         env: dict[str, str] | None = None,
@@ -144,23 +145,23 @@ class Supervisor:
         self._tasks.clear()
 
     # --- commands to workers --------------------------------------------------------------------
-    def _send(self, handle: WorkerHandle, line: str) -> None:
+    def _send(self, handle: WorkerHandle, command: protocol.Command) -> None:
         proc = handle.proc
         if proc is None or proc.returncode is not None or proc.stdin is None or proc.stdin.is_closing():
             return
         with contextlib.suppress(Exception):
-            proc.stdin.write(line.encode())
+            proc.stdin.write(protocol.encode(command).encode())
 
     def wake(self) -> None:
         """New work was queued: idle workers claim now instead of at their next poll."""
         for handle in self.handles:
             if handle.state == "idle":
-                self._send(handle, "wake\n")
+                self._send(handle, protocol.Wake())
 
     def cancel(self, job_id: int) -> None:
         for handle in self.handles:
             if handle.job_id == job_id:
-                self._send(handle, f"cancel {job_id}\n")
+                self._send(handle, protocol.CancelJob(job_id))
 
     def kill(self, worker_id: str) -> bool:
         """SIGKILL one worker (tests, admin); it is restarted like any crashed worker."""
@@ -235,26 +236,24 @@ class Supervisor:
                 return
             handle.last_message = time.monotonic()
             try:
-                msg = json.loads(line)
-            except ValueError:
+                msg = protocol.decode_message(line)
+            except protocol.ProtocolError:
                 log.warning("worker %s wrote a non-protocol line: %r", handle.worker_id, line[:200])
                 continue
-            kind = msg.get("t")
-            if kind == "hb":
-                handle.stalled = bool(msg.get("stalled"))
-                handle.state = str(msg.get("state") or handle.state)
-                handle.job_id = msg.get("job")
-            elif kind == "ready":
+            if isinstance(msg, protocol.Heartbeat):
+                handle.stalled = msg.stalled
+                handle.state = msg.state or handle.state
+                handle.job_id = msg.job_id
+            elif isinstance(msg, protocol.Ready):
                 handle.state = "idle"
                 handle.error = ""
-                handle.info = dict(msg.get("info") or {})
-            elif kind == "fatal":
+                handle.info = dict(msg.info)
+            elif isinstance(msg, protocol.Fatal):
                 handle.state = "failed"
-                handle.error = str(msg.get("error") or "the engine could not be loaded")
-            elif kind == "job":
-                k = msg.get("k")
-                handle.job_id = None if k == "done" else msg.get("id")
-                handle.state = "idle" if k == "done" else "busy"
+                handle.error = msg.error or "the engine could not be loaded"
+            elif isinstance(msg, protocol.JobChanged):
+                handle.job_id = None if msg.change == "done" else msg.job_id
+                handle.state = "idle" if msg.change == "done" else "busy"
             try:
                 self._on_message(handle, msg)
             except Exception:
@@ -273,7 +272,7 @@ class Supervisor:
                     why = f"still loading after {cfg.worker_start_timeout_seconds:.0f}s"
             elif handle.stalled:
                 why = "render stalled"
-            elif now - handle.last_message > max(cfg.watchdog_seconds, 3 * cfg.heartbeat_seconds):
+            elif now - handle.last_message > fresh_seconds(cfg):
                 why = f"silent for {now - handle.last_message:.1f}s"
             if why:
                 log.error("worker %s (pid %s): %s; killing it", handle.worker_id, proc.pid, why)
