@@ -1,4 +1,4 @@
-"""Database access: an async engine configured per service.md, with read and write transactions.
+"""Database access: an async engine configured as docs/scheduler.md describes, with read and write transactions.
 
 SQLite (aiosqlite): WAL, busy_timeout, foreign keys, synchronous NORMAL/FULL; the DB-API connection runs in
 autocommit mode (isolation_level None) and we emit BEGIN / BEGIN IMMEDIATE ourselves, because a deferred

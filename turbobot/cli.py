@@ -351,7 +351,7 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     db = await _open_database(settings)
     try:
         views = await Scheduler(settings, db=db).listings.jobs(limit=max(1, args.limit))
-        data = [
+        data: list[dict[str, Any]] = [
             {"id": v.id, "state": v.state, "mode": v.request.mode, "seed": v.request.seed, "model": v.request.model,
              "platform": v.target.platform, "created": v.created_at.isoformat(timespec="seconds"),
              "prompt": v.request.prompt}

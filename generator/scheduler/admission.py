@@ -1,7 +1,7 @@
 """Who may submit what: roles, allow/deny lists, blocked words, and the quota checks of ``submit``.
 
 ``admit`` runs inside the submit's write transaction, right before the insert, so the checks and the
-enqueue are one atomic step (service.md: no double spend under concurrent requests).
+enqueue are one atomic step (docs/scheduler.md: no double spend under concurrent requests).
 """
 
 from __future__ import annotations

@@ -196,6 +196,7 @@ class Supervisor:
                 rc: int | None = None
                 proc = None
             else:
+                assert proc is not None
                 handle.proc = proc
                 if self._stopping.is_set() and proc.stdin is not None:
                     proc.stdin.close()  # spawned after stop() began: let it exit at once
