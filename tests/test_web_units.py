@@ -15,8 +15,8 @@ from web_support import console_settings, make_db
 from bots.web import run_web
 from bots.web.forms import coerce_options
 from bots.web.metrics import LOOKBACK, JobStats, RefusalStats
-from generator.scheduler.reads import FinishedRow
 from generator.request import RequestError
+from generator.scheduler.reads import FinishedRow
 from generator.scheduler.service import Scheduler
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
