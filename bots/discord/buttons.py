@@ -40,7 +40,7 @@ def buttons_for(job: JobView) -> tuple[str, ...]:
     return ("retry", "params", "delete")  # failed or cancelled
 
 
-def job_view(job: JobView) -> discord.ui.View:
+def job_buttons(job: JobView) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for action in buttons_for(job):
         view.add_item(JobButton(action, job.id))

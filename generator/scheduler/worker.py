@@ -149,7 +149,7 @@ def free_gpu_memory() -> None:
 # --- files --------------------------------------------------------------------------------------------
 
 
-def output_name(job_id: int, attempt: int, request: GenerationRequest) -> str:
+def attempt_file_name(job_id: int, attempt: int, request: GenerationRequest) -> str:
     """Server-generated final name (mode, job, seed, model; never user text), e.g.
     ``t2v_12_42_tiny-t2v.a1.mp4``; the attempt keeps a fenced-out straggler from touching the winner."""
     return video_output_name(request.mode, job_id, request.seed or 0, request.model or "model", ext=f"a{attempt}.mp4")
@@ -541,7 +541,7 @@ class Worker:
             ))
         result: RenderResult = payload
         produced = Path(result.path)
-        final = self.outputs / output_name(job.job_id, job.attempt, job.request)
+        final = self.outputs / attempt_file_name(job.job_id, job.attempt, job.request)
         sha, size = await asyncio.to_thread(fsync_and_hash, produced)
         await asyncio.to_thread(publish, produced, final)
         if produced != tmp:
