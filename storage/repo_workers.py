@@ -1,4 +1,5 @@
-"""GPU worker rows: liveness for /readyz and the supervisor, engine info and step-time averages for ETAs."""
+"""GPU worker rows: liveness for /readyz and the supervisor, engine info and step-time averages for ETAs.
+Every function takes the caller's session; nothing else is touched."""
 
 from __future__ import annotations
 

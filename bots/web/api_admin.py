@@ -1,7 +1,8 @@
 """Admin endpoints: the whole queue with cancel, users with quota usage, limits and blocking, engine status.
 
 Actions go through the scheduler in the operator's name (it checks the operator is an owner or moderator);
-listings that the scheduler's per-user API lacks come from ``bots.web.queries``.
+listings across users come from ``scheduler.listings``. May touch: nothing but the scheduler (no database,
+no files of its own).
 """
 
 from __future__ import annotations

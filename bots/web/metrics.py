@@ -1,5 +1,6 @@
-"""Prometheus metrics computed from the scheduler's listings at scrape time (so they count every front end's jobs,
-and survive restarts of this process), plus whatever the scheduler exports itself.
+"""Prometheus metrics computed from the scheduler's listings at scrape time (so they count every front end's
+jobs, and survive restarts of this process), plus whatever the scheduler exports itself. May touch: nothing
+but the scheduler's read verbs.
 
 Histograms and counters must never go down, but jobs are deleted (``/forget``) and finish out of id order.
 ``JobStats`` therefore folds each terminal job in exactly once: it reads jobs finished since a watermark

@@ -4,8 +4,12 @@ Each worker is ``python -m generator.scheduler.worker`` in its own session (a Ct
 reaches only the parent, which then stops the workers). The worker's stdin is the only thing keeping it
 alive: if this process dies, even by SIGKILL, the pipe closes and the worker exits.
 
-Watchdog: a worker is killed (SIGKILL) when it sends nothing for ``watchdog_seconds``, when it reports its
-render stalled for that long, or when it is still loading after ``worker_start_timeout_seconds``. After
+Messages both ways are the typed ones of ``generator.scheduler.protocol``. May touch: worker processes
+only (no database, no files). See docs/scheduler.md.
+
+Watchdog: a worker is killed (SIGKILL) when it has been silent longer than the freshness rule
+(``health.fresh_seconds``: ``max(watchdog_seconds, 3 x heartbeat_seconds)``), when it reports its
+render stalled for ``watchdog_seconds``, or when it is still loading after ``worker_start_timeout_seconds``. After
 any exit the ``on_exit`` callback runs (the scheduler requeues the worker's job and sweeps files), then the
 worker is restarted with a backoff that grows while it keeps dying young.
 """
