@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def _package_dir(name: str) -> Path:
     return Path(str(resources.files("bots.web").joinpath(name)))
 
 
-def _page(template: str) -> web.Handler:
+def _page(template: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     path = _package_dir("templates") / template
 
     async def handler(request: web.Request) -> web.StreamResponse:
