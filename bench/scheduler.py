@@ -70,15 +70,15 @@ async def per_job_overhead(tmp: Path, mp4: Path, n_jobs: int) -> dict[str, Any]:
     sched.subscribe("bench", sink)
     await sched.start(run_workers=True)
     # Warm up: the worker has loaded when the first job is done.
-    warm = await sched.submit(t2v("warm up", steps=1), Requester("bench", "0"), DeliveryTarget("bench"), "warm")
+    warm = await sched.jobs.submit(t2v("warm up", steps=1), Requester("bench", "0"), DeliveryTarget("bench"), "warm")
     await done.setdefault(warm.job.id, asyncio.Event()).wait()
     to_claim, to_event = [], []
     for i in range(n_jobs):
         t0 = time.time()
-        res = await sched.submit(t2v(f"job {i}", steps=1), Requester("bench", str(i % 10)), DeliveryTarget("bench"),
+        res = await sched.jobs.submit(t2v(f"job {i}", steps=1), Requester("bench", str(i % 10)), DeliveryTarget("bench"),
                                  f"j{i}")
         await done.setdefault(res.job.id, asyncio.Event()).wait()
-        view = await sched.get(res.job.id)
+        view = await sched.views.get(res.job.id)
         assert view is not None and view.state == "succeeded" and view.started_at and view.finished_at
         to_claim.append((view.started_at.timestamp() - t0) * 1000)
         to_event.append((arrivals[res.job.id] - view.finished_at.timestamp()) * 1000)
@@ -90,7 +90,7 @@ async def per_job_overhead(tmp: Path, mp4: Path, n_jobs: int) -> dict[str, Any]:
         nonlocal lock_errors
         t = time.perf_counter()
         try:
-            await sched.submit(t2v(f"burst {i}", steps=1), Requester("bench", f"b{i}"), DeliveryTarget("bench"),
+            await sched.jobs.submit(t2v(f"burst {i}", steps=1), Requester("bench", f"b{i}"), DeliveryTarget("bench"),
                                f"burst{i}")
         except OperationalError as exc:
             if "locked" in str(exc):

@@ -97,4 +97,4 @@ async def submit_text(
         request = build_request(settings, mode, text, image=image, options=options)
     except RequestError as exc:
         raise Refusal("invalid", exc.message) from None
-    return await scheduler.submit(request, requester, target, key)
+    return await scheduler.jobs.submit(request, requester, target, key)

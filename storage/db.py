@@ -1,4 +1,4 @@
-"""Database access: an async engine configured per service.md, with read and write transactions.
+"""Database access: an async engine configured as docs/scheduler.md describes, with read and write transactions.
 
 SQLite (aiosqlite): WAL, busy_timeout, foreign keys, synchronous NORMAL/FULL; the DB-API connection runs in
 autocommit mode (isolation_level None) and we emit BEGIN / BEGIN IMMEDIATE ourselves, because a deferred
@@ -15,6 +15,8 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from turbobot.config import Settings
 
 
 def is_sqlite(url: str) -> bool:
@@ -114,3 +116,13 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def open_database(settings: Settings) -> Database:
+    """The service's database as configured (``[database]``); the caller disposes of it."""
+    return Database(
+        settings.database_url,
+        busy_timeout_ms=settings.database.busy_timeout_ms,
+        synchronous=settings.database.synchronous,
+        echo=settings.database.echo,
+    )

@@ -1,6 +1,6 @@
 """SQLAlchemy 2 typed models: users, jobs (the queue itself), inputs, outputs, quota usage, chat buckets.
 
-The jobs table is the queue (service.md): one store for jobs, seeds, outputs, remix lineage and quotas.
+The jobs table is the queue (docs/scheduler.md): one store for jobs, seeds, outputs, remix lineage and quotas.
 Types are portable (SQLite and PostgreSQL); times are timezone-aware UTC.
 """
 

@@ -27,9 +27,6 @@ def _with_relations(stmt: Any) -> Any:
     return stmt.options(joinedload(Job.user), joinedload(Job.output))
 
 
-async def find_by_key(session: AsyncSession, idempotency_key: str) -> Job | None:
-    stmt = _with_relations(select(Job).where(Job.idempotency_key == idempotency_key))
-    return (await session.execute(stmt)).unique().scalar_one_or_none()
 
 
 async def id_for_key(session: AsyncSession, idempotency_key: str) -> int | None:
@@ -41,11 +38,6 @@ async def get_job(session: AsyncSession, job_id: int) -> Job | None:
     return (await session.execute(stmt)).unique().scalar_one_or_none()
 
 
-async def get_jobs(session: AsyncSession, job_ids: Sequence[int]) -> list[Job]:
-    if not job_ids:
-        return []
-    stmt = _with_relations(select(Job).where(Job.id.in_(list(job_ids))))
-    return list((await session.execute(stmt)).unique().scalars())
 
 
 async def insert_job(
@@ -125,8 +117,6 @@ async def queue_counts(session: AsyncSession, user_id: int) -> tuple[int, int, i
     return int(row[0]), int(row[1]), int(row[2])
 
 
-async def count_queued(session: AsyncSession) -> int:
-    return int((await session.execute(select(func.count()).where(Job.state == "queued"))).scalar_one())
 
 
 async def list_user_jobs(

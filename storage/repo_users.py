@@ -49,10 +49,6 @@ async def upsert_user(
     return user
 
 
-async def get_user(session: AsyncSession, user_id: int) -> User | None:
-    return await session.get(User, user_id)
-
-
 async def set_blocked(session: AsyncSession, user: User, blocked: bool, reason: str = "") -> None:
     user.blocked = blocked
     user.blocked_reason = reason[:256] if blocked else ""
@@ -70,8 +66,3 @@ async def set_limits(
     user.max_queued = max_queued
     user.daily_jobs = daily_jobs
     user.daily_gpu_seconds = daily_gpu_seconds
-
-
-async def delete_user(session: AsyncSession, user: User) -> None:
-    await session.delete(user)
-    await session.flush()

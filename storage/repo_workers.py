@@ -1,4 +1,5 @@
-"""GPU worker rows: liveness for /readyz and the supervisor, engine info and step-time averages for ETAs."""
+"""GPU worker rows: liveness for /readyz and the supervisor, engine info and step-time averages for ETAs.
+Every function takes the caller's session; nothing else is touched."""
 
 from __future__ import annotations
 
@@ -65,3 +66,11 @@ async def list_workers(session: AsyncSession) -> list[WorkerState]:
 
 async def get_worker(session: AsyncSession, worker_id: str) -> WorkerState | None:
     return await session.get(WorkerState, worker_id)
+
+
+async def rewrite_one_unchanged(session: AsyncSession) -> None:
+    """Rewrite one worker row's value unchanged: inside a write transaction, this fails on a read-only or
+    locked database (the readiness probe)."""
+    wid = (await session.execute(select(WorkerState.id).limit(1))).scalar()
+    if wid is not None:
+        await session.execute(update(WorkerState).where(WorkerState.id == wid).values(pid=WorkerState.pid))

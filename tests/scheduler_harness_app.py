@@ -56,7 +56,7 @@ async def main(directory: Path, n_jobs: int, mp4: str, engine: str = "test") -> 
     sched.subscribe("harness", sink)
     await sched.start(run_workers=True)
     for i in range(n_jobs):
-        await sched.submit(
+        await sched.jobs.submit(
             t2v(f"harness job {i}", steps=steps), Requester("harness", f"u{i % USERS}"),
             DeliveryTarget("harness"), f"h{i}",
         )

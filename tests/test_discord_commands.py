@@ -60,7 +60,7 @@ async def test_bad_attachments_are_refused_privately(tmp_path: Path) -> None:
         pdf = srv.user_message(alice, "", [srv.attachment("x.pdf", b"%PDF", "application/pdf")])
         iid = await srv.context_menu("Animate this image", alice, pdf)
         assert "not a supported image" in await env.private_answer(iid)
-        assert await env.sched.jobs_for(who(alice)) == []
+        assert await env.sched.views.jobs_for(who(alice)) == []
 
 
 async def test_quota_refusal_is_private_and_friendly(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ async def test_quota_refusal_is_private_and_friendly(tmp_path: Path) -> None:
         assert "waiting (the limit is 1)" in answer
         # Nothing public was left behind for the refused request, and only one job exists.
         assert all(m["flags"] & 64 for m in srv.messages_in() if m["id"] == srv.response_of(iid).original_message_id)
-        assert len(await env.sched.jobs_for(who(alice))) == 1
+        assert len(await env.sched.views.jobs_for(who(alice))) == 1
         # A crafted payload outside the advertised ranges is refused by the server-side validation.
         iid = await srv.slash("t2v", alice, prompt="three --frames 12")
         assert "Frames must be 1 more than a multiple of 4" in await env.private_answer(iid)
@@ -100,7 +100,7 @@ async def test_cancel_queued_job_with_slash_command_then_delete(tmp_path: Path) 
         click = await srv.click(status["id"], f"tb:delete:{job_id}", alice)
         assert f"Deleted job #{job_id}" in await env.private_answer(click)
         assert status["id"] not in srv.messages
-        assert await env.sched.get(job_id) is None
+        assert await env.sched.views.get(job_id) is None
 
 
 async def test_cancel_button_stops_a_running_job(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ async def test_cancel_button_stops_a_running_job(tmp_path: Path) -> None:
         click = await srv.click(status["id"], f"tb:cancel:{job_id}", alice)
         assert f"job #{job_id}" in await env.private_answer(click)
         await srv.wait_for(lambda: "Cancelled" in srv.messages[status["id"]]["content"], 30)
-        job = await env.sched.get(job_id)
+        job = await env.sched.views.get(job_id)
         assert job is not None and job.state == "cancelled" and job.output is None
 
 
@@ -169,8 +169,8 @@ async def test_information_commands_forget_and_admin(tmp_path: Path) -> None:
         assert "belongs to someone else" in await env.private_answer(other)
         await srv.click(confirm_msg["id"], yes, alice)
         await srv.wait_for(lambda: "deleted 1 job" in srv.messages[confirm_msg["id"]]["content"])
-        assert await env.sched.jobs_for(who(alice)) == []
-        assert len(await env.sched.jobs_for(who(mallory))) == 1
+        assert await env.sched.views.jobs_for(who(alice)) == []
+        assert len(await env.sched.views.jobs_for(who(mallory))) == 1
 
 
 async def test_interaction_sent_while_disconnected_arrives_after_resume(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ async def test_slow_answers_defer_first_and_refusals_stay_private(tmp_path: Path
         job_id = job_id_of(status)
 
         async def stored() -> bool:
-            job = await env.sched.get(job_id)
+            job = await env.sched.views.get(job_id)
             return job is not None and job.target.status_message_id == status["id"]
 
         await env.eventually(stored)

@@ -26,7 +26,7 @@ async def _check_bot_token_delivery(env, alice: dict, iid: str) -> dict:  # type
     status = await env.answered(iid)
     job_id = job_id_of(status)
     reply = await srv.wait_for(lambda: _reply_with_video(srv, status["id"]), 30)
-    job = await env.sched.get(job_id)
+    job = await env.sched.views.get(job_id)
     assert job is not None and job.output is not None
     assert reply["content"].startswith(f"<@{alice['id']}> ") and f"Job #{job_id}" in reply["content"]
     assert [u["id"] for u in reply["mentions"]] == [alice["id"]]
@@ -94,7 +94,7 @@ async def test_bot_restarted_inside_the_process_still_gets_results(
         job_id = job_id_of(status)
 
         await env.stop_bot()
-        await env.sched.cancel(job_id, Requester("discord", alice["id"]))  # ends while no client is running
+        await env.sched.admin.cancel(job_id, Requester("discord", alice["id"]))  # ends while no client is running
         await env.start_bot()  # same Scheduler: the old client must not swallow or block the result
 
         await srv.wait_for(lambda: "Cancelled" in srv.messages[status["id"]]["content"], 30)

@@ -35,7 +35,7 @@ async def test_t2v_slash_command_delivers_video_with_buttons(tmp_path: Path) -> 
             job_id = job_id_of(status)
 
             final = await env.delivered(iid)
-            job = await env.sched.get(job_id)
+            job = await env.sched.views.get(job_id)
             assert job is not None and job.state == "succeeded" and job.output is not None
             # Typed options and inline flags both reached the request.
             assert (job.request.aspect, job.request.steps, job.seed) == ("9:16", 4, 4242)
@@ -58,7 +58,7 @@ async def test_t2v_slash_command_delivers_video_with_buttons(tmp_path: Path) -> 
             # The job's interaction id is its idempotency key: a replayed interaction makes no second job.
             await srv.redispatch(iid)
             await srv.wait_for(lambda: any(r.status == 400 and iid in r.path for r in srv.requests))
-            assert [j.id for j in await env.sched.jobs_for(_requester(alice))] == [job_id]
+            assert [j.id for j in await env.sched.views.jobs_for(_requester(alice))] == [job_id]
     finally:
         root.setLevel(saved[0])
         root.handlers = saved[1]
@@ -87,7 +87,7 @@ async def test_context_menu_animates_an_image_with_the_default_prompt(tmp_path: 
         sid = await srv.submit_modal(iid, alice, {"prompt": ""})
 
         final = await env.delivered(sid)
-        job = await env.sched.get(job_id_of(final))
+        job = await env.sched.views.get(job_id_of(final))
         assert job is not None and job.request.mode == "i2v"
         assert job.request.prompt == env.settings.defaults.i2v_prompt
         assert job.request.image is not None and len(job.request.image) == 64
@@ -99,7 +99,7 @@ async def test_context_menu_animates_an_image_with_the_default_prompt(tmp_path: 
                                                                   width=90, height=70),
                               prompt="the dog wags its tail --ode", adaptive=True, frames=5)
         final = await env.delivered(iid)
-        job = await env.sched.get(job_id_of(final))
+        job = await env.sched.views.get(job_id_of(final))
         assert job is not None and job.request.mode == "i2v"
         assert (job.request.prompt, job.request.sampler, job.request.adaptive_resolution, job.request.frames) == (
             "the dog wags its tail", "ode", True, 5)
@@ -126,14 +126,14 @@ async def test_remix_and_retry_buttons_work_after_a_restart(tmp_path: Path) -> N
         sid = await srv.submit_modal(click, alice, {"prompt": "a lighthouse in a storm",
                                                     "flags": prefilled["flags"].replace("--ar 16:9", "--ar 1:1")})
         remixed = await env.delivered(sid)
-        child = await env.sched.get(job_id_of(remixed))
+        child = await env.sched.views.get(job_id_of(remixed))
         assert child is not None and child.parent_id == parent
         assert (child.seed, child.request.prompt, child.request.aspect) == (777, "a lighthouse in a storm", "1:1")
         assert f"Remix of job #{parent}" in remixed["content"]
 
         retry = await srv.click(first["id"], f"tb:retry:{parent}", alice)
         retried = await env.delivered(retry)
-        again = await env.sched.get(job_id_of(retried))
+        again = await env.sched.views.get(job_id_of(retried))
         assert again is not None and again.parent_id == parent and again.seed != 777
         assert (child.lineage, again.lineage) == ("remix", "retry")
         assert f"Retry of job #{parent}" in retried["content"] and "Remix of" not in retried["content"]
@@ -145,7 +145,7 @@ async def test_remix_and_retry_buttons_work_after_a_restart(tmp_path: Path) -> N
         # /remix as a slash command: same seed, new prompt and options.
         iid = await srv.slash("remix", alice, job=str(parent), prompt="a lighthouse at dawn", steps=1)
         slashed = await env.delivered(iid)
-        child2 = await env.sched.get(job_id_of(slashed))
+        child2 = await env.sched.views.get(job_id_of(slashed))
         assert child2 is not None and child2.parent_id == parent
         assert (child2.seed, child2.request.prompt, child2.request.steps) == (777, "a lighthouse at dawn", 1)
 

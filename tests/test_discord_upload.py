@@ -24,7 +24,7 @@ async def test_results_over_the_upload_limit(tmp_path: Path) -> None:
         limit = UPLOAD_HEADROOM + 60_000
         iid = await srv.slash("t2v", alice, prompt="static on an old television", frames=17, size_limit=limit)
         final = await env.delivered(iid, within=60)
-        job = await env.sched.get(job_id_of(final))
+        job = await env.sched.views.get(job_id_of(final))
         assert job is not None and job.output is not None
         original = file_bytes(job.output.path)
         assert len(original) > limit  # the scenario really needs the re-encode

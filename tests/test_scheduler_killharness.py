@@ -1,4 +1,4 @@
-"""kill -9 harness (service.md): SIGKILL the GPU worker and, separately, the scheduler process at random
+"""kill -9 harness (docs/scheduler.md, job contract): SIGKILL the GPU worker and, separately, the scheduler process at random
 moments over hundreds of short jobs, then check the job contract's invariants:
 
 - every job reaches exactly one terminal state (one accepted terminal transition in the audit log);

@@ -36,13 +36,13 @@ async def test_pg_concurrent_submits_respect_quota_and_idempotency(tmp_path: Pat
     sched = await _scheduler(tmp_path, pg_url, max_queued_per_user=1000, daily_jobs_per_user=10)
     try:
         outcomes = await asyncio.gather(
-            *(sched.submit(t2v(), who(1), where(), f"k{i}") for i in range(40)), return_exceptions=True
+            *(sched.jobs.submit(t2v(), who(1), where(), f"k{i}") for i in range(40)), return_exceptions=True
         )
         ok = [o for o in outcomes if not isinstance(o, BaseException)]
         codes = Counter(getattr(o, "code", repr(o)) for o in outcomes if isinstance(o, BaseException))
         assert len(ok) == 10 and codes == Counter({"quota_daily": 30}), codes
         same = await asyncio.gather(
-            *(sched.submit(t2v(), who(2), where(), "double-click") for _ in range(10)), return_exceptions=True
+            *(sched.jobs.submit(t2v(), who(2), where(), "double-click") for _ in range(10)), return_exceptions=True
         )
         assert not [o for o in same if isinstance(o, BaseException) and not isinstance(o, Refusal)], same
         assert len({o.job.id for o in same if not isinstance(o, BaseException)}) == 1
@@ -55,7 +55,7 @@ async def test_pg_concurrent_claims_skip_locked_and_keep_the_running_cap(tmp_pat
     sched = await _scheduler(tmp_path, pg_url, max_queued_per_user=100)
     try:
         for i in range(24):
-            await sched.submit(t2v(f"job {i}"), who(i % 6), where(), f"k{i}")
+            await sched.jobs.submit(t2v(f"job {i}"), who(i % 6), where(), f"k{i}")
         db = sched.db
 
         async def claim(worker: str) -> queue.Claimed | None:

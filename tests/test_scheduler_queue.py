@@ -46,8 +46,8 @@ async def complete(db: Database, c: queue.Claimed, gpu: float = 1.0) -> str:
 
 async def test_user_with_one_job_is_not_starved_by_user_with_fifty(env) -> None:
     sched, db = env
-    a_jobs = [(await sched.submit(t2v(f"a {i}"), who("a"), where(), f"a{i}")).job.id for i in range(50)]
-    b = await sched.submit(t2v("b"), who("b"), where(), "b0")
+    a_jobs = [(await sched.jobs.submit(t2v(f"a {i}"), who("a"), where(), f"a{i}")).job.id for i in range(50)]
+    b = await sched.jobs.submit(t2v("b"), who("b"), where(), "b0")
     assert b.job.position == 2 and b.job.queue_length == 51  # right behind A's first job
 
     order = []
@@ -61,10 +61,10 @@ async def test_user_with_one_job_is_not_starved_by_user_with_fifty(env) -> None:
 async def test_positions_predict_claim_order_on_several_gpus(env) -> None:
     sched, db = env
     for i in range(6):
-        await sched.submit(t2v(f"a {i}"), who("a"), where(), f"a{i}")
+        await sched.jobs.submit(t2v(f"a {i}"), who("a"), where(), f"a{i}")
     for i in range(3):
-        await sched.submit(t2v(f"b {i}"), who("b"), where(), f"b{i}")
-    await sched.submit(t2v("c"), who("c"), where(), "c0")
+        await sched.jobs.submit(t2v(f"b {i}"), who("b"), where(), f"b{i}")
+    await sched.jobs.submit(t2v("c"), who("c"), where(), "c0")
     async with db.read() as s:
         predicted = (await queue.snapshot(s, now=utcnow())).order
     # Ten workers and a running cap of 10: nothing completes, every claim follows the fair key.
@@ -79,13 +79,13 @@ async def test_positions_predict_claim_order_on_several_gpus(env) -> None:
 
 async def test_running_cap_and_gpu_seconds_order(env) -> None:
     sched, db = env
-    a1 = (await sched.submit(t2v("a1"), who("a"), where(), "a1")).job.id
-    a2 = (await sched.submit(t2v("a2"), who("a"), where(), "a2")).job.id
+    a1 = (await sched.jobs.submit(t2v("a1"), who("a"), where(), "a1")).job.id
+    a2 = (await sched.jobs.submit(t2v("a2"), who("a"), where(), "a2")).job.id
     c = await claim(db)
     assert c is not None and c.job_id == a1
     assert await claim(db) is None  # a is at its running cap of 1 and nobody else waits
     await complete(db, c, gpu=100.0)
-    b1 = (await sched.submit(t2v("b1"), who("b"), where(), "b1")).job.id
+    b1 = (await sched.jobs.submit(t2v("b1"), who("b"), where(), "b1")).job.id
     # a used 100 GPU-seconds today, b none: b goes first although a2 is older.
     nxt = await claim(db)
     assert nxt is not None and nxt.job_id == b1
@@ -95,7 +95,7 @@ async def test_running_cap_and_gpu_seconds_order(env) -> None:
 
 async def test_fencing_and_lease_expiry(env) -> None:
     sched, db = env
-    job_id = (await sched.submit(t2v(), who(1), where(), "k")).job.id
+    job_id = (await sched.jobs.submit(t2v(), who(1), where(), "k")).job.id
     t0 = utcnow()
     first = await claim(db, lease=5.0, now=t0)
     assert first is not None and first.attempt == 1
@@ -125,7 +125,7 @@ async def test_fencing_and_lease_expiry(env) -> None:
 
 async def test_bounded_attempts_then_failed(env) -> None:
     sched, db = env
-    job_id = (await sched.submit(t2v(), who(1), where(), "k")).job.id
+    job_id = (await sched.jobs.submit(t2v(), who(1), where(), "k")).job.id
     now = utcnow()
     for attempt in (1, 2):
         c = await claim(db, lease=1.0, now=now)
@@ -142,8 +142,8 @@ async def test_bounded_attempts_then_failed(env) -> None:
 
 async def test_release_dead_worker_and_cancel_requests(env) -> None:
     sched, db = env
-    j1 = (await sched.submit(t2v("one"), who(1), where(), "k1")).job.id
-    j2 = (await sched.submit(t2v("two"), who(2), where(), "k2")).job.id
+    j1 = (await sched.jobs.submit(t2v("one"), who(1), where(), "k1")).job.id
+    j2 = (await sched.jobs.submit(t2v("two"), who(2), where(), "k2")).job.id
     c1 = await claim(db, worker="host:0")
     c2 = await claim(db, worker="host:1")
     assert {c1.job_id, c2.job_id} == {j1, j2}
@@ -156,7 +156,7 @@ async def test_release_dead_worker_and_cancel_requests(env) -> None:
 
 async def test_cancel_request_wins_over_late_completion(env) -> None:
     sched, db = env
-    job_id = (await sched.submit(t2v(), who(1), where(), "k")).job.id
+    job_id = (await sched.jobs.submit(t2v(), who(1), where(), "k")).job.id
     c = await claim(db)
     async with db.write() as s:
         assert (await queue.heartbeat(s, job_id, c.attempt, now=utcnow(), lease_seconds=None)).cancel_requested is False

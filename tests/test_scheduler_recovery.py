@@ -55,7 +55,7 @@ async def _prepare(settings: Settings) -> dict[str, int]:
     await sched.start(run_workers=False)
     ids = {}
     for name in ("expired", "local", "ok", "bad"):
-        ids[name] = (await sched.submit(t2v(name), who(name), where(), name)).job.id
+        ids[name] = (await sched.jobs.submit(t2v(name), who(name), where(), name)).job.id
     past = utcnow() - dt.timedelta(minutes=5)
     outputs = sched.outputs_dir
     async with db.write() as s:
@@ -117,8 +117,8 @@ async def test_restart_requeues_delivers_and_sweeps(tmp_path: Path) -> None:
     try:
         again = Recorder()
         sched.subscribe("test", again)
-        other = await sched.submit(t2v("probe"), who("probe"), where(), "probe")
-        await sched.cancel(other.job.id, who("probe"))
+        other = await sched.jobs.submit(t2v("probe"), who("probe"), where(), "probe")
+        await sched.admin.cancel(other.job.id, who("probe"))
         await until(lambda: len(again.terminal(other.job.id)) == 1, what="probe delivered")
         assert not again.terminal(ids["ok"]) and not again.terminal(ids["bad"])
     finally:
@@ -137,7 +137,7 @@ async def test_start_with_workers_releases_this_hosts_jobs(tmp_path: Path, base_
     try:
         for name in ("local", "expired"):
             async with asyncio.timeout(30):
-                view = await sched.wait(ids[name])
+                view = await sched.views.wait(ids[name])
             assert view.state == "succeeded" and view.attempts == 2, view
         await until(lambda: all(len(rec.terminal(ids[n])) == 1 for n in ("local", "expired", "ok", "bad")),
                     what="all delivered")
@@ -158,7 +158,7 @@ async def test_a_second_scheduler_does_not_take_a_running_job_away(tmp_path: Pat
     await first.start(run_workers=True)
     second: Scheduler | None = None
     try:
-        job = (await first.submit(t2v("hold it"), who(1), where(), "k1")).job
+        job = (await first.jobs.submit(t2v("hold it"), who(1), where(), "k1")).job
         await until(lambda: "progress" in rec.kinds(job.id), what="job running")
         async with db.read() as s:
             before = await s.get(Job, job.id)
@@ -175,9 +175,9 @@ async def test_a_second_scheduler_does_not_take_a_running_job_away(tmp_path: Pat
             after = await s.get(Job, job.id)
         assert (after.state, after.attempts, after.worker_id) == ("running", 1, before.worker_id)
         assert rec.kinds(job.id).count("started") == 1
-        await first.cancel(job.id, who(1))
+        await first.admin.cancel(job.id, who(1))
         async with asyncio.timeout(30):
-            done = await first.wait(job.id)
+            done = await first.views.wait(job.id)
         assert (done.state, done.attempts) == ("cancelled", 1)
     finally:
         if second is not None:
@@ -187,7 +187,7 @@ async def test_a_second_scheduler_does_not_take_a_running_job_away(tmp_path: Pat
 
 
 def test_gone_worker_rule() -> None:
-    from generator.scheduler.service import worker_gone
+    from generator.scheduler.supervision import worker_gone
     from storage.models import WorkerState
 
     fresh = dt.timedelta(seconds=20)

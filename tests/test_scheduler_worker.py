@@ -60,7 +60,7 @@ async def running(
 
 async def finished(sched: Scheduler, job_id: int, limit: float = 30.0):
     async with asyncio.timeout(limit):
-        return await sched.wait(job_id)
+        return await sched.views.wait(job_id)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +75,7 @@ def worker_pid(sched: Scheduler) -> int | None:
 
 async def test_success_file_events_and_eta(tmp_path: Path, base_mp4: Path) -> None:
     async with running(tmp_path, base_mp4) as (sched, rec):
-        first = await sched.submit(t2v("a red fox", steps=4), who(1), where(), "k1")
+        first = await sched.jobs.submit(t2v("a red fox", steps=4), who(1), where(), "k1")
         done = await finished(sched, first.job.id)
         assert done.state == "succeeded" and done.output is not None and done.attempts == 1
         data = read_bytes(done.output.path)
@@ -98,13 +98,13 @@ async def test_success_file_events_and_eta(tmp_path: Path, base_mp4: Path) -> No
             return bool(row.info.get("ema", {}).get("step"))
 
         await until(learned, what="step times stored")
-        held = await sched.submit(t2v("hold on", steps=4), who(2), where(), "k2")
+        held = await sched.jobs.submit(t2v("hold on", steps=4), who(2), where(), "k2")
         await until(lambda: "progress" in rec.kinds(held.job.id), what="held job running")
-        view = await sched.get(held.job.id)
+        view = await sched.views.get(held.job.id)
         assert view is not None and view.state == "running" and view.eta is not None
-        queued = await sched.submit(t2v("behind", steps=4), who(3), where(), "k3")
+        queued = await sched.jobs.submit(t2v("behind", steps=4), who(3), where(), "k3")
         assert queued.job.position == 1 and queued.job.eta is not None and queued.job.eta >= view.eta
-        await sched.cancel(held.job.id, who(2))
+        await sched.admin.cancel(held.job.id, who(2))
         assert (await finished(sched, queued.job.id)).state == "succeeded"
 
 
@@ -114,7 +114,7 @@ async def test_progress_events_are_ordered_and_throttled(tmp_path: Path, base_mp
         tmp_path, base_mp4, env={"TURBOBOT_TEST_STEP_SECONDS": "0.04"},
         scheduler={"progress_interval_seconds": interval},
     ) as (sched, rec):
-        ids = [(await sched.submit(t2v(f"clip {i}", steps=4), who(i), where(), f"k{i}")).job.id for i in range(3)]
+        ids = [(await sched.jobs.submit(t2v(f"clip {i}", steps=4), who(i), where(), f"k{i}")).job.id for i in range(3)]
         for job_id in ids:
             assert (await finished(sched, job_id)).state == "succeeded"
         await until(lambda: all(len(rec.terminal(j)) == 1 for j in ids), what="terminal events")
@@ -139,32 +139,32 @@ async def test_cancel_running_between_steps(tmp_path: Path, base_mp4: Path) -> N
     # Heartbeats (and their database check for cancel requests) every 5 s: a fast cancel proves the
     # request was pushed to the worker.
     async with running(tmp_path, base_mp4, scheduler={"heartbeat_seconds": 5.0}) as (sched, rec):
-        job = (await sched.submit(t2v("hold this", steps=4), who(1), where(), "k")).job
+        job = (await sched.jobs.submit(t2v("hold this", steps=4), who(1), where(), "k")).job
         await until(lambda: "progress" in rec.kinds(job.id), what="first step")
-        view = await sched.cancel(job.id, who(1))
+        view = await sched.admin.cancel(job.id, who(1))
         assert view.state == "running" and view.cancel_requested
         done = await finished(sched, job.id, limit=3.0)
         assert done.state == "cancelled" and done.output is None and done.progress_step < 4
         await until(lambda: rec.kinds(job.id)[-1:] == ["cancelled"], what="cancelled event")
         assert not [n for n in file_names(sched.outputs_dir) if n.endswith(".mp4")]
         # The worker keeps serving.
-        nxt = await sched.submit(t2v("after"), who(1), where(), "k2")
+        nxt = await sched.jobs.submit(t2v("after"), who(1), where(), "k2")
         assert (await finished(sched, nxt.job.id)).state == "succeeded"
 
 
 async def test_oom_fails_one_job_and_the_worker_keeps_serving(tmp_path: Path, base_mp4: Path) -> None:
     async with running(tmp_path, base_mp4) as (sched, _rec):
-        bad = await sched.submit(t2v("oom please"), who(1), where(), "k1")
+        bad = await sched.jobs.submit(t2v("oom please"), who(1), where(), "k1")
         done = await finished(sched, bad.job.id)
         assert done.state == "failed" and done.error_code == "out_of_memory"
         assert "memory" in done.error_message and "Traceback" not in done.error_message
         pid = worker_pid(sched)
-        good = await sched.submit(t2v("fine"), who(1), where(), "k2")
+        good = await sched.jobs.submit(t2v("fine"), who(1), where(), "k2")
         assert (await finished(sched, good.job.id)).state == "succeeded"
         assert worker_pid(sched) == pid and sched.supervisor.handles[0].restarts == 0
         # Engine errors and unexpected bugs also fail just their job, with a safe message.
-        e1 = await sched.submit(t2v("enginefail"), who(1), where(), "k3")
-        e2 = await sched.submit(t2v("a bug"), who(2), where(), "k4")
+        e1 = await sched.jobs.submit(t2v("enginefail"), who(1), where(), "k3")
+        e2 = await sched.jobs.submit(t2v("a bug"), who(2), where(), "k4")
         v1, v2 = await finished(sched, e1.job.id), await finished(sched, e2.job.id)
         assert (v1.state, v1.error_code, v1.error_message) == ("failed", "test_refused", "The test engine refuses this prompt.")
         assert (v2.state, v2.error_code) == ("failed", "internal_error") and "ValueError" not in v2.error_message
@@ -182,7 +182,7 @@ async def test_render_thread_hogging_the_interpreter_does_not_hold_the_write_loc
     async with running(tmp_path, base_mp4, env={"TURBOBOT_TEST_GIL_SECONDS": str(hog)}) as (sched, rec):
         other = Database(sched.settings.database_url, busy_timeout_ms=30_000)
         try:
-            job = (await sched.submit(t2v("gil"), who(1), where(), "k1")).job
+            job = (await sched.jobs.submit(t2v("gil"), who(1), where(), "k1")).job
             await until(lambda: "started" in rec.kinds(job.id), what="started")
             waits: list[float] = []
             end = time.monotonic() + hog * 0.75  # inside the hog window, which began before "started"
@@ -201,17 +201,17 @@ async def test_render_thread_hogging_the_interpreter_does_not_hold_the_write_loc
 
 async def test_cuda_error_restarts_worker_and_bounds_attempts(tmp_path: Path, base_mp4: Path) -> None:
     async with running(tmp_path, base_mp4, scheduler={"max_attempts": 2}) as (sched, _rec):
-        job = (await sched.submit(t2v("cudafail"), who(1), where(), "k1")).job
+        job = (await sched.jobs.submit(t2v("cudafail"), who(1), where(), "k1")).job
         done = await finished(sched, job.id)
         assert done.state == "failed" and done.error_code == "worker_lost" and done.attempts == 2
         assert sched.supervisor.handles[0].restarts >= 2
-        after = await sched.submit(t2v("fine"), who(1), where(), "k2")
+        after = await sched.jobs.submit(t2v("fine"), who(1), where(), "k2")
         assert (await finished(sched, after.job.id)).state == "succeeded"
 
 
 async def test_killed_worker_job_is_requeued_and_finished(tmp_path: Path, base_mp4: Path) -> None:
     async with running(tmp_path, base_mp4, env={"TURBOBOT_TEST_STEP_SECONDS": "0.15"}) as (sched, rec):
-        job = await sched.submit(t2v("slow", steps=4), who(1), where(), "k1")
+        job = await sched.jobs.submit(t2v("slow", steps=4), who(1), where(), "k1")
         await until(lambda: "started" in rec.kinds(job.job.id), what="started")
         pid = worker_pid(sched)
         assert pid is not None
@@ -230,7 +230,7 @@ async def test_watchdog_kills_a_stalled_render(tmp_path: Path, base_mp4: Path) -
         tmp_path, base_mp4, env={"TURBOBOT_TEST_STALL_SECONDS": "60"},
         scheduler={"watchdog_seconds": 1.0, "max_attempts": 1},
     ) as (sched, _rec):
-        job = await sched.submit(t2v("stall"), who(1), where(), "k1")
+        job = await sched.jobs.submit(t2v("stall"), who(1), where(), "k1")
         done = await finished(sched, job.job.id, limit=30)
         assert done.state == "failed" and done.error_code == "worker_lost"
         assert sched.supervisor.handles[0].kills >= 1
@@ -244,16 +244,16 @@ async def test_engine_that_cannot_load_is_reported_not_hung(tmp_path: Path, base
     sched = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC.replace(":make_engine", ":broken_engine"))
     await sched.start()
     try:
-        job = await sched.submit(t2v(), who(1), where(), "k")
+        job = await sched.jobs.submit(t2v(), who(1), where(), "k")
         with pytest.raises(Refusal) as info:
             async with asyncio.timeout(30):
-                await sched.wait(job.job.id, stop_on_worker_error=True)
+                await sched.views.wait(job.job.id, stop_on_worker_error=True)
         assert info.value.code == "engine_unavailable" and "/nowhere/model.pth" in info.value.message
-        assert sched.worker_errors and (await sched.get(job.job.id)).state == "queued"
-        ready, detail = await sched.readiness()
-        assert not ready and detail["database"] == "ok"
+        assert sched.views.worker_errors() and (await sched.views.get(job.job.id)).state == "queued"
+        readiness = await sched.views.readiness()
+        assert not readiness.ready and readiness.database_ok
         with pytest.raises(Refusal) as later:  # new work is refused clearly instead of queueing forever
-            await sched.submit(t2v(), who(2), where(), "k2")
+            await sched.jobs.submit(t2v(), who(2), where(), "k2")
         assert later.value.code == "engine_unavailable" and "/nowhere" not in later.value.message
     finally:
         await sched.stop()
@@ -281,7 +281,7 @@ async def test_clean_stop_hands_the_running_job_back_without_using_an_attempt(
     caplog.set_level("INFO", logger="turbobot.scheduler")
     slow = {"TURBOBOT_TEST_STEP_SECONDS": "1.0"}  # 3 s left after the first step: stop lands mid-job
     async with running(tmp_path, base_mp4, env=slow) as (sched, rec):
-        job = (await sched.submit(t2v("slow one", steps=4), who(1), where(), "k1")).job
+        job = (await sched.jobs.submit(t2v("slow one", steps=4), who(1), where(), "k1")).job
         await until(lambda: "progress" in rec.kinds(job.id), what="job running")
         async with sched.db.read() as s:
             assert (await s.get(Job, job.id)).attempts == 1

@@ -167,7 +167,7 @@ async def test_flood_429_is_waited_out_and_failed_edits_send_nothing_new(tmp_pat
         status_id = (await submitted(tg, cmd2))["message_id"]
         del tg.messages[(chat["id"], status_id)]
         (job,) = [j for j in await stack.jobs_of(ANN["id"]) if "hold" in j.request.prompt]
-        await stack.sched.cancel(job.id, Requester("telegram", str(ANN["id"])))
+        await stack.sched.admin.cancel(job.id, Requester("telegram", str(ANN["id"])))
         assert (await stack.wait_job(job.id)).state == "cancelled"
         await tg.wait_for(lambda: [c for c in tg.calls_of("editMessageText")
                                    if c.params["message_id"] == status_id and c.status == 400])
@@ -192,7 +192,7 @@ async def test_cancel_button_and_cancel_command(tmp_path: Path) -> None:
         refusal = await tg.wait_for(lambda: [c for c in tg.calls_of("sendMessage") if "Only the person" in
                                              str(c.params.get("text"))])
         assert refusal
-        assert (await stack.sched.get(job.id)).state in ("queued", "running")  # type: ignore[union-attr]
+        assert (await stack.sched.views.get(job.id)).state in ("queued", "running")  # type: ignore[union-attr]
 
         qid = await tg.click(ANN, tg.message(chat["id"], status_id), f"cancel:{job.id}")
         assert (await stack.wait_job(job.id)).state == "cancelled"
@@ -264,10 +264,10 @@ async def test_buttons_work_after_a_restart_remix_retry_params_delete(tmp_path: 
         assert "--seed 4242" in tg.message(chat["id"], params[0].result["message_id"])["text"]
         await tg.click(BOB, result_msg, f"delete:{first.id}")
         await tg.wait_call("sendMessage", lambda c: "Only the person" in c.params["text"])
-        assert await stack.sched.get(first.id) is not None
+        assert await stack.sched.views.get(first.id) is not None
         await tg.click(ANN, result_msg, f"delete:{first.id}")
         await tg.wait_call("deleteMessage", lambda c: c.params["message_id"] == result_msg["message_id"])
-        assert await stack.sched.get(first.id) is None
+        assert await stack.sched.views.get(first.id) is None
         assert tg.message(chat["id"], result_msg["message_id"]) is None
 
 

@@ -60,7 +60,7 @@ class ConsoleThread:
         db = await make_db(settings)
         scheduler = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env=env)
         await scheduler.start(run_workers=True)
-        runner, self.url = await start_web(create_web_app(settings, scheduler, db), "127.0.0.1", 0)
+        runner, self.url = await start_web(create_web_app(settings, scheduler), "127.0.0.1", 0)
         self.ready.set()
         try:
             await self.stop_event.wait()

@@ -69,7 +69,7 @@ async def test_engine_down_answers_503_and_is_counted(tmp_path: Path) -> None:
     broken = ENGINE_SPEC.replace(":make_engine", ":broken_engine")
     async with console(tmp_path, workers=True, engine_factory=broken) as c:
         await c.prime()
-        await until(lambda: bool(c.scheduler.worker_errors), 60, "the worker to report its load failure")
+        await until(lambda: bool(c.scheduler.views.worker_errors()), 60, "the worker to report its load failure")
         resp = await c.submit("a fox", frames=5)
         body = await resp.json()
         assert resp.status == 503, body  # was 400: the console's status table lacked this code
@@ -119,7 +119,7 @@ async def test_full_disk_refuses_jobs_and_uploads_in_json(tmp_path: Path) -> Non
         assert not list((tmp_path / "inputs").glob("*.png"))
         # Other front ends go through the scheduler: the same refusal.
         with pytest.raises(Refusal) as info:
-            await c.scheduler.save_input(OPERATOR, png_bytes(), 64, 48)
+            await c.scheduler.jobs.save_input(OPERATOR, png_bytes(), 64, 48)
         assert info.value.code == RefusalCode.STORAGE_UNAVAILABLE
 
 
@@ -214,7 +214,7 @@ async def served(tmp: Path, **web: float) -> AsyncIterator[Served]:
     db = await make_db(settings)
     scheduler = Scheduler(settings, db=db)
     await scheduler.start(run_workers=False)
-    runner, url = await start_web(create_web_app(settings, scheduler, db), "127.0.0.1", 0, settings.web)
+    runner, url = await start_web(create_web_app(settings, scheduler), "127.0.0.1", 0, settings.web)
     try:
         yield Served(settings, db, scheduler, int(url.rsplit(":", 1)[1]))
     finally:

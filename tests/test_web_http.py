@@ -102,21 +102,21 @@ async def test_public_bind_needs_a_token(tmp_path: Path, monkeypatch: pytest.Mon
     scheduler = Scheduler(settings, db=db)
     try:
         with pytest.raises(WebConfigError) as err:
-            create_web_app(settings, scheduler, db)
+            create_web_app(settings, scheduler)
         assert TOKEN_ENV in str(err.value) and "0.0.0.0" in str(err.value)
 
         monkeypatch.setenv(TOKEN_ENV, "short")
         with pytest.raises(WebConfigError, match="too short"):
-            create_web_app(settings, scheduler, db)
+            create_web_app(settings, scheduler)
 
         monkeypatch.setenv(TOKEN_ENV, TOKEN)
-        create_web_app(settings, scheduler, db)  # allowed now
+        create_web_app(settings, scheduler)  # allowed now
 
         monkeypatch.delenv(TOKEN_ENV)
         token_file = tmp_path / "token.txt"
         token_file.write_text(TOKEN + "\n")
         monkeypatch.setenv(TOKEN_ENV + "_FILE", str(token_file))
-        create_web_app(settings, scheduler, db)  # the token may come from a file named by NAME_FILE
+        create_web_app(settings, scheduler)  # the token may come from a file named by NAME_FILE
     finally:
         await db.dispose()
 
@@ -349,7 +349,7 @@ async def test_playground_submit_makes_a_job(tmp_path: Path) -> None:
         assert job["position"] == 1 and "Position in queue: #1" in job["status_text"]
 
         # The scheduler stored exactly this job.
-        view = await c.scheduler.get(job["id"])
+        view = await c.scheduler.views.get(job["id"])
         assert view is not None and view.request.seed == 42 and view.requester == Requester("web", "operator", "Console operator")
 
         # Same client key (a double click) -> the same job.
@@ -396,7 +396,7 @@ async def test_gallery_filters_and_lineage(tmp_path: Path) -> None:
         await c.prime()
         tg = Requester("telegram", "4242", "Tanya")
         tg_target = DeliveryTarget(platform="telegram", chat_id="4242")
-        first = await c.scheduler.submit(
+        first = await c.scheduler.jobs.submit(
             GenerationRequest(mode="t2v", prompt="a blue whale", frames=5, steps=1), tg, tg_target, "tg:1"
         )
         resp = await c.submit("a red fox", frames=5)
@@ -452,7 +452,7 @@ async def test_admin_cancel_limits_and_block(tmp_path: Path) -> None:
         tg = Requester("telegram", "77", "Tim")
         target = DeliveryTarget(platform="telegram", chat_id="77")
         jobs = [
-            (await c.scheduler.submit(GenerationRequest(mode="t2v", prompt=f"fox {i}", frames=5), tg, target, f"k{i}")).job
+            (await c.scheduler.jobs.submit(GenerationRequest(mode="t2v", prompt=f"fox {i}", frames=5), tg, target, f"k{i}")).job
             for i in range(2)
         ]
         overview = await (await c.client.get("/api/admin/overview")).json()
@@ -501,5 +501,5 @@ async def test_console_operator_is_a_local_owner(tmp_path: Path) -> None:
         resp = await c.post_json("/api/admin/users/block", {"user_key": "telegram:1"})
         body = await resp.json()
         assert resp.status == 200 and body["blocked"] is True
-        assert c.scheduler.is_owner(Requester("web", "operator"))
+        assert c.scheduler.admin.is_owner(Requester("web", "operator"))
 

@@ -15,8 +15,8 @@ from web_support import console_settings, make_db
 from bots.web import run_web
 from bots.web.forms import coerce_options
 from bots.web.metrics import LOOKBACK, JobStats, RefusalStats
-from bots.web.queries import FinishedRow
 from generator.request import RequestError
+from generator.scheduler.reads import FinishedRow
 from generator.scheduler.service import Scheduler
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
@@ -98,7 +98,7 @@ async def test_run_web_serves_until_stopped(tmp_path: Path) -> None:
     scheduler = Scheduler(settings, db=db)
     await scheduler.start(run_workers=False)
     stop = asyncio.Event()
-    task = asyncio.create_task(run_web(settings, scheduler, db, stop))
+    task = asyncio.create_task(run_web(settings, scheduler, stop))
     try:
         async with aiohttp.ClientSession() as http:
             for _ in range(200):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from scheduler_support import ENGINE_SPEC, make_db, make_settings, session_mp4, t2v, until, where, who
 
-from bots.web.health import readiness
+from generator.scheduler.health import readiness
 from generator.scheduler.service import Scheduler
 from storage import repo_workers
 from storage.models import Job
@@ -36,14 +36,14 @@ async def test_warming_up_worker_is_not_ready_and_claims_nothing(tmp_path: Path,
         r = await readiness(settings, db)
         assert not r.ready and "warming up" in r.detail["worker"]["reason"]
 
-        sub = await sched.submit(t2v("a lighthouse at dawn"), who(1), where(), "warm-1")
+        sub = await sched.jobs.submit(t2v("a lighthouse at dawn"), who(1), where(), "warm-1")
         assert sub.job is not None
         async with db.read() as s:
             assert (await s.get(Job, sub.job.id)).state == "queued"  # type: ignore[union-attr]
 
         gate.touch()
         async with asyncio.timeout(60):
-            view = await sched.wait(sub.job.id)
+            view = await sched.views.wait(sub.job.id)
         assert view.state == "succeeded"
         assert (await readiness(settings, db)).ready
     finally:

@@ -114,7 +114,7 @@ async def console(
     db = await make_db(settings)
     scheduler = Scheduler(settings, db=db, engine_factory=engine_factory, worker_env=worker_env)
     await scheduler.start(run_workers=workers)
-    app = create_web_app(settings, scheduler, db)
+    app = create_web_app(settings, scheduler)
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="list recent jobs with state and seed")
     jobs.add_argument("-n", "--limit", type=int, default=20)
     jobs.add_argument("--json", action="store_true")
+
+    ready = sub.add_parser("ready", help="is the service ready (database, a fresh GPU worker, storage)? exit 0 if so")
+    ready.add_argument("--json", action="store_true", help="print what /readyz answers")
     return parser
 
 
@@ -156,13 +159,11 @@ def _phase_progress(job: Any, bar: Any) -> str:
 
 
 async def _open_database(settings: Settings) -> Any:
-    from storage.db import Database
+    from storage.db import open_database
     from storage.migrate import upgrade_database
 
-    url = settings.database_url
-    await upgrade_database(url)
-    return Database(url, busy_timeout_ms=settings.database.busy_timeout_ms,
-                    synchronous=settings.database.synchronous, echo=settings.database.echo)
+    await upgrade_database(settings.database_url)
+    return open_database(settings)
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -270,8 +271,7 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     job_id: int | None = None
 
     def worker_loading() -> bool:
-        sup = scheduler.supervisor
-        return sup is not None and not any(h.state in ("idle", "busy") for h in sup.handles)
+        return scheduler.views.workers_loading()
 
     def waiting(job_id: int, position: int | None) -> str:
         # Loading the engine takes many seconds (torch import, weights): say so instead of going silent.
@@ -281,7 +281,7 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         return f"job #{job_id}: {where}"
 
     async def show_progress(event: JobEvent) -> None:
-        # Display only (and it marks CLI jobs delivered): completion is awaited with scheduler.wait().
+        # Display only (and it marks CLI jobs delivered): completion is awaited with scheduler.views.wait().
         job = event.job
         if job.id != job_id:
             return
@@ -295,15 +295,15 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         try:
             image_ref = None
             if args.image:  # may be refused (storage_unavailable) like the submit below
-                image_ref = await scheduler.save_input(requester, validated.png_bytes, validated.width, validated.height)
+                image_ref = await scheduler.jobs.save_input(requester, validated.png_bytes, validated.width, validated.height)
             request = build_request(settings, mode, prompt, image=image_ref, options=_request_options(args))
-            result = await scheduler.submit(request, requester, DeliveryTarget(platform="cli"), f"cli:{uuid.uuid4()}")
+            result = await scheduler.jobs.submit(request, requester, DeliveryTarget(platform="cli"), f"cli:{uuid.uuid4()}")
             job_id = result.job.id
             printer.show(f"job #{job_id}: submitted, seed {result.job.seed}")
             if worker_loading():
                 printer.show(waiting(job_id, result.job.position))
             scheduler.subscribe("cli", show_progress)
-            job = await scheduler.wait(job_id, stop_on_worker_error=True)
+            job = await scheduler.views.wait(job_id, stop_on_worker_error=True)
         except Refusal as exc:
             raise UserError(exc.message) from None
     finally:
@@ -346,19 +346,17 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from storage.models import Job
+    from generator.scheduler.service import Scheduler
 
     db = await _open_database(settings)
     try:
-        async with db.read() as session:
-            rows = (await session.execute(select(Job).order_by(Job.id.desc()).limit(max(1, args.limit)))).scalars().all()
-            data = [
-                {"id": j.id, "state": j.state, "mode": j.mode, "seed": j.seed, "model": j.model,
-                 "platform": j.platform, "created": j.created_at.isoformat(timespec="seconds"), "prompt": j.prompt}
-                for j in rows
-            ]
+        views = await Scheduler(settings, db=db).listings.jobs(limit=max(1, args.limit))
+        data: list[dict[str, Any]] = [
+            {"id": v.id, "state": v.state, "mode": v.request.mode, "seed": v.request.seed, "model": v.request.model,
+             "platform": v.target.platform, "created": v.created_at.isoformat(timespec="seconds"),
+             "prompt": v.request.prompt}
+            for v in views
+        ]
     finally:
         await db.dispose()
     if args.json:
@@ -376,6 +374,26 @@ async def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
         ],
     )
     return 0
+
+
+async def cmd_ready(settings: Settings, args: argparse.Namespace) -> int:
+    """The readiness /readyz answers (the same function), for scripts and operators without the console."""
+    from generator.scheduler.service import Scheduler
+
+    db = await _open_database(settings)
+    try:
+        result = await Scheduler(settings, db=db).views.readiness()
+    finally:
+        await db.dispose()
+    if args.json:
+        print(json.dumps(result.detail))
+    else:
+        d = result.detail
+        print("ready" if result.ready else "not ready")
+        print(f"database: {d['database']['reason'] if not d['database']['ok'] else 'ok'}")
+        print(f"worker: {'ok' if d['worker']['ok'] else d['worker'].get('reason', 'not ready')}")
+        print(f"storage: {'ok' if d['storage']['ok'] else d['storage']['reason']}")
+    return 0 if result.ready else EXIT_FAILED
 
 
 def _local_time(iso: str) -> str:
@@ -495,7 +513,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         if settings.web.enabled:
             from bots.web import run_web
 
-            tasks.append(asyncio.create_task(run_web(settings, scheduler, db, stop), name="web"))
+            tasks.append(asyncio.create_task(run_web(settings, scheduler, stop), name="web"))
         names = ", ".join(t.get_name() for t in tasks)
         log.info("turbobot running: %s (Ctrl+C to stop)", names)
         if settings.web.enabled:
@@ -519,7 +537,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- main
-COMMANDS = {"db": cmd_db, "generate": cmd_generate, "run": cmd_run, "jobs": cmd_jobs}
+COMMANDS = {"db": cmd_db, "generate": cmd_generate, "run": cmd_run, "jobs": cmd_jobs, "ready": cmd_ready}
 
 
 def main(argv: list[str] | None = None) -> int:

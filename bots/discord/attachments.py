@@ -52,6 +52,6 @@ async def submit_image(
     except discord.HTTPException:
         raise ImageRejected("I could not download that image from Discord; please send it again.") from None
     image = await asyncio.to_thread(load_image, data, bot.settings.limits)  # Pillow decode off the event loop
-    ref = await bot.scheduler.save_input(requester, image.png_bytes, image.width, image.height)
+    ref = await bot.scheduler.jobs.save_input(requester, image.png_bytes, image.width, image.height)
     return await submit_text(bot.scheduler, bot.settings, requester, target, key, "i2v", text,
                              image=ref, options=options)

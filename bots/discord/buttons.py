@@ -40,7 +40,7 @@ def buttons_for(job: JobView) -> tuple[str, ...]:
     return ("retry", "params", "delete")  # failed or cancelled
 
 
-def job_view(job: JobView) -> discord.ui.View:
+def job_buttons(job: JobView) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for action in buttons_for(job):
         view.add_item(JobButton(action, job.id))
@@ -79,33 +79,33 @@ async def on_retry(bot: TurboBot, interaction: discord.Interaction[Any], job_id:
     requester = requester_of(interaction)
     key = idempotency_key(interaction)
     await respond_with_job(
-        bot, interaction, lambda target: bot.scheduler.remix(job_id, requester, target, key, new_seed=True)
+        bot, interaction, lambda target: bot.scheduler.jobs.remix(job_id, requester, target, key, new_seed=True)
     )
 
 
 async def on_remix(bot: TurboBot, interaction: discord.Interaction[Any], job_id: int) -> None:
     from bots.discord.modals import RemixModal
 
-    job = await bot.scheduler.get(job_id)
+    job = await bot.scheduler.views.get(job_id)
     if job is None:
         raise Refusal("not_found", f"Job #{job_id} no longer exists.")
     await interaction.response.send_modal(RemixModal(job))
 
 
 async def on_params(bot: TurboBot, interaction: discord.Interaction[Any], job_id: int) -> None:
-    job = await bot.scheduler.get(job_id)
+    job = await bot.scheduler.views.get(job_id)
     if job is None:
         raise Refusal("not_found", f"Job #{job_id} no longer exists.")
     await send_private(interaction, params_text(job, "discord"))
 
 
 async def on_cancel(bot: TurboBot, interaction: discord.Interaction[Any], job_id: int) -> None:
-    job = await bot.scheduler.cancel(job_id, requester_of(interaction))
+    job = await bot.scheduler.admin.cancel(job_id, requester_of(interaction))
     await send_private(interaction, cancel_text(job))
 
 
 async def on_delete(bot: TurboBot, interaction: discord.Interaction[Any], job_id: int) -> None:
-    await bot.scheduler.delete(job_id, requester_of(interaction))
+    await bot.scheduler.admin.delete(job_id, requester_of(interaction))
     await interaction.response.defer()  # for a button: "I will update the message it is on"
     with contextlib.suppress(discord.HTTPException):
         await interaction.delete_original_response()
@@ -148,7 +148,7 @@ class ForgetButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tb
             await interaction.response.edit_message(content="Nothing was deleted.", view=None)
             return
         try:
-            count = await bot.scheduler.forget(requester_of(interaction))
+            count = await bot.scheduler.admin.forget(requester_of(interaction))
         except Refusal as exc:
             await interaction.response.edit_message(content=refusal_text(exc), view=None)
             return

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import discord
 
-from bots.discord.buttons import job_view
+from bots.discord.buttons import job_buttons
 from bots.discord.media import Upload, prepare_upload
 from bots.texts import result_caption, status_text
 from generator.scheduler.api import DeliverLater, JobEvent, JobView
@@ -113,7 +113,7 @@ class Delivery:
             task.cancel()
         waited = await self._wait_gate(job)
         if waited or not self._status_id(job):
-            fresh = await self.bot.scheduler.get(job.id)  # picks up the status message id stored since
+            fresh = await self.bot.scheduler.views.get(job.id)  # picks up the status message id stored since
             if fresh is not None and fresh.state == job.state:
                 job = fresh
         try:
@@ -156,8 +156,8 @@ class Delivery:
         self._last_edit[job_id] = asyncio.get_running_loop().time()
         self._last_text[job_id] = text
         try:
-            if not await self._edit_with_token(job, mid, content=text, view=job_view(job)):
-                await self._edit_with_bot(job, mid, content=text, view=job_view(job))
+            if not await self._edit_with_token(job, mid, content=text, view=job_buttons(job)):
+                await self._edit_with_bot(job, mid, content=text, view=job_buttons(job))
         except discord.HTTPException as exc:  # a missed progress edit is harmless; the next one may work
             log.info("job %s: status edit failed (%s %s)", job.id, exc.status, exc.code)
         except (OSError, RuntimeError, TimeoutError, aiohttp.ClientError) as exc:  # network, closing client
@@ -234,7 +234,7 @@ class Delivery:
     # --- terminal deliveries ------------------------------------------------------------------
     async def _deliver_result(self, job: JobView) -> None:
         limit = int(job.target.extra.get("upload_limit") or self.bot.settings.discord.default_upload_limit_bytes)
-        view = job_view(job)
+        view = job_buttons(job)
         with tempfile.TemporaryDirectory(prefix="turbobot-discord-") as tmp:
             upload = await prepare_upload(job, limit, Path(tmp))
             try:
@@ -268,7 +268,7 @@ class Delivery:
     async def _deliver_end(self, job: JobView) -> None:
         """Failed or cancelled: the status message says so (with Retry); a reply only if it cannot be edited."""
         content = status_text(job, "discord")
-        view = job_view(job)
+        view = job_buttons(job)
         mid = self._status_id(job)
         if mid is not None:
             if await self._edit_with_token(job, mid, content=content, view=view):

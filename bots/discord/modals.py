@@ -84,7 +84,7 @@ class RemixModal(discord.ui.Modal, title="Remix"):
                 overrides = parse_remix(text)
             except RequestError as exc:
                 raise Refusal("invalid", exc.message) from None
-            return await bot.scheduler.remix(self.job_id, requester_of(interaction), target,
+            return await bot.scheduler.jobs.remix(self.job_id, requester_of(interaction), target,
                                              idempotency_key(interaction), overrides=overrides)
 
         await guarded(interaction, respond_with_job(bot, interaction, make))

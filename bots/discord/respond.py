@@ -106,7 +106,7 @@ async def respond_with_job(
     make: Callable[[DeliveryTarget], Awaitable[SubmitResult]],
 ) -> SubmitResult | None:
     """Run ``make`` (download, validate, submit) and answer with the job's status message and buttons."""
-    from bots.discord.buttons import job_view
+    from bots.discord.buttons import job_buttons
 
     target = target_of(interaction, bot.settings.discord.default_upload_limit_bytes)
     bot.delivery.open_gate(str(interaction.id))
@@ -132,7 +132,7 @@ async def respond_with_job(
             await send_private(interaction, f"That was already submitted as job #{job.id}.")
             return result
         content = status_text(job, "discord")
-        view = job_view(job)
+        view = job_buttons(job)
         if interaction.response.is_done():
             message = await interaction.edit_original_response(content=content, view=view)
             message_id = message.id
@@ -140,7 +140,7 @@ async def respond_with_job(
             callback = await interaction.response.send_message(content, view=view)
             message_id = callback.message_id or (await interaction.original_response()).id
         bot.delivery.remember(job.id, str(message_id), content)
-        await bot.scheduler.set_status_message(job.id, str(message_id))
+        await bot.scheduler.jobs.set_status_message(job.id, str(message_id))
         return result
     finally:
         bot.delivery.close_gate(str(interaction.id))

@@ -68,11 +68,11 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
     Seed = app_commands.Range[int, 0, MAX_DISCORD_INT]
 
     async def recent_jobs(interaction: discord.Interaction[Any], current: str) -> list[app_commands.Choice[str]]:
-        jobs = await bot.scheduler.jobs_for(requester_of(interaction), limit=25, query=current.strip().lstrip("#"))
+        jobs = await bot.scheduler.views.jobs_for(requester_of(interaction), limit=25, query=current.strip().lstrip("#"))
         return [_job_choice(j) for j in jobs]
 
     async def active_jobs(interaction: discord.Interaction[Any], current: str) -> list[app_commands.Choice[str]]:
-        jobs = await bot.scheduler.jobs_for(requester_of(interaction), limit=25, states=ACTIVE,
+        jobs = await bot.scheduler.views.jobs_for(requester_of(interaction), limit=25, states=ACTIVE,
                                             query=current.strip().lstrip("#"))
         return [_job_choice(j) for j in jobs]
 
@@ -148,18 +148,18 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
                                                             seed=seed, frames=frames))
         except RequestError as exc:
             raise Refusal("invalid", exc.message) from None
-        await respond_with_job(bot, interaction, lambda target: bot.scheduler.remix(
+        await respond_with_job(bot, interaction, lambda target: bot.scheduler.jobs.remix(
             parent, requester, target, key, overrides=overrides))
 
     # --- information and housekeeping -----------------------------------------------------------
     @app_commands.command(name="queue", description="Your place in the queue, your jobs and quota")
     async def queue(interaction: discord.Interaction[Any]) -> None:
-        jobs, quota, total = await bot.scheduler.queue_info(requester_of(interaction))
+        jobs, quota, total = await bot.scheduler.views.queue_info(requester_of(interaction))
         await send_private(interaction, queue_text(jobs, quota, total, "discord"))
 
     @app_commands.command(name="jobs", description="Your recent jobs with their seeds")
     async def jobs(interaction: discord.Interaction[Any]) -> None:
-        found = await bot.scheduler.jobs_for(requester_of(interaction), limit=10)
+        found = await bot.scheduler.views.jobs_for(requester_of(interaction), limit=10)
         await send_private(interaction, jobs_text(found, "discord"))
 
     @app_commands.command(name="cancel", description="Cancel a queued or running job (default: your latest)")
@@ -168,14 +168,14 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
     async def cancel(interaction: discord.Interaction[Any], job: str | None = None) -> None:
         requester = requester_of(interaction)
         if job is None:
-            active = await bot.scheduler.jobs_for(requester, limit=1, states=ACTIVE)
+            active = await bot.scheduler.views.jobs_for(requester, limit=1, states=ACTIVE)
             if not active:
                 await send_private(interaction, "You have no queued or running job.")
                 return
             job_id = active[0].id
         else:
             job_id = parse_job_id(job)
-        view = await bot.scheduler.cancel(job_id, requester)
+        view = await bot.scheduler.admin.cancel(job_id, requester)
         await send_private(interaction, cancel_text(view))
 
     @app_commands.command(name="forget", description="Delete all your jobs, videos and images")
@@ -198,7 +198,7 @@ def build_admin(bot: "TurboBot") -> app_commands.Group:
                                default_permissions=discord.Permissions(administrator=True))
 
     async def owner_or_refuse(interaction: discord.Interaction[Any]) -> bool:
-        if bot.scheduler.is_owner(requester_of(interaction)):
+        if bot.scheduler.admin.is_owner(requester_of(interaction)):
             return True
         await send_private(interaction, "Only the bot's owners can use admin commands.")
         return False
@@ -229,7 +229,7 @@ def build_admin(bot: "TurboBot") -> app_commands.Group:
                      daily_gpu_seconds: app_commands.Range[float, 0.0, 1e7] | None = None) -> None:
         if not await owner_or_refuse(interaction):
             return
-        await bot.scheduler.set_limits(requester_of(interaction), f"discord:{user.id}", max_queued=max_queued,
+        await bot.scheduler.admin.set_limits(requester_of(interaction), f"discord:{user.id}", max_queued=max_queued,
                                        daily_jobs=daily_jobs, daily_gpu_seconds=daily_gpu_seconds)
         await send_private(interaction, f"Limits of {user.mention} updated.",
                            allowed_mentions=discord.AllowedMentions.none())
@@ -238,14 +238,14 @@ def build_admin(bot: "TurboBot") -> app_commands.Group:
     async def block(interaction: discord.Interaction[Any], user: discord.User, reason: str | None = None) -> None:
         if not await owner_or_refuse(interaction):
             return
-        await bot.scheduler.block(requester_of(interaction), f"discord:{user.id}", reason or "")
+        await bot.scheduler.admin.block(requester_of(interaction), f"discord:{user.id}", reason or "")
         await send_private(interaction, f"Blocked {user.mention}.", allowed_mentions=discord.AllowedMentions.none())
 
     @admin.command(name="unblock", description="Allow a blocked user again")
     async def unblock(interaction: discord.Interaction[Any], user: discord.User) -> None:
         if not await owner_or_refuse(interaction):
             return
-        await bot.scheduler.unblock(requester_of(interaction), f"discord:{user.id}")
+        await bot.scheduler.admin.unblock(requester_of(interaction), f"discord:{user.id}")
         await send_private(interaction, f"Unblocked {user.mention}.", allowed_mentions=discord.AllowedMentions.none())
 
     return admin

@@ -71,11 +71,11 @@ class Buttons:
         await self.front.start_job(
             message.chat_id,
             message.message_id,
-            lambda target: scheduler.remix(data.id, requester, target, key, new_seed=True),
+            lambda target: scheduler.jobs.remix(data.id, requester, target, key, new_seed=True),
         )
 
     async def _remix(self, query: CallbackQuery, message: Message, data: ButtonData) -> None:
-        job = await self.front.scheduler.get(data.id)
+        job = await self.front.scheduler.views.get(data.id)
         if job is None:
             await self._tell(message, query.from_user, f"job #{data.id} no longer exists.")
             return
@@ -87,14 +87,14 @@ class Buttons:
         )
 
     async def _params(self, query: CallbackQuery, message: Message, data: ButtonData) -> None:
-        job = await self.front.scheduler.get(data.id)
+        job = await self.front.scheduler.views.get(data.id)
         if job is None:
             await self._tell(message, query.from_user, f"job #{data.id} no longer exists.")
             return
         await self.front.reply(message.chat_id, message.message_id, params_text(job, "telegram"))
 
     async def _delete(self, query: CallbackQuery, message: Message, data: ButtonData) -> None:
-        await self.front.scheduler.delete(data.id, requester_of(query.from_user))
+        await self.front.scheduler.admin.delete(data.id, requester_of(query.from_user))
         try:
             await message.delete()
         except TelegramError:
@@ -104,11 +104,11 @@ class Buttons:
 
     async def _cancel(self, query: CallbackQuery, message: Message, data: ButtonData) -> None:
         # The status message itself shows the outcome when the scheduler reports the cancellation.
-        await self.front.scheduler.cancel(data.id, requester_of(query.from_user))
+        await self.front.scheduler.admin.cancel(data.id, requester_of(query.from_user))
 
     # --- /forget confirmation -------------------------------------------------------------------
     async def _forget(self, query: CallbackQuery, message: Message, data: ButtonData) -> None:
-        count = await self.front.scheduler.forget(requester_of(query.from_user))
+        count = await self.front.scheduler.admin.forget(requester_of(query.from_user))
         await self._edit(message, f"Done: deleted {count} job(s) with their videos and images.")
 
     async def _keep(self, query: CallbackQuery, message: Message, data: ButtonData) -> None:

@@ -132,7 +132,7 @@ class Handlers:
             await self._answer(message, "⚠️ " + html.escape(exc.message))
             return
         try:
-            sha = await self.front.scheduler.save_input(requester, image.png_bytes, image.width, image.height)
+            sha = await self.front.scheduler.jobs.save_input(requester, image.png_bytes, image.width, image.height)
         except Refusal as refusal:
             await self._answer(message, refusal_html(refusal))
             return
@@ -185,7 +185,7 @@ class Handlers:
         await self.front.start_job(
             message.chat_id,
             message.message_id,
-            lambda target: scheduler.remix(parent, requester, target, key, overrides=overrides),
+            lambda target: scheduler.jobs.remix(parent, requester, target, key, overrides=overrides),
         )
 
     # --- information ----------------------------------------------------------------------------
@@ -197,14 +197,14 @@ class Handlers:
         message = update.message
         if message is None or update.effective_user is None:
             return
-        jobs, quota, total = await self.front.scheduler.queue_info(requester_of(update.effective_user))
+        jobs, quota, total = await self.front.scheduler.views.queue_info(requester_of(update.effective_user))
         await self._answer(message, queue_text(jobs, quota, total, "telegram"))
 
     async def jobs(self, update: Update, context: Context) -> None:
         message = update.message
         if message is None or update.effective_user is None:
             return
-        jobs = await self.front.scheduler.jobs_for(requester_of(update.effective_user), limit=10)
+        jobs = await self.front.scheduler.views.jobs_for(requester_of(update.effective_user), limit=10)
         await self._answer(message, jobs_text(jobs, "telegram"))
 
     # --- /cancel, /forget -----------------------------------------------------------------------
@@ -225,13 +225,13 @@ class Handlers:
         elif self._is_bot_message(message.reply_to_message):
             job_id = job_id_of(message.reply_to_message)
         if job_id is None:
-            active = await scheduler.jobs_for(requester, limit=1, states=("running", "queued"))
+            active = await scheduler.views.jobs_for(requester, limit=1, states=("running", "queued"))
             if not active:
                 await self._answer(message, "You have no queued or running jobs.")
                 return
             job_id = active[0].id
         try:
-            job = await scheduler.cancel(job_id, requester)
+            job = await scheduler.admin.cancel(job_id, requester)
         except Refusal as refusal:
             await self._answer(message, refusal_html(refusal))
             return
@@ -255,7 +255,7 @@ class Handlers:
     async def _owner_target(self, update: Update, message: Message) -> tuple[str | None, list[str]] | None:
         """(user key, remaining words) for an admin command; None after replying with why not."""
         assert update.effective_user is not None
-        if not self.front.scheduler.is_owner(requester_of(update.effective_user)):
+        if not self.front.scheduler.admin.is_owner(requester_of(update.effective_user)):
             await self._answer(message, OWNER_ONLY)
             return None
         words = command_args(message).split()
@@ -295,7 +295,7 @@ class Handlers:
             await self._answer(message, usage)
             return
         try:
-            await self.front.scheduler.set_limits(requester_of(update.effective_user), key, **values)
+            await self.front.scheduler.admin.set_limits(requester_of(update.effective_user), key, **values)
         except Refusal as refusal:
             await self._answer(message, refusal_html(refusal))
             return
@@ -323,9 +323,9 @@ class Handlers:
         actor = requester_of(update.effective_user)
         try:
             if block:
-                await self.front.scheduler.block(actor, key, " ".join(words))
+                await self.front.scheduler.admin.block(actor, key, " ".join(words))
             else:
-                await self.front.scheduler.unblock(actor, key)
+                await self.front.scheduler.admin.unblock(actor, key)
         except Refusal as refusal:
             await self._answer(message, refusal_html(refusal))
             return

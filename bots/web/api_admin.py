@@ -1,7 +1,8 @@
 """Admin endpoints: the whole queue with cancel, users with quota usage, limits and blocking, engine status.
 
 Actions go through the scheduler in the operator's name (it checks the operator is an owner or moderator);
-listings that the scheduler's per-user API lacks come from ``bots.web.queries``.
+listings across users come from ``scheduler.listings``. May touch: nothing but the scheduler (no database,
+no files of its own).
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
-from bots.web import queries
 from bots.web.api_jobs import json_body
 from bots.web.context import console_of
 from bots.web.forms import coerce_number
-from bots.web.health import storage_status, worker_live
 from bots.web.security import json_error
 from bots.web.serialize import iso, job_json
 from generator.scheduler.api import JobView, Refusal
+from generator.scheduler.health import storage_status, worker_live
+from generator.scheduler.reads import WorkerRow
 from turbobot.config import Settings
 
 _LIMIT_FIELDS = {"max_queued": int, "daily_jobs": int, "daily_gpu_seconds": float}
@@ -29,7 +30,7 @@ async def _with_positions(request: web.Request, jobs: list[JobView]) -> list[Job
     c = console_of(request)
     out: list[JobView] = []
     for job in jobs:
-        fresh = await c.scheduler.get(job.id) if job.state == "queued" else None
+        fresh = await c.scheduler.views.get(job.id) if job.state == "queued" else None
         out.append(fresh or job)
     return out
 
@@ -89,7 +90,7 @@ def engine_status(info: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _worker_json(w: queries.WorkerRow, now: dt.datetime, settings: Settings) -> dict[str, Any]:
+def _worker_json(w: WorkerRow, now: dt.datetime, settings: Settings) -> dict[str, Any]:
     age = (now - w.heartbeat_at).total_seconds()
     return {
         "id": w.id,
@@ -98,7 +99,7 @@ def _worker_json(w: queries.WorkerRow, now: dt.datetime, settings: Settings) -> 
         "state": w.state,
         "heartbeat_at": iso(w.heartbeat_at),
         "heartbeat_age_s": round(age, 1),
-        "fresh": worker_live(w.state, age, settings),
+        "fresh": worker_live(w.state, age, settings.scheduler),
         "restarts": w.restarts,
         "info": w.info,
         "engine": engine_status(w.info),
@@ -108,16 +109,16 @@ def _worker_json(w: queries.WorkerRow, now: dt.datetime, settings: Settings) -> 
 async def overview(request: web.Request) -> web.Response:
     c = console_of(request)
     now = dt.datetime.now(dt.UTC)
-    active = await _with_positions(request, await queries.active_jobs(c.db))
+    active = await _with_positions(request, await c.scheduler.listings.active_jobs())
     return web.json_response(
         {
-            "workers": [_worker_json(w, now, c.settings) for w in await queries.workers(c.db)],
+            "workers": [_worker_json(w, now, c.settings) for w in await c.scheduler.listings.workers()],
             "storage": await storage_status(c.settings),
             "queue": [job_json(j) for j in active],
-            "counts": await queries.state_counts(c.db),
+            "counts": await c.scheduler.listings.state_counts(),
             "step_history": [
                 {"job_id": job_id, "step_mean": t.get("step_mean"), "total": t.get("total")}
-                for job_id, t in await queries.recent_timings(c.db)
+                for job_id, t in await c.scheduler.listings.recent_timings()
             ],
             "global_queue_cap": c.settings.quotas.global_queue_cap,
             "live_streams": c.hub.watcher_count(),
@@ -129,7 +130,7 @@ async def users(request: web.Request) -> web.Response:
     c = console_of(request)
     q = c.settings.quotas
     a = c.settings.admin
-    rows = await queries.user_summaries(c.db, query=request.query.get("q", ""))
+    rows = await c.scheduler.listings.users(query=request.query.get("q", ""))
     return web.json_response(
         {
             "users": [row.__dict__ for row in rows],
@@ -170,7 +171,7 @@ async def set_limits(request: web.Request) -> web.Response:
             return json_error(400, "invalid", f"{name} must be a number of at least 0, or empty for the default.")
         values[name] = number
     try:
-        await c.scheduler.set_limits(c.operator, key, **values)
+        await c.scheduler.admin.set_limits(c.operator, key, **values)
     except Refusal as exc:
         return c.refusal_response(exc)
     return web.json_response({"ok": True, "user_key": key, **values})
@@ -182,7 +183,7 @@ async def block(request: web.Request) -> web.Response:
     key = _user_key(body)
     reason = str(body.get("reason") or "")[:256]
     try:
-        await c.scheduler.block(c.operator, key, reason)
+        await c.scheduler.admin.block(c.operator, key, reason)
     except Refusal as exc:
         return c.refusal_response(exc)
     return web.json_response({"ok": True, "user_key": key, "blocked": True})
@@ -193,7 +194,7 @@ async def unblock(request: web.Request) -> web.Response:
     body = await json_body(request)
     key = _user_key(body)
     try:
-        await c.scheduler.unblock(c.operator, key)
+        await c.scheduler.admin.unblock(c.operator, key)
     except Refusal as exc:
         return c.refusal_response(exc)
     return web.json_response({"ok": True, "user_key": key, "blocked": False})

@@ -11,7 +11,6 @@ from typing import Any
 from aiohttp import web
 
 from bots.commands import build_request, parse_remix, submit_text
-from bots.web import queries
 from bots.web.context import console_of
 from bots.web.errors import body_deadline
 from bots.web.events import stream_job
@@ -30,7 +29,7 @@ from generator.request import (
 )
 from generator.scheduler.api import Refusal, RefusalCode
 from generator.scheduler.disk import STORAGE_MESSAGE
-from storage.models import JOB_STATES
+from generator.scheduler.reads import JOB_STATES, MAX_PAGE, JobFilters
 from turbobot.config import Settings
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ async def get_options(request: web.Request) -> web.Response:
 async def submit_job(request: web.Request) -> web.Response:
     c = console_of(request)
     # Refuse before reading an upload that could not be stored anyway.
-    if await c.scheduler.storage_problem():
+    if await c.scheduler.views.storage_problem():
         return c.refusal_response(Refusal(RefusalCode.STORAGE_UNAVAILABLE, STORAGE_MESSAGE))
     try:
         form = await read_job_form(request, c.settings.limits, body_timeout=c.settings.web.body_timeout_seconds)
@@ -135,7 +134,7 @@ async def submit_job(request: web.Request) -> web.Response:
         build_request(c.settings, mode, prompt, image=image_ref, options=options)
         image = None
         if form.image is not None:
-            image = await c.scheduler.save_input(c.operator, form.image.png_bytes, form.image.width, form.image.height)
+            image = await c.scheduler.jobs.save_input(c.operator, form.image.png_bytes, form.image.width, form.image.height)
         result = await submit_text(
             c.scheduler, c.settings, c.operator, c.target, key, mode, prompt, image=image, options=options
         )
@@ -159,16 +158,16 @@ async def list_jobs(request: web.Request) -> web.Response:
     if mode and mode not in MODES:
         return json_error(400, "invalid", f"mode must be one of {', '.join(MODES)}.")
     try:
-        limit = max(1, min(int(q.get("limit", "30")), queries.MAX_PAGE))
+        limit = max(1, min(int(q.get("limit", "30")), MAX_PAGE))
     except ValueError:
         return json_error(400, "invalid", "limit and before must be whole numbers.")
     before = parse_job_id(q["before"]) if q.get("before") else None
     if q.get("before") and before is None:
         return json_error(400, "invalid", "before must be a job id.")
-    filters = queries.JobFilters(
+    filters = JobFilters(
         user=q.get("user", ""), state=state, mode=mode, platform=q.get("platform", ""), query=q.get("q", "")
     )
-    jobs = await queries.list_jobs(c.db, filters, limit=limit, before_id=before)
+    jobs = await c.scheduler.listings.jobs(filters, limit=limit, before_id=before)
     return web.json_response(
         {"jobs": [job_json(j) for j in jobs], "next_before": jobs[-1].id if len(jobs) >= limit else None}
     )
@@ -177,11 +176,11 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     c = console_of(request)
     job_id = job_id_of(request)
-    job = await c.scheduler.get(job_id)
+    job = await c.scheduler.views.get(job_id)
     if job is None:
         return json_error(404, "not_found", f"There is no job #{job_id}.")
-    parent = await queries.get_job(c.db, job.parent_id) if job.parent_id else None
-    children = await queries.children_of(c.db, job_id)
+    parent = await c.scheduler.listings.job(job.parent_id) if job.parent_id else None
+    children = await c.scheduler.listings.children_of(job_id)
     return web.json_response(
         {
             "job": job_json(job),
@@ -200,7 +199,7 @@ async def retry_job(request: web.Request) -> web.Response:
     c = console_of(request)
     body = await json_body(request)
     try:
-        result = await c.scheduler.remix(
+        result = await c.scheduler.jobs.remix(
             job_id_of(request), c.operator, c.target, _idempotency_key(body.get("client_key")), new_seed=True
         )
     except Refusal as exc:
@@ -216,7 +215,7 @@ async def remix_job(request: web.Request) -> web.Response:
         return json_error(400, "invalid", "options must be an object.")
     try:
         overrides = parse_remix(str(body.get("prompt") or ""), coerce_options(raw_options))
-        result = await c.scheduler.remix(
+        result = await c.scheduler.jobs.remix(
             job_id_of(request), c.operator, c.target, _idempotency_key(body.get("client_key")), overrides=overrides
         )
     except RequestError as exc:
@@ -229,7 +228,7 @@ async def remix_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     c = console_of(request)
     try:
-        job = await c.scheduler.cancel(job_id_of(request), c.operator)
+        job = await c.scheduler.admin.cancel(job_id_of(request), c.operator)
     except Refusal as exc:
         return c.refusal_response(exc)
     return web.json_response({"job": job_json(job)})
@@ -238,7 +237,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def delete_job(request: web.Request) -> web.Response:
     c = console_of(request)
     try:
-        await c.scheduler.delete(job_id_of(request), c.operator)
+        await c.scheduler.admin.delete(job_id_of(request), c.operator)
     except Refusal as exc:
         return c.refusal_response(exc)
     return web.json_response({"deleted": True})
@@ -246,7 +245,7 @@ async def delete_job(request: web.Request) -> web.Response:
 
 async def my_queue(request: web.Request) -> web.Response:
     c = console_of(request)
-    jobs, quota, total = await c.scheduler.queue_info(c.operator)
+    jobs, quota, total = await c.scheduler.views.queue_info(c.operator)
     return web.json_response({"jobs": [job_json(j) for j in jobs], "quota": quota_json(quota), "total": total})
 
 
@@ -267,7 +266,7 @@ async def _serve_job_file(request: web.Request, *, video: bool) -> web.StreamRes
     """A job's output video or input image, found by job id only (never a user-supplied path)."""
     c = console_of(request)
     job_id = job_id_of(request)
-    output, stored = await queries.media_paths(c.db, job_id)
+    output, stored = await c.scheduler.listings.media_paths(job_id)
     name, folder = (output, c.settings.app.outputs_dir) if video else (stored, c.settings.app.inputs_dir)
     path = resolve_media(c.settings, name, folder) if name else None
     if path is None:

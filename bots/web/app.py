@@ -1,15 +1,17 @@
 """The local web console: application factory and server runner.
 
-``create_web_app(settings, scheduler, db)`` builds the aiohttp application (refusing unsafe settings);
-``run_web(settings, scheduler, db, stop)`` serves it on ``[web] host:port`` until ``stop`` is set.
+``create_web_app(settings, scheduler)`` builds the aiohttp application (refusing unsafe settings);
+``run_web(settings, scheduler, stop)`` serves it on ``[web] host:port`` until ``stop`` is set.
 Pages are static HTML shells with vanilla JS (package data under templates/ and static/) that talk to the
-JSON API; all text from users is inserted with textContent, never as HTML.
+JSON API; all text from users is inserted with textContent, never as HTML. The console reads and writes
+only through the scheduler (``SchedulerAPI``); it opens no database of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 
@@ -19,9 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from bots.web import api_admin, api_jobs
 from bots.web.context import CONSOLE, Console, console_of
 from bots.web.errors import make_error_middleware
-from bots.web.events import EventHub
+from bots.web.events import StreamHub
 from bots.web.guard import REGISTRY, GuardRegistry, make_guard_middleware
-from bots.web.health import readiness, worker_fresh_seconds
 from bots.web.metrics import ConsoleMetrics
 from bots.web.security import (
     SESSION_COOKIE,
@@ -32,7 +33,7 @@ from bots.web.security import (
     make_security_middleware,
 )
 from generator.scheduler.api import SchedulerAPI
-from storage.db import Database
+from generator.scheduler.health import fresh_seconds
 from turbobot.config import Settings, WebSettings
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def _package_dir(name: str) -> Path:
     return Path(str(resources.files("bots.web").joinpath(name)))
 
 
-def _page(template: str) -> web.Handler:
+def _page(template: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     path = _package_dir("templates") / template
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -69,7 +70,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     c = console_of(request)
-    result = await readiness(c.settings, c.db)
+    result = await c.scheduler.views.readiness()
     return web.json_response(result.detail, status=200 if result.ready else 503)
 
 
@@ -104,17 +105,16 @@ async def whoami(request: web.Request) -> web.Response:
     return web.json_response({"operator": c.operator.key, "auth": c.auth.enabled})
 
 
-def create_web_app(settings: Settings, scheduler: SchedulerAPI, db: Database) -> web.Application:
+def create_web_app(settings: Settings, scheduler: SchedulerAPI) -> web.Application:
     """Build the console. Raises ``WebConfigError`` when the bind address needs a token that is not set."""
     auth = Auth(load_admin_token(settings))
-    hub = EventHub()
+    hub = StreamHub()
     console = Console(
         settings=settings,
         scheduler=scheduler,
-        db=db,
         auth=auth,
         hub=hub,
-        metrics=ConsoleMetrics(db, scheduler, worker_fresh_seconds(settings)),
+        metrics=ConsoleMetrics(scheduler, fresh_seconds(settings.scheduler)),
         poll_seconds=max(0.2, min(settings.scheduler.progress_interval_seconds, 2.0)),
     )
     guards = GuardRegistry()
@@ -189,9 +189,9 @@ async def start_web(
     return runner, f"http://{shown}:{bound}"
 
 
-async def run_web(settings: Settings, scheduler: SchedulerAPI, db: Database, stop: asyncio.Event) -> None:
+async def run_web(settings: Settings, scheduler: SchedulerAPI, stop: asyncio.Event) -> None:
     """Serve the console until ``stop`` is set. Raises ``WebConfigError`` (clear message) on unsafe settings."""
-    app = create_web_app(settings, scheduler, db)
+    app = create_web_app(settings, scheduler)
     runner, url = await start_web(app, settings.web.host, settings.web.port, settings.web)
     log.info("web console listening on %s", url)
     try:

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from bots.texts import refusal_text
-from bots.web.events import EventHub
+from bots.web.events import StreamHub
 from bots.web.metrics import ConsoleMetrics
 from bots.web.security import Auth
 from generator.scheduler.api import DeliveryTarget, Refusal, Requester, SchedulerAPI
-from storage.db import Database
 from turbobot.config import Settings
 
 # The person at the console. Every job submitted here belongs to this user; admin actions are taken
@@ -25,9 +24,8 @@ WEB_TARGET = DeliveryTarget(platform="web", chat_id="console")
 class Console:
     settings: Settings
     scheduler: SchedulerAPI
-    db: Database
     auth: Auth
-    hub: EventHub
+    hub: StreamHub
     metrics: ConsoleMetrics
     poll_seconds: float = 1.0
     operator: Requester = OPERATOR

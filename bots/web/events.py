@@ -1,6 +1,6 @@
 """Live job status for the browser over server-sent events.
 
-The scheduler pushes events for jobs submitted from the console (platform "web") to ``EventHub.sink``;
+The scheduler pushes events for jobs submitted from the console (platform "web") to ``StreamHub.sink``;
 every open stream of that job is woken at once. Streams also re-read the job from the scheduler every
 ``poll_seconds``, which covers jobs from the chat platforms (their events go to the bots) and queue
 positions that move because other jobs started.
@@ -28,7 +28,9 @@ KEEPALIVE_SECONDS = 15.0
 ETA_GRAIN_S = 5.0  # an ETA that moves less than this is not resent
 
 
-class EventHub:
+class StreamHub:
+    """Fans a job's events out to the browser streams watching it (the console's side of the scheduler's hub)."""
+
     def __init__(self) -> None:
         self._watchers: dict[int, set[asyncio.Queue[JobView]]] = defaultdict(set)
         self.closing = asyncio.Event()
@@ -62,7 +64,7 @@ async def _pump(
     request: web.Request,
     response: web.StreamResponse,
     scheduler: SchedulerAPI,
-    hub: EventHub,
+    hub: StreamHub,
     job: JobView,
     poll_seconds: float,
 ) -> None:
@@ -90,7 +92,7 @@ async def _pump(
                 # Woken early by the scheduler's event for this job; either way re-read the job, since
                 # queue positions move without an event of this job.
                 await asyncio.wait_for(queue.get(), timeout=poll_seconds)
-            fresh = await scheduler.get(job.id)
+            fresh = await scheduler.views.get(job.id)
             if fresh is None:  # deleted meanwhile
                 await response.write(b"event: gone\ndata: {}\n\n")
                 return
@@ -108,9 +110,9 @@ def _fingerprint(data: dict[str, Any]) -> str:
 
 
 async def stream_job(
-    request: web.Request, scheduler: SchedulerAPI, hub: EventHub, job_id: int, *, poll_seconds: float
+    request: web.Request, scheduler: SchedulerAPI, hub: StreamHub, job_id: int, *, poll_seconds: float
 ) -> web.StreamResponse:
-    job = await scheduler.get(job_id)
+    job = await scheduler.views.get(job_id)
     if job is None:
         raise web.HTTPNotFound(text=json.dumps({"error": "not_found", "message": f"There is no job #{job_id}."}),
                                content_type="application/json")

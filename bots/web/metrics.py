@@ -1,5 +1,6 @@
-"""Prometheus metrics computed from the database at scrape time (so they count every front end's jobs,
-and survive restarts of this process), plus whatever the scheduler exports itself.
+"""Prometheus metrics computed from the scheduler's listings at scrape time (so they count every front end's
+jobs, and survive restarts of this process), plus whatever the scheduler exports itself. May touch: nothing
+but the scheduler's read verbs.
 
 Histograms and counters must never go down, but jobs are deleted (``/forget``) and finish out of id order.
 ``JobStats`` therefore folds each terminal job in exactly once: it reads jobs finished since a watermark
@@ -13,16 +14,14 @@ import datetime as dt
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bots.web import queries
-from bots.web.queries import FinishedRow, WorkerRow
+from generator.scheduler.api import SchedulerAPI
 from generator.scheduler.metrics import REFUSAL_LABELS, refusal_label
-from storage.db import Database
+from generator.scheduler.reads import FinishedRow, WorkerRow
 
 LOOKBACK = dt.timedelta(seconds=120)
 WAIT_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -131,9 +130,9 @@ class Snapshot:
 class ConsoleMetrics(Collector):
     """Refresh from the DB with ``await refresh()``, then ``render()`` the exposition text."""
 
-    def __init__(self, db: Database, scheduler: Any, worker_fresh_seconds: float) -> None:
-        self._db = db
+    def __init__(self, scheduler: SchedulerAPI, worker_fresh_seconds: float) -> None:
         self._scheduler = scheduler
+        self._listings = scheduler.listings
         self._fresh = worker_fresh_seconds
         self.stats = JobStats()
         self.refusals = RefusalStats()
@@ -144,19 +143,19 @@ class ConsoleMetrics(Collector):
 
     async def refresh(self) -> None:
         while True:  # catch up in pages after a long downtime
-            rows = await queries.finished_since(self._db, self.stats.since)
+            rows = await self._listings.finished_since(self.stats.since)
             before = len(self.stats.recent_ids), self.stats.watermark
             self.stats.fold(rows)
             if len(rows) < 5000 or (len(self.stats.recent_ids), self.stats.watermark) == before:
                 break
         while True:
-            audit = await queries.refusals_after(self._db, self.refusals.after_id)
+            audit = await self._listings.refusals_after(self.refusals.after_id)
             before_max = self.refusals.max_id
             self.refusals.fold(audit)
             if len(audit) < 5000 or self.refusals.max_id == before_max:
                 break
         self.snapshot = Snapshot(
-            states=await queries.state_counts(self._db), workers=await queries.workers(self._db)
+            states=await self._listings.state_counts(), workers=await self._listings.workers()
         )
 
     def render(self) -> bytes:

@@ -1,7 +1,7 @@
 """Who may submit what: roles, allow/deny lists, blocked words, and the quota checks of ``submit``.
 
 ``admit`` runs inside the submit's write transaction, right before the insert, so the checks and the
-enqueue are one atomic step (service.md: no double spend under concurrent requests).
+enqueue are one atomic step (docs/scheduler.md: no double spend under concurrent requests).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def blocked_word(settings: Settings, prompt: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class Limits:
+class UserLimits:
     max_running: int | None
     max_queued: int | None
     daily_jobs: int | None
@@ -67,9 +67,9 @@ def _positive(value: float | None) -> float | None:
     return value if value is not None and value > 0 else None
 
 
-def limits_for(settings: Settings, user: User | None, role: str) -> Limits:
+def limits_for(settings: Settings, user: User | None, role: str) -> UserLimits:
     if role in EXEMPT_ROLES:
-        return Limits(None, None, None, None)
+        return UserLimits(None, None, None, None)
     q = settings.quotas
     max_queued = user.max_queued if user is not None and user.max_queued is not None else q.max_queued_per_user
     daily_jobs = user.daily_jobs if user is not None and user.daily_jobs is not None else q.daily_jobs_per_user
@@ -79,7 +79,7 @@ def limits_for(settings: Settings, user: User | None, role: str) -> Limits:
         else q.daily_gpu_seconds_per_user
     )
     jobs_cap = _positive(daily_jobs)
-    return Limits(q.max_running_per_user, max_queued, int(jobs_cap) if jobs_cap else None, _positive(gpu))
+    return UserLimits(q.max_running_per_user, max_queued, int(jobs_cap) if jobs_cap else None, _positive(gpu))
 
 
 async def quota_view(session: AsyncSession, settings: Settings, user: User | None, role: str, now: dt.datetime) -> QuotaView:

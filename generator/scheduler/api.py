@@ -1,7 +1,8 @@
 """What every front end (Discord, Telegram, web console, CLI) uses to talk to the scheduler.
 
-Front ends only: build a ``GenerationRequest`` (``bots.commands``), call ``Scheduler.submit`` / ``remix`` /
-``cancel`` ..., and register one ``EventSink`` per platform to hear about their jobs. Terminal events are
+Front ends only: build a ``GenerationRequest`` (``bots.commands``), call ``scheduler.jobs.submit`` /
+``scheduler.admin.cancel`` / ``scheduler.views.get`` ..., and register one ``EventSink`` per platform to hear
+about their jobs. May touch nothing: types and protocols only. Terminal events are
 delivered exactly once per job: the sink returns normally -> the job is marked delivered; it raises -> the
 event is offered again later (also after a restart). Sinks must therefore be idempotent-friendly and
 quick; long uploads are fine (they run in the front end's event loop, not the scheduler's critical path).
@@ -13,9 +14,13 @@ import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from generator.request import GenerationRequest
+
+if TYPE_CHECKING:
+    from generator.scheduler.health import Readiness
+    from generator.scheduler.reads import Listings
 
 EventKind = Literal["queued", "started", "progress", "succeeded", "failed", "cancelled"]
 TERMINAL_KINDS = ("succeeded", "failed", "cancelled")
@@ -207,13 +212,8 @@ class QuotaView:
 EventSink = Callable[[JobEvent], Awaitable[None]]
 
 
-class SchedulerAPI(Protocol):
-    """The verbs front ends use. Implemented by ``generator.scheduler.service.Scheduler``.
-
-    Every method is async and safe to call from the front end's event loop (no GPU work inside).
-    Refusals are raised as ``Refusal`` with a friendly message; ``RequestError`` from validation is turned
-    into ``Refusal(code="invalid")`` too, so front ends need to catch only ``Refusal``.
-    """
+class AdmissionAPI(Protocol):
+    """Where requests enter (``Scheduler.jobs``): checked once (access, validation, quotas), then queued."""
 
     async def submit(
         self,
@@ -242,12 +242,12 @@ class SchedulerAPI(Protocol):
     async def save_input(self, requester: Requester, png_bytes: bytes, width: int, height: int) -> str:
         """Store a validated, re-encoded input image; returns its sha256 to put in ``request.image``."""
 
-    async def storage_problem(self) -> str:
-        """"" when new videos and inputs can be stored (folders writable, enough free disk), else why not
-        (for the operator; users get ``Refusal("storage_unavailable")`` from submit and save_input)."""
-
     async def set_status_message(self, job_id: int, message_id: str, extra: dict[str, Any] | None = None) -> None:
         """Remember the status message of a job (and platform extras) so later events edit it."""
+
+
+class AdminAPI(Protocol):
+    """Admin actions (``Scheduler.admin``): on jobs (owner or moderator) and users (owners)."""
 
     async def cancel(self, job_id: int, requester: Requester) -> JobView:
         """Cancel a queued job at once, or a running one between sampler steps (owner or moderator)."""
@@ -255,22 +255,8 @@ class SchedulerAPI(Protocol):
     async def delete(self, job_id: int, requester: Requester) -> None:
         """Delete a finished job's output and row (owner or moderator)."""
 
-    async def get(self, job_id: int) -> JobView | None: ...
-
-    async def jobs_for(self, requester: Requester, *, limit: int = 10, states: tuple[str, ...] | None = None,
-                       query: str = "") -> list[JobView]:
-        """The requester's recent jobs, newest first; ``query`` filters by prompt substring or job id
-        (autocomplete)."""
-
-    async def queue_info(self, requester: Requester) -> tuple[list[JobView], QuotaView, int]:
-        """(the requester's queued and running jobs, their quota, total queue length)."""
-
     async def forget(self, requester: Requester) -> int:
         """Delete all of the requester's jobs, inputs, outputs and rows; returns jobs deleted."""
-
-    def subscribe(self, platform: str, sink: EventSink) -> None:
-        """Receive events for jobs whose target platform is ``platform``; undelivered terminal events of
-        that platform (from before a restart) are offered again right after subscribing."""
 
     def is_owner(self, requester: Requester) -> bool: ...
 
@@ -283,3 +269,65 @@ class SchedulerAPI(Protocol):
     async def block(self, actor: Requester, user_key: str, reason: str = "") -> None: ...
 
     async def unblock(self, actor: Requester, user_key: str) -> None: ...
+
+
+
+class ViewsAPI(Protocol):
+    """Read-only views (``Scheduler.views``), with queue position and ETA."""
+
+    async def get(self, job_id: int) -> JobView | None: ...
+
+    async def wait(self, job_id: int, *, stop_on_worker_error: bool = False) -> JobView:
+        """Until the job is terminal (the CLI and tests; bound it with ``asyncio.timeout``)."""
+
+    async def jobs_for(self, requester: Requester, *, limit: int = 10, states: tuple[str, ...] | None = None,
+                       query: str = "") -> list[JobView]:
+        """The requester's recent jobs, newest first; ``query`` filters by prompt substring or job id
+        (autocomplete)."""
+
+    async def queue_info(self, requester: Requester) -> tuple[list[JobView], QuotaView, int]:
+        """(the requester's queued and running jobs, their quota, total queue length)."""
+
+    async def storage_problem(self) -> str:
+        """"" when new videos and inputs can be stored (folders writable, enough free disk), else why not
+        (for the operator; users get ``Refusal("storage_unavailable")`` from submit and save_input)."""
+
+    async def readiness(self) -> Readiness:
+        """The one readiness check (``/readyz``, ``turbobot ready``)."""
+
+    def worker_errors(self) -> dict[str, str]:
+        """Worker id -> why its engine failed to load."""
+
+    def workers_loading(self) -> bool:
+        """Local workers exist and none serves yet."""
+
+
+class SchedulerAPI(Protocol):
+    """What front ends hold: the verbs grouped by job, plus event subscription. Implemented by
+    ``generator.scheduler.service.Scheduler``.
+
+    Every method is async and safe to call from the front end's event loop (no GPU work inside).
+    Refusals are raised as ``Refusal`` with a friendly message; ``RequestError`` from validation is turned
+    into ``Refusal(code="invalid")`` too, so front ends need to catch only ``Refusal``.
+    """
+
+    @property
+    def jobs(self) -> AdmissionAPI: ...
+
+    @property
+    def admin(self) -> AdminAPI: ...
+
+    @property
+    def views(self) -> ViewsAPI: ...
+
+    @property
+    def listings(self) -> Listings:
+        """Listings across every user (web console, CLI)."""
+
+    @property
+    def metrics_registry(self) -> Any:
+        """The scheduler's Prometheus registry (the console's /metrics)."""
+
+    def subscribe(self, platform: str, sink: EventSink) -> None:
+        """Receive events for jobs whose target platform is ``platform``; undelivered terminal events of
+        that platform (from before a restart) are offered again right after subscribing."""

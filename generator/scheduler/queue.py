@@ -5,13 +5,13 @@ job are fenced with ``WHERE id=? AND attempts=? AND state='running'``: zero rows
 and the caller must discard its result. Each accepted terminal transition writes one audit row in the
 same transaction (the kill -9 harness counts them to prove there is never a second completion).
 
-Fair order (service.md): next job = min over queued jobs of
+Fair order (docs/scheduler.md): next job = min over queued jobs of
     (priority, user's running count, user's GPU-seconds today, created_at, id)
 skipping users already at their running cap (owners/unlimited are not capped). Queue positions use the
 same key with each user's k-th queued job counted as k more running jobs, which is the order repeated
 claims produce.
 
-Quotas (service.md): submit counts one of the user's daily jobs; the terminal transition charges the GPU
+Quotas (docs/scheduler.md): submit counts one of the user's daily jobs; the terminal transition charges the GPU
 time. A job cancelled before it ran, or failed for a reason that is not the user's (worker lost, internal
 error, stored input gone, engine or model trouble: anything not in ``USER_FAILURES``), gets its daily job
 back and is charged no GPU time, in the transaction of that transition (which is fenced, so exactly once).

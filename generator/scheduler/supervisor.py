@@ -4,8 +4,12 @@ Each worker is ``python -m generator.scheduler.worker`` in its own session (a Ct
 reaches only the parent, which then stops the workers). The worker's stdin is the only thing keeping it
 alive: if this process dies, even by SIGKILL, the pipe closes and the worker exits.
 
-Watchdog: a worker is killed (SIGKILL) when it sends nothing for ``watchdog_seconds``, when it reports its
-render stalled for that long, or when it is still loading after ``worker_start_timeout_seconds``. After
+Messages both ways are the typed ones of ``generator.scheduler.protocol``. May touch: worker processes
+only (no database, no files). See docs/scheduler.md.
+
+Watchdog: a worker is killed (SIGKILL) when it has been silent longer than the freshness rule
+(``health.fresh_seconds``: ``max(watchdog_seconds, 3 x heartbeat_seconds)``), when it reports its
+render stalled for ``watchdog_seconds``, or when it is still loading after ``worker_start_timeout_seconds``. After
 any exit the ``on_exit`` callback runs (the scheduler requeues the worker's job and sweeps files), then the
 worker is restarted with a backoff that grows while it keeps dying young.
 """
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -25,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from generator.scheduler import protocol
+from generator.scheduler.health import fresh_seconds
 from generator.scheduler.worker import ENGINE_FACTORY_ENV, encode_settings
 from turbobot.config import Settings
 
@@ -82,7 +87,7 @@ class Supervisor:
         self,
         settings: Settings,
         *,
-        on_message: Callable[[WorkerHandle, dict[str, Any]], None],
+        on_message: Callable[[WorkerHandle, protocol.WorkerMessage], None],
         on_exit: Callable[[WorkerHandle, int | None], Awaitable[None]],
         engine_factory: str | None = None,
         env: dict[str, str] | None = None,
@@ -144,23 +149,23 @@ class Supervisor:
         self._tasks.clear()
 
     # --- commands to workers --------------------------------------------------------------------
-    def _send(self, handle: WorkerHandle, line: str) -> None:
+    def _send(self, handle: WorkerHandle, command: protocol.Command) -> None:
         proc = handle.proc
         if proc is None or proc.returncode is not None or proc.stdin is None or proc.stdin.is_closing():
             return
         with contextlib.suppress(Exception):
-            proc.stdin.write(line.encode())
+            proc.stdin.write(protocol.encode(command).encode())
 
     def wake(self) -> None:
         """New work was queued: idle workers claim now instead of at their next poll."""
         for handle in self.handles:
             if handle.state == "idle":
-                self._send(handle, "wake\n")
+                self._send(handle, protocol.Wake())
 
     def cancel(self, job_id: int) -> None:
         for handle in self.handles:
             if handle.job_id == job_id:
-                self._send(handle, f"cancel {job_id}\n")
+                self._send(handle, protocol.CancelJob(job_id))
 
     def kill(self, worker_id: str) -> bool:
         """SIGKILL one worker (tests, admin); it is restarted like any crashed worker."""
@@ -195,6 +200,7 @@ class Supervisor:
                 rc: int | None = None
                 proc = None
             else:
+                assert proc is not None
                 handle.proc = proc
                 if self._stopping.is_set() and proc.stdin is not None:
                     proc.stdin.close()  # spawned after stop() began: let it exit at once
@@ -235,26 +241,24 @@ class Supervisor:
                 return
             handle.last_message = time.monotonic()
             try:
-                msg = json.loads(line)
-            except ValueError:
+                msg = protocol.decode_message(line)
+            except protocol.ProtocolError:
                 log.warning("worker %s wrote a non-protocol line: %r", handle.worker_id, line[:200])
                 continue
-            kind = msg.get("t")
-            if kind == "hb":
-                handle.stalled = bool(msg.get("stalled"))
-                handle.state = str(msg.get("state") or handle.state)
-                handle.job_id = msg.get("job")
-            elif kind == "ready":
+            if isinstance(msg, protocol.Heartbeat):
+                handle.stalled = msg.stalled
+                handle.state = msg.state or handle.state
+                handle.job_id = msg.job_id
+            elif isinstance(msg, protocol.Ready):
                 handle.state = "idle"
                 handle.error = ""
-                handle.info = dict(msg.get("info") or {})
-            elif kind == "fatal":
+                handle.info = dict(msg.info)
+            elif isinstance(msg, protocol.Fatal):
                 handle.state = "failed"
-                handle.error = str(msg.get("error") or "the engine could not be loaded")
-            elif kind == "job":
-                k = msg.get("k")
-                handle.job_id = None if k == "done" else msg.get("id")
-                handle.state = "idle" if k == "done" else "busy"
+                handle.error = msg.error or "the engine could not be loaded"
+            elif isinstance(msg, protocol.JobChanged):
+                handle.job_id = None if msg.change == "done" else msg.job_id
+                handle.state = "idle" if msg.change == "done" else "busy"
             try:
                 self._on_message(handle, msg)
             except Exception:
@@ -273,7 +277,7 @@ class Supervisor:
                     why = f"still loading after {cfg.worker_start_timeout_seconds:.0f}s"
             elif handle.stalled:
                 why = "render stalled"
-            elif now - handle.last_message > max(cfg.watchdog_seconds, 3 * cfg.heartbeat_seconds):
+            elif now - handle.last_message > fresh_seconds(cfg):
                 why = f"silent for {now - handle.last_message:.1f}s"
             if why:
                 log.error("worker %s (pid %s): %s; killing it", handle.worker_id, proc.pid, why)

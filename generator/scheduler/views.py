@@ -1,4 +1,5 @@
-"""Rows -> ``JobView`` snapshots for front ends, with queue position and ETA."""
+"""Rows -> ``JobView`` snapshots for front ends, with queue position and ETA (``job_view``: the one
+conversion). Pure functions over loaded rows: touches neither the database nor files."""
 
 from __future__ import annotations
 

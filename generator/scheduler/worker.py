@@ -4,14 +4,12 @@ One process per GPU, started by ``generator.scheduler.supervisor``. It talks to 
 the narrow queue verbs (claim, heartbeat, progress, complete, fail), so its death is covered by leases.
 
 Wire protocol with the supervisor (hints only; the database is the truth):
-- stdin, first line: the settings as JSON. Then commands: ``wake`` (new work was queued) and
-  ``cancel <job id>``. EOF on stdin means the parent is gone or wants us gone: exit at once (the lease
-  or the supervisor requeues whatever was running).
-- stdout: one JSON object per line: ``{"t": "hb", ...}`` liveness every heartbeat, ``{"t": "ready"}``
-  after loading, ``{"t": "job", "id": N, "k": "started"|"progress"|"done"}`` after each commit,
-  ``{"t": "stats"}`` after new step-time averages are stored, ``{"t": "fatal", "error": ...}`` when the
-  engine cannot be loaded (then exit code 4). Anything
-  else the process prints goes to stderr (stdout is re-pointed at startup).
+- stdin, first line: the settings as JSON. Then commands (``protocol.Wake``, ``protocol.CancelJob``). EOF on
+  stdin means the parent is gone or wants us gone: exit at once (the lease or the supervisor requeues
+  whatever was running).
+- stdout: the messages of ``generator.scheduler.protocol`` (heartbeat, ready, fatal, job changed, stats
+  updated), one per line. Anything else the process prints goes to stderr (stdout is re-pointed at
+  startup).
 
 Failures: ``OutOfMemory`` / ``torch.cuda.OutOfMemoryError`` fail that job and the worker keeps serving; any
 other CUDA error poisons the process: it exits with code 3 without touching the job, and the supervisor
@@ -49,10 +47,11 @@ from sqlalchemy.exc import DBAPIError
 from generator.engine.api import EngineError, JobCancelled, OutOfMemory, Progress, RenderJob, RenderResult
 from generator.engine.video import output_name as video_output_name
 from generator.request import GenerationRequest
-from generator.scheduler import queue
+from generator.scheduler import protocol, queue
 from generator.scheduler.api import Phase
 from generator.scheduler.disk import storage_problem
 from generator.scheduler.estimate import Shape, StepStats
+from generator.scheduler.health import fresh_seconds
 from storage.db import Database
 from storage.models import utcnow
 from storage.repo_workers import register_worker, update_worker
@@ -150,7 +149,7 @@ def free_gpu_memory() -> None:
 # --- files --------------------------------------------------------------------------------------------
 
 
-def output_name(job_id: int, attempt: int, request: GenerationRequest) -> str:
+def attempt_file_name(job_id: int, attempt: int, request: GenerationRequest) -> str:
     """Server-generated final name (mode, job, seed, model; never user text), e.g.
     ``t2v_12_42_tiny-t2v.a1.mp4``; the attempt keeps a fenced-out straggler from touching the winner."""
     return video_output_name(request.mode, job_id, request.seed or 0, request.model or "model", ext=f"a{attempt}.mp4")
@@ -207,7 +206,7 @@ class RunningJob:
 
 class Worker:
     def __init__(
-        self, settings: Settings, worker_id: str, device: str, send: Callable[[dict[str, Any]], None], restarts: int = 0
+        self, settings: Settings, worker_id: str, device: str, send: Callable[[protocol.WorkerMessage], None], restarts: int = 0
     ) -> None:
         self.settings = settings
         self.restarts = restarts  # times the supervisor restarted this slot since the service started
@@ -229,14 +228,18 @@ class Worker:
 
     # Called from the stdin thread.
     def command(self, line: str) -> None:
-        parts = line.split()
-        if not parts or self.loop is None:
+        if not line.strip() or self.loop is None:
             return
-        if parts[0] == "wake":
+        try:
+            cmd = protocol.decode_command(line)
+        except protocol.ProtocolError:
+            log.warning("worker %s: ignoring a non-protocol command %r", self.worker_id, line[:200])
+            return
+        if isinstance(cmd, protocol.Wake):
             self.loop.call_soon_threadsafe(self.wake.set)
-        elif parts[0] == "cancel" and len(parts) == 2:
+        else:
             cur = self.current
-            if cur is not None and str(cur.job_id) == parts[1]:
+            if cur is not None and cur.job_id == cmd.job_id:
                 cur.cancel.set()
 
     async def run(self) -> None:
@@ -265,7 +268,7 @@ class Worker:
                 return
             self.state = "idle"
             await self._save_worker_row()
-            self.send({"t": "ready", "info": self.engine_info})
+            self.send(protocol.Ready(info=self.engine_info))
             while True:
                 claimed = await self._claim() if await self._storage_ok() else None
                 if claimed is None:
@@ -295,7 +298,7 @@ class Worker:
         message = exc.user_message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
         log.error("worker %s: the engine could not be loaded:\n%s", self.worker_id, traceback.format_exc())
         self.state = "failed"
-        self.send({"t": "fatal", "error": message[:500]})
+        self.send(protocol.Fatal(error=message[:500]))
         with contextlib.suppress(Exception):
             await self._write(
                 update_worker, self.worker_id, now=utcnow(), state="failed", info={"error": message[:500]}
@@ -376,10 +379,10 @@ class Worker:
             now_m = time.monotonic()
             cur = self.current
             stalled = cur is not None and now_m - cur.last_activity > self.cfg.watchdog_seconds
-            self.send({
-                "t": "hb", "state": self.state, "job": cur.job_id if cur else None, "stalled": stalled,
-                "activity_age": round(now_m - cur.last_activity, 3) if cur else 0.0,
-            })
+            self.send(protocol.Heartbeat(
+                state=self.state, job_id=cur.job_id if cur else None, stalled=stalled,
+                activity_age=round(now_m - cur.last_activity, 3) if cur else 0.0,
+            ))
             if now_m - last_row >= row_heartbeat_seconds(self.settings):
                 last_row = now_m
                 try:
@@ -429,7 +432,7 @@ class Worker:
                 job.cancel.set()
             elif status.cancel_requested:
                 job.cancel.set()
-            self.send({"t": "job", "id": job.job_id, "k": "progress"})
+            self.send(protocol.JobChanged(job.job_id, "progress"))
 
     def _render(self, rj: RenderJob, job: RunningJob, events: asyncio.Queue[Progress | None]) -> RenderResult:
         loop = self.loop
@@ -470,12 +473,12 @@ class Worker:
                 queue.finish, claimed.job_id, claimed.attempt, state="failed", code="bad_request",
                 message=INTERNAL_MESSAGE, now=utcnow(),
             )
-            self.send({"t": "job", "id": claimed.job_id, "k": "done"})
+            self.send(protocol.JobChanged(claimed.job_id, "done"))
             return
         job = RunningJob(claimed.job_id, claimed.attempt, shape, request)
         self.current = job
         self.state = "busy"
-        self.send({"t": "job", "id": job.job_id, "k": "started"})
+        self.send(protocol.JobChanged(job.job_id, "started"))
         tmp = self.outputs / partial_name(job.job_id, job.attempt)
         image = Path(claimed.input_path) if claimed.input_path else None
         events: asyncio.Queue[Progress | None] = asyncio.Queue()
@@ -517,10 +520,10 @@ class Worker:
         finally:
             self.current = None
             self.state = "idle"
-            self.send({"t": "job", "id": job.job_id, "k": "done", "fenced": not accepted})
+            self.send(protocol.JobChanged(job.job_id, "done", fenced=not accepted))
         if job.step_seconds:
             await self._save_worker_row()  # after the hint: the terminal event need not wait for this
-            self.send({"t": "stats"})  # new step-time averages: ETAs can use them now
+            self.send(protocol.StatsUpdated())  # new step-time averages: ETAs can use them now
 
     async def _finish(self, job: RunningJob, outcome: tuple[str, Any], tmp: Path) -> bool:
         """Record the outcome (fenced). False when the lease was lost and the result was discarded."""
@@ -538,7 +541,7 @@ class Worker:
             ))
         result: RenderResult = payload
         produced = Path(result.path)
-        final = self.outputs / output_name(job.job_id, job.attempt, job.request)
+        final = self.outputs / attempt_file_name(job.job_id, job.attempt, job.request)
         sha, size = await asyncio.to_thread(fsync_and_hash, produced)
         await asyncio.to_thread(publish, produced, final)
         if produced != tmp:
@@ -573,9 +576,9 @@ class Worker:
 
 def row_heartbeat_seconds(settings: Settings) -> float:
     """How often the worker row's heartbeat is written: rarely, but well within the freshness window
-    (max(watchdog, 3 heartbeats)) that /readyz and the scheduler use."""
+    (``health.fresh_seconds``) that /readyz and the scheduler use."""
     cfg = settings.scheduler
-    fresh = max(cfg.watchdog_seconds, 3 * cfg.heartbeat_seconds)
+    fresh = fresh_seconds(cfg)
     return min(max(cfg.heartbeat_seconds, ROW_HEARTBEAT_MIN_SECONDS), fresh / 3)
 
 
@@ -597,8 +600,8 @@ class _Wire:
         self.stream = stream
         self.lock = threading.Lock()
 
-    def send(self, msg: dict[str, Any]) -> None:
-        data = json.dumps(msg, separators=(",", ":")) + "\n"
+    def send(self, msg: protocol.WorkerMessage) -> None:
+        data = protocol.encode(msg)
         try:
             with self.lock:
                 self.stream.write(data)

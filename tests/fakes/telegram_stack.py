@@ -86,10 +86,10 @@ class Stack:
         return self.scheduler
 
     async def jobs_of(self, user_id: int) -> list[JobView]:
-        return await self.sched.jobs_for(Requester("telegram", str(user_id)), limit=100)
+        return await self.sched.views.jobs_for(Requester("telegram", str(user_id)), limit=100)
 
     async def wait_job(self, job_id: int, within: float = 45.0) -> JobView:
-        return await asyncio.wait_for(self.sched.wait(job_id), within)
+        return await asyncio.wait_for(self.sched.views.wait(job_id), within)
 
 
 def replies_to(tg: FakeTelegram, msg: dict[str, Any], method: str = "sendMessage") -> list[Call]:

@@ -1,8 +1,8 @@
-"""Read-only queries the console needs beyond the scheduler's per-user API: listings across every user and
-platform (gallery, admin queue, users), remix lineage, files by job id, worker rows and metric inputs.
+"""Read-only listings for the web console and the CLI: jobs across every user and platform (gallery, admin
+queue, lineage), files by job id, users with their usage, worker rows and the inputs of the console's metrics.
 
-Everything here runs in ``Database.read()`` transactions and never writes. Rows are turned into the same
-``JobView`` the scheduler hands out (without queue position/ETA, which only the scheduler knows).
+Every function takes an open session (the caller's ``Database.read()``) and never writes. Jobs come back as
+(job, user, output) rows; the scheduler turns them into the views front ends see.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from generator.scheduler import views
-from generator.scheduler.api import JobView
-from storage.db import Database
 from storage.models import (
     JOB_STATES,
     TERMINAL_STATES,
@@ -30,6 +28,9 @@ from storage.models import (
 from storage.repo_users import EXEMPT_ROLES
 
 MAX_PAGE = 200
+
+JobRow = tuple[Job, User, Output | None]
+
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,7 @@ class FinishedRow:
     gpu_seconds: float
 
 
-def job_view(job: Job, user: User, output: Output | None) -> JobView:
-    return views.job_view(job, user=user, output=output)
-
-
-def _jobs_select() -> Select[tuple[Job, User, Output]]:
+def _jobs_select() -> Select[Job, User, Output]:
     return select(Job, User, Output).join(User, Job.user_id == User.id).outerjoin(Output, Output.job_id == Job.id)
 
 
@@ -108,8 +105,8 @@ def _escape_like(text: str) -> str:
 
 
 async def list_jobs(
-    db: Database, filters: JobFilters = JobFilters(), *, limit: int = 30, before_id: int | None = None
-) -> list[JobView]:
+    session: AsyncSession, filters: JobFilters = JobFilters(), *, limit: int = 30, before_id: int | None = None
+) -> list[JobRow]:
     """Newest first, across every platform and user."""
     stmt = _jobs_select()
     if filters.state in JOB_STATES:
@@ -128,25 +125,22 @@ async def list_jobs(
     if before_id is not None:
         stmt = stmt.where(Job.id < before_id)
     stmt = stmt.order_by(Job.id.desc()).limit(max(1, min(limit, MAX_PAGE)))
-    async with db.read() as session:
-        rows = (await session.execute(stmt)).all()
-    return [job_view(j, u, o) for j, u, o in rows]
+    rows = (await session.execute(stmt)).all()
+    return [(j, u, o) for j, u, o in rows]
 
 
-async def get_job(db: Database, job_id: int) -> JobView | None:
-    async with db.read() as session:
-        row = (await session.execute(_jobs_select().where(Job.id == job_id))).first()
-    return None if row is None else job_view(*row)
+async def get_job_row(session: AsyncSession, job_id: int) -> JobRow | None:
+    row = (await session.execute(_jobs_select().where(Job.id == job_id))).first()
+    return None if row is None else (row[0], row[1], row[2])
 
 
-async def children_of(db: Database, job_id: int, *, limit: int = 50) -> list[JobView]:
+async def children_of(session: AsyncSession, job_id: int, *, limit: int = 50) -> list[JobRow]:
     stmt = _jobs_select().where(Job.parent_id == job_id).order_by(Job.id).limit(limit)
-    async with db.read() as session:
-        rows = (await session.execute(stmt)).all()
-    return [job_view(j, u, o) for j, u, o in rows]
+    rows = (await session.execute(stmt)).all()
+    return [(j, u, o) for j, u, o in rows]
 
 
-async def media_paths(db: Database, job_id: int) -> tuple[str | None, str | None]:
+async def media_paths(session: AsyncSession, job_id: int) -> tuple[str | None, str | None]:
     """(output video path, input image path) of a job, as stored by the scheduler; None when absent."""
     stmt = (
         select(Output.path, InputImage.path)
@@ -155,12 +149,11 @@ async def media_paths(db: Database, job_id: int) -> tuple[str | None, str | None
         .outerjoin(InputImage, InputImage.id == Job.input_id)
         .where(Job.id == job_id)
     )
-    async with db.read() as session:
-        row = (await session.execute(stmt)).first()
+    row = (await session.execute(stmt)).first()
     return (None, None) if row is None else (row[0], row[1])
 
 
-async def active_jobs(db: Database, *, limit: int = MAX_PAGE) -> list[JobView]:
+async def active_jobs(session: AsyncSession, *, limit: int = MAX_PAGE) -> list[JobRow]:
     """Every running and queued job, running first, then oldest first (the scheduler orders fairly)."""
     stmt = (
         _jobs_select()
@@ -168,13 +161,12 @@ async def active_jobs(db: Database, *, limit: int = MAX_PAGE) -> list[JobView]:
         .order_by((Job.state == "queued").asc(), Job.priority, Job.created_at, Job.id)
         .limit(limit)
     )
-    async with db.read() as session:
-        rows = (await session.execute(stmt)).all()
-    return [job_view(j, u, o) for j, u, o in rows]
+    rows = (await session.execute(stmt)).all()
+    return [(j, u, o) for j, u, o in rows]
 
 
 async def user_summaries(
-    db: Database, *, query: str = "", day: str | None = None, limit: int = 100
+    session: AsyncSession, *, query: str = "", day: str | None = None, limit: int = 100
 ) -> list[UserSummary]:
     """Users with their queue counts, today's quota usage and overrides; most recently active first."""
     day = day or dt.datetime.now(dt.UTC).date().isoformat()
@@ -198,8 +190,7 @@ async def user_summaries(
     if query.strip():
         stmt = stmt.where(_user_clause(query.strip()))
     stmt = stmt.order_by(func.coalesce(active.c.last_job, 0).desc(), User.id.desc()).limit(max(1, min(limit, 500)))
-    async with db.read() as session:
-        rows = (await session.execute(stmt)).all()
+    rows = (await session.execute(stmt)).all()
     return [
         UserSummary(
             key=f"{u.platform}:{u.platform_user_id}", platform=u.platform, user_id=u.platform_user_id,
@@ -212,9 +203,8 @@ async def user_summaries(
     ]
 
 
-async def workers(db: Database) -> list[WorkerRow]:
-    async with db.read() as session:
-        rows = (await session.execute(select(WorkerState).order_by(WorkerState.id))).scalars().all()
+async def workers(session: AsyncSession) -> list[WorkerRow]:
+    rows = (await session.execute(select(WorkerState).order_by(WorkerState.id))).scalars().all()
     return [
         WorkerRow(
             id=w.id, pid=w.pid, device=w.device, state=w.state, heartbeat_at=w.heartbeat_at,
@@ -224,15 +214,14 @@ async def workers(db: Database) -> list[WorkerRow]:
     ]
 
 
-async def state_counts(db: Database) -> dict[str, int]:
-    async with db.read() as session:
-        rows = (await session.execute(select(Job.state, func.count()).group_by(Job.state))).all()
+async def state_counts(session: AsyncSession) -> dict[str, int]:
+    rows = (await session.execute(select(Job.state, func.count()).group_by(Job.state))).all()
     counts = dict.fromkeys(JOB_STATES, 0)
     counts.update({state: int(n) for state, n in rows})
     return counts
 
 
-async def finished_since(db: Database, since: dt.datetime | None, *, limit: int = 5000) -> list[FinishedRow]:
+async def finished_since(session: AsyncSession, since: dt.datetime | None, *, limit: int = 5000) -> list[FinishedRow]:
     """Terminal jobs with ``finished_at >= since`` (all when None), oldest finish first."""
     stmt = (
         select(
@@ -245,12 +234,16 @@ async def finished_since(db: Database, since: dt.datetime | None, *, limit: int 
     )
     if since is not None:
         stmt = stmt.where(Job.finished_at >= since)
-    async with db.read() as session:
-        rows = (await session.execute(stmt)).all()
-    return [FinishedRow(*row) for row in rows]
+    rows = (await session.execute(stmt)).all()
+    return [
+        FinishedRow(id=i, state=st, mode=m, platform=p, error_code=e, created_at=c, started_at=s, finished_at=f,
+                    gpu_seconds=g)
+        for i, st, m, p, e, c, s, f, g in rows
+        if f is not None  # excluded by the query; says so to the type checker
+    ]
 
 
-async def refusals_after(db: Database, after_id: int, *, limit: int = 5000) -> list[tuple[int, str]]:
+async def refusals_after(session: AsyncSession, after_id: int, *, limit: int = 5000) -> list[tuple[int, str]]:
     """(audit id, detail) of refusals logged by the scheduler after ``after_id``, oldest first."""
     stmt = (
         select(AuditLog.id, AuditLog.detail)
@@ -258,12 +251,11 @@ async def refusals_after(db: Database, after_id: int, *, limit: int = 5000) -> l
         .order_by(AuditLog.id)
         .limit(limit)
     )
-    async with db.read() as session:
-        rows = (await session.execute(stmt)).all()
+    rows = (await session.execute(stmt)).all()
     return [(int(i), str(d or "")) for i, d in rows]
 
 
-async def recent_timings(db: Database, *, limit: int = 30) -> list[tuple[int, dict[str, Any]]]:
+async def recent_timings(session: AsyncSession, *, limit: int = 30) -> list[tuple[int, dict[str, Any]]]:
     """(job id, timings) of the latest succeeded jobs, oldest first: the console's step-time history."""
     stmt = (
         select(Job.id, Job.timings)
@@ -271,6 +263,5 @@ async def recent_timings(db: Database, *, limit: int = 30) -> list[tuple[int, di
         .order_by(Job.finished_at.desc(), Job.id.desc())
         .limit(limit)
     )
-    async with db.read() as session:
-        rows = (await session.execute(stmt)).all()
+    rows = (await session.execute(stmt)).all()
     return [(int(i), dict(t or {})) for i, t in reversed(rows)]
