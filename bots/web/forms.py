@@ -20,8 +20,8 @@ from PIL import Image
 
 from bots.images import ALLOWED_FORMATS, ImageRejected, ValidatedImage, load_image, precheck_image
 from bots.web.errors import body_deadline
+from generator.params import Limits
 from generator.request import USER_FIELDS, RequestError
-from turbobot.config import LimitsSettings
 
 CHUNK_BYTES = 64 * 1024
 MAX_TEXT_FIELD_BYTES = 16 * 1024  # a prompt is at most a few KB of UTF-8
@@ -144,7 +144,7 @@ def _check_magic(first: bytes) -> None:
     raise ImageRejected("That file is not a PNG, JPEG or WebP image I can read.")
 
 
-async def _read_image_part(part: BodyPartReader, limits: LimitsSettings, body_timeout: float) -> bytes:
+async def _read_image_part(part: BodyPartReader, limits: Limits, body_timeout: float) -> bytes:
     precheck_image(None, part.headers.get("Content-Type"), None, None, limits)
     buf = bytearray()
     size_known = False
@@ -202,7 +202,7 @@ async def _read_urlencoded(request: web.Request, body_timeout: float) -> JobForm
     return form
 
 
-async def read_job_form(request: web.Request, limits: LimitsSettings, *, body_timeout: float = NO_TIMEOUT) -> JobForm:
+async def read_job_form(request: web.Request, limits: Limits, *, body_timeout: float = NO_TIMEOUT) -> JobForm:
     """Parse the playground's multipart form, validating the image (if any) as it streams in.
     A url-encoded form (curl -d) is accepted too, for text-only requests. A body that stalls for
     ``body_timeout`` seconds raises ``BodyTimeout``."""
