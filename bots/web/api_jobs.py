@@ -130,7 +130,7 @@ async def submit_job(request: web.Request) -> web.Response:
     key = _idempotency_key(fields.pop("client_key", ""))
     try:
         options = coerce_options(fields)
-        # Validate before storing an upload, so a bad request leaves no orphan input behind.
+        # Parse the flags before storing an upload (ranges are checked once, by the scheduler's submit).
         image_ref = _PLACEHOLDER_IMAGE if form.image is not None else None
         build_request(c.settings, mode, prompt, image=image_ref, options=options)
         image = None
