@@ -116,6 +116,8 @@ class Param:
         """What may be given, in a few words: "1-4", "480p/720p", "on/off", "NAME"."""
         if self.kind is bool:
             return "on/off"
+        if self.kind is int and self.optional:
+            return "N"
         b = self.bounds(limits)
         if b is not None:
             return f"{b[0]:g}-{b[1]:g}" + (f" (steps of {self.step})" if self.step > 1 else "")
