@@ -120,7 +120,9 @@ class Param:
             return "N"
         b = self.bounds(limits)
         if b is not None:
-            return f"{b[0]:g}-{b[1]:g}" + (f" (steps of {self.step})" if self.step > 1 else "")
+            if self.step > 1:
+                return f"{b[0]:g} to {b[1]:g} in steps of {self.step}"
+            return f"{b[0]:g}-{b[1]:g}"
         allowed = self.allowed(limits)
         return "/".join(allowed) if allowed and self.choices_limit != "models" else "NAME"
 
