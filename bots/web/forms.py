@@ -20,8 +20,7 @@ from PIL import Image
 
 from bots.images import ALLOWED_FORMATS, ImageRejected, ValidatedImage, load_image, precheck_image
 from bots.web.errors import body_deadline
-from generator.params import Limits
-from generator.request import USER_FIELDS, RequestError
+from generator.params import PARAM, Limits, RequestError
 
 CHUNK_BYTES = 64 * 1024
 MAX_TEXT_FIELD_BYTES = 16 * 1024  # a prompt is at most a few KB of UTF-8
@@ -31,12 +30,6 @@ HEADER_PROBE_LIMIT = 1024 * 1024  # stop trying to read dimensions early after t
 NO_TIMEOUT = 1e9
 
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
-_LABELS = {
-    "model": "Model", "resolution": "Resolution", "aspect": "Aspect ratio", "frames": "Frames",
-    "steps": "Steps", "seed": "Seed", "sla_topk": "SLA top-k", "sigma_max": "sigma_max",
-    "sampler": "Sampler", "adaptive_resolution": "Adaptive resolution", "boundary": "Boundary",
-    "attention": "Attention",
-}
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
 
@@ -65,12 +58,12 @@ def coerce_options(raw: dict[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for name, value in raw.items():
-        if name not in USER_FIELDS or name == "prompt":
+        if name not in PARAM:
             raise RequestError(name, f"Unknown option '{name}'.")
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
-        kind = USER_FIELDS[name]
-        label = _LABELS.get(name, name)
+        kind = PARAM[name].kind
+        label = PARAM[name].label
         if kind is bool:
             if isinstance(value, bool):
                 out[name] = value
