@@ -1,34 +1,36 @@
-"""The shared command layer: chat text, typed options and attachments -> one validated request.
+"""The shared command layer: chat text, typed options and attachments -> one request.
 
 Front ends call these and stay thin: ``build_request`` for a new job, ``parse_remix`` for the changes a
-user asks for on a remix, ``submit_text`` to do both and hand the result to the scheduler.
+user asks for on a remix, ``submit_text`` to do both and hand the result to the scheduler, whose submit
+validates it (once, where every request enters the queue).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from bots.flags import parse_flags
-from generator.request import USER_FIELDS, GenerationRequest, RequestError, validate
+from generator.params import by_option
+from generator.request import GenerationRequest, RequestError
 from generator.scheduler.api import DeliveryTarget, Refusal, Requester, SchedulerAPI, SubmitResult
 from turbobot.config import Settings
 
-# Option names front ends may pass from typed inputs (slash-command options, web forms): the request's
-# user fields plus a few spellings people use.
-OPTION_ALIASES = {"ar": "aspect", "res": "resolution", "topk": "sla_topk", "ode": "sampler", "adaptive": "adaptive_resolution"}
-
 
 def _normalise_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Typed options (slash-command options, web forms) by any declared spelling -> request fields."""
     out: dict[str, Any] = {}
     for key, value in (options or {}).items():
         if value is None:
             continue  # an option the user left empty
-        name = OPTION_ALIASES.get(key, key)
-        if name == "sampler" and isinstance(value, bool):
-            value = "ode" if value else "sde"
-        if name not in USER_FIELDS or name == "prompt":
-            raise RequestError(name, f"Unknown option '{key}'.")
-        out[name] = value
+        found = by_option(key)
+        if found is None:
+            raise RequestError(key, f"Unknown option '{key}'.")
+        param, switch_value = found
+        if switch_value is not dataclasses.MISSING and isinstance(value, bool):
+            # A switch given as a yes/no option: yes sets its value, no the opposite (or the default).
+            value = switch_value if value else (not switch_value if param.kind is bool else param.default)
+        out[param.name] = value
     return out
 
 
@@ -50,9 +52,10 @@ def build_request(
     options: dict[str, Any] | None = None,
     base: GenerationRequest | None = None,
 ) -> GenerationRequest:
-    """Chat text (prompt with inline ``--flags``) + typed options -> validated request.
+    """Chat text (prompt with inline ``--flags``) + typed options -> the request to submit.
 
-    ``base`` (a stored request) is the starting point for remixes; otherwise the configured defaults.
+    Flags are parsed and typed here (a bad flag raises ``RequestError`` naming it); ranges and choices are
+    checked once, by the scheduler's submit, where every request enters the queue. ``base`` (a stored request) is the starting point for remixes; otherwise the configured defaults.
     For i2v with no prompt text the configured default motion prompt is used. Raises ``RequestError``.
     """
     parsed = parse_flags(text or "")
@@ -68,7 +71,7 @@ def build_request(
         req = settings.default_request(mode, prompt, image)
     if merged:
         req = req.replace(**merged)
-    return validate(req, settings.request_limits)
+    return req
 
 
 def parse_remix(text: str, options: dict[str, Any] | None = None) -> dict[str, Any]:

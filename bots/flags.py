@@ -1,8 +1,8 @@
 """Inline ``--flags`` in chat text, parsed the same way on every front end.
 
 ``/t2v a fox in snow --ar 9:16 --seed 42 --steps 2 --res 720p`` -> prompt "a fox in snow" and
-``{"aspect": "9:16", "seed": 42, "steps": 2, "resolution": "720p"}``. Values are coerced to the request
-field's type here; range checks happen in ``generator.request.validate``.
+``{"aspect": "9:16", "seed": 42, "steps": 2, "resolution": "720p"}``. Spellings and types come from
+``generator.params``; values are coerced to the field's type here; range checks happen in ``generator.request.validate``.
 """
 
 from __future__ import annotations
@@ -10,32 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from generator.request import RequestError
+from generator.params import PARAM, PARAMS, RequestError
 
-# flag spelling -> (request field, kind). kind "value" takes the next token; a tuple is a switch that
-# sets the field to that constant.
-FLAGS: dict[str, tuple[str, Any]] = {
-    "ar": ("aspect", str),
-    "aspect": ("aspect", str),
-    "res": ("resolution", str),
-    "resolution": ("resolution", str),
-    "steps": ("steps", int),
-    "seed": ("seed", int),
-    "frames": ("frames", int),
-    "model": ("model", str),
-    "topk": ("sla_topk", float),
-    "sla-topk": ("sla_topk", float),
-    "sigma": ("sigma_max", float),
-    "sigma-max": ("sigma_max", float),
-    "sampler": ("sampler", str),
-    "ode": ("sampler", ("ode",)),
-    "sde": ("sampler", ("sde",)),
-    "adaptive": ("adaptive_resolution", (True,)),
-    "no-adaptive": ("adaptive_resolution", (False,)),
-    "boundary": ("boundary", float),
-    "attention": ("attention", str),
-    "attn": ("attention", str),
-}
+# flag spelling -> (request field, kind), derived from the declaration (generator.params). kind is the
+# field's type for flags taking the next token; a 1-tuple for a switch that sets the field to that constant.
+FLAGS: dict[str, tuple[str, Any]] = {}
+for _p in PARAMS:
+    FLAGS.update({spelling: (_p.name, _p.kind) for spelling in _p.flags})
+    FLAGS.update({spelling: (_p.name, (value,)) for spelling, value in _p.switches})
 
 # Phones turn "--" into an em or en dash; accept those as the flag prefix too.
 _PREFIXES = ("--", "\u2014", "\u2013")
@@ -54,20 +36,9 @@ def _flag_name(token: str) -> str | None:
     return None
 
 
-def coerce(field_name: str, flag: str, kind: type, raw: str) -> Any:
+def coerce(field_name: str, flag: str, raw: str) -> Any:
     """Turn flag text into the field's type, with a friendly error naming the flag."""
-    try:
-        if kind is int:
-            return int(raw.replace("_", ""), 10)
-        if kind is float:
-            value = float(raw)
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError
-            return value
-    except ValueError:
-        noun = "a whole number" if kind is int else "a number"
-        raise RequestError(field_name, f"--{flag} needs {noun} (got '{raw}').") from None
-    return raw
+    return PARAM[field_name].coerce_text(raw, f"--{flag}")
 
 
 def known_flags() -> str:
@@ -114,5 +85,5 @@ def parse_flags(text: str) -> ParsedText:
             i += 1
         if raw_value == "":
             raise RequestError(field_name, f"--{name} needs a value.")
-        options[field_name] = coerce(field_name, name, kind, raw_value)
+        options[field_name] = coerce(field_name, name, raw_value)
     return ParsedText(prompt=" ".join(prompt_words), options=options)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from turbobot.config import LimitsSettings
+from generator.params import Limits
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 ALLOWED_CONTENT_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
@@ -55,7 +55,7 @@ def precheck_image(
     content_type: str | None,
     width: int | None,
     height: int | None,
-    limits: LimitsSettings,
+    limits: Limits,
 ) -> None:
     """Refuse from metadata alone (platform-reported size, type, dimensions) before downloading."""
     if size is not None:
@@ -74,7 +74,7 @@ def precheck_image(
         _check_dimensions(width, height, limits)
 
 
-def _check_dimensions(width: int, height: int, limits: LimitsSettings) -> None:
+def _check_dimensions(width: int, height: int, limits: Limits) -> None:
     if width < MIN_SIDE or height < MIN_SIDE:
         raise ImageRejected(f"That image is too small ({width}x{height}); it needs at least {MIN_SIDE}x{MIN_SIDE}.")
     if width > limits.max_image_side or height > limits.max_image_side or width * height > limits.max_image_pixels:
@@ -130,7 +130,7 @@ def _is_text_chunk_limit(exc: ValueError) -> bool:
     return "decompressed data too large" in text or "max_text" in text or "text chunks" in text
 
 
-def load_image(data: bytes, limits: LimitsSettings) -> ValidatedImage:
+def load_image(data: bytes, limits: Limits) -> ValidatedImage:
     """Decode, check and re-encode an uploaded image; raise ``ImageRejected`` with a clear reason."""
     if not data:
         raise ImageRejected("That file is empty. Please send a PNG, JPEG or WebP image.")

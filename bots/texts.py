@@ -9,8 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import html
 from collections.abc import Sequence
+from typing import Any
 
-from generator.request import ASPECTS, RESOLUTIONS
+from generator.params import PARAMS, Limits
 from generator.scheduler.api import JobView, QuotaView, Refusal, RefusalCode
 from generator.scheduler.disk import STORAGE_MESSAGE
 
@@ -152,16 +153,17 @@ def params_text(job: JobView, flavor: str = "plain") -> str:
         ("seed", str(job.seed)),
         ("resolution", f"{r.resolution} {r.aspect} ({r.size[0]}x{r.size[1]})"),
         ("frames", f"{r.frames} ({r.duration_s:.1f} s at 16 fps)"),
-        ("steps", str(r.steps)),
-        ("sampler", r.sampler),
-        ("sla_topk", f"{r.sla_topk:g}"),
-        ("sigma_max", f"{r.effective_sigma_max:g}"),
-        ("attention", r.attention),
     ]
-    if r.mode == "i2v":
-        rows += [("boundary", f"{r.boundary:g}"), ("adaptive", "on" if r.adaptive_resolution else "off")]
+    shown = {"model", "seed", "resolution", "aspect", "frames"}  # already in the rows above
+    for p in PARAMS:
+        if p.name in shown or r.mode not in p.modes:
+            continue
+        value = r.effective_sigma_max if p.name == "sigma_max" else getattr(r, p.name)
+        rows.append((p.option_name if p.kind is bool else p.name, p.shown(value)))
     body = "\n".join(f"{k}: {v}" for k, v in rows)
-    flags = f"--seed {job.seed} --ar {r.aspect} --res {r.resolution} --steps {r.steps} --frames {r.frames}"
+    values = {**r.params(), "seed": job.seed}
+    # The parameters that shape the video's identity, as flags (the others are shown above).
+    flags = " ".join(f"--{p.flags[0]} {p.shown(values[p.name])}" for p in PARAMS if p.column and p.name != "model")
     return "\n".join(
         [_bold(f"Parameters of job #{job.id}", flavor), _esc(r.prompt, flavor), _code(body, flavor) if flavor != "discord" else f"```\n{body}\n```", f"Same again: {_code(flags, flavor)}"]
     )
@@ -197,6 +199,14 @@ def jobs_text(jobs: Sequence[JobView], flavor: str = "plain") -> str:
     return "\n".join(lines)
 
 
+def option_help(p: Any, code: Any = str, limits: Limits | None = None) -> str:
+    """One parameter in the help: its flag spellings and what it takes (from the declaration)."""
+    lim = limits or Limits()
+    words = [code(f"--{p.flags[0]}") + f" {p.describe(lim)}"] if p.flags else []
+    words += [code(f"--{spelling}") for spelling, _ in p.switches if spelling not in ("sde", "no-adaptive")]
+    return " ".join(words)
+
+
 def help_text(flavor: str = "plain") -> str:
     def c(s: str) -> str:
         return _code(s, flavor)
@@ -213,9 +223,7 @@ def help_text(flavor: str = "plain") -> str:
             f"{c('/queue')} your place and quota · {c('/jobs')} your results · {c('/cancel [job]')} · {c('/forget')} delete your data",
             "",
             _bold("Options (add them to the prompt)", flavor),
-            f"{c('--ar')} {'/'.join(ASPECTS)} · {c('--res')} {'/'.join(RESOLUTIONS)} · {c('--steps')} 1-4 · "
-            f"{c('--seed')} N · {c('--frames')} 5-81 (5, 9, 13 … 81) · {c('--model')} NAME · {c('--topk')} 0.1-0.15 · "
-            f"{c('--ode')} · {c('--adaptive')} · {c('--boundary')} 0-1",
+            " · ".join(option_help(p, c) for p in PARAMS),
             "",
             "Tip: describe subject + action + setting + light/mood + style, with concrete motion verbs.",
         ]

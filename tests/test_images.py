@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from bots.images import ImageRejected, load_image, precheck_image
-from turbobot.config import LimitsSettings
+from generator.params import Limits
 
-LIM = LimitsSettings()
+LIM = Limits()
 
 
 def png_bytes(w: int = 64, h: int = 48, fmt: str = "PNG", **save: object) -> bytes:

@@ -328,9 +328,10 @@ async def test_playground_submit_makes_a_job(tmp_path: Path) -> None:
     async with console(tmp_path) as c:
         await c.prime()
         options = await (await c.client.get("/api/options")).json()
-        assert options["aspects"] == ["16:9", "9:16", "1:1", "4:3", "3:4"]
-        assert options["frames"] == {"min": 5, "max": 81, "step": 4, "default": 81}
-        assert options["samplers"] == ["sde", "ode"] and options["models"]["t2v"] == ["tiny-t2v"]
+        fields = {f["name"]: f for f in options["params"]}  # the form, from generator.params
+        assert fields["aspect"]["choices"] == ["16:9", "9:16", "1:1", "4:3", "3:4"]
+        assert {k: fields["frames"][k] for k in ("min", "max", "step", "default")} == {"min": 5, "max": 81, "step": 4, "default": 81}
+        assert fields["sampler"]["choices"] == ["sde", "ode"] and fields["model"]["choices"]["t2v"] == ["tiny-t2v"]
 
         resp = await c.submit(
             "a red fox running", client_key="key-0123456789", seed=42, steps=2, frames=9, aspect="1:1",

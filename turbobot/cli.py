@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from generator.params import PARAMS, Limits
 from turbobot.config import ConfigError, Settings, load_settings, read_secret
 
 log = logging.getLogger("turbobot")
@@ -41,19 +42,14 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation options (the same as the chat --flags)")
     g.add_argument("--image", type=Path, help="local image to animate (makes the job image-to-video)")
     g.add_argument("--mode", choices=("t2v", "i2v"), help="default: i2v with --image, else t2v")
-    g.add_argument("--model", help="configured model name (default: the first one for the mode)")
-    g.add_argument("--res", "--resolution", dest="resolution", help="480p or 720p")
-    g.add_argument("--ar", "--aspect", dest="aspect", help="16:9, 9:16, 1:1, 4:3 or 3:4")
-    g.add_argument("--frames", type=int, help="number of frames: 5 to 81 in steps of 4 (5, 9, 13 … 81; 81 = 5 s at 16 fps)")
-    g.add_argument("--steps", type=int, help="sampling steps, 1-4")
-    g.add_argument("--seed", type=int, help="seed (0 or omitted = random; the seed used is printed)")
-    g.add_argument("--topk", dest="sla_topk", type=float, help="SLA top-k fraction (0.1-0.15)")
-    g.add_argument("--sigma-max", dest="sigma_max", type=float, help="initial sigma (default 80 T2V, 200 I2V)")
-    g.add_argument("--ode", action="store_true", default=None, help="ODE sampling instead of SDE")
-    g.add_argument("--adaptive", dest="adaptive_resolution", action="store_true", default=None,
-                   help="I2V: keep the image's aspect ratio at the chosen area")
-    g.add_argument("--boundary", type=float, help="I2V expert switch point on t (default 0.9)")
-    g.add_argument("--attention", help="auto, sagesla, sla or dense")
+    for prm in PARAMS:  # every declared parameter, spelled as its chat flags
+        if prm.flags:
+            # Ranges as the documented [limits] state them; the configured ones are enforced at submit.
+            g.add_argument(*(f"--{f}" for f in prm.flags), dest=prm.name, type=prm.kind,
+                           help=f"{prm.help}: {prm.describe(Limits())}")
+        for spelling, value in prm.switches:
+            g.add_argument(f"--{spelling}", dest=prm.name, action="store_const", const=value, default=None,
+                           help=f"{prm.label}: {prm.shown(value)}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,12 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------- helpers
 def _request_options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("model", "resolution", "aspect", "frames", "steps", "seed", "sla_topk", "sigma_max",
-            "adaptive_resolution", "boundary", "attention")
-    opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.ode:
-        opts["sampler"] = "ode"
-    return opts
+    return {p.name: getattr(args, p.name) for p in PARAMS if getattr(args, p.name, None) is not None}
 
 
 def _local_requester() -> Any:

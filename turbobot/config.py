@@ -14,19 +14,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from generator.request import (
-    ASPECTS,
-    ATTENTIONS,
-    MODES,
-    RESOLUTIONS,
-    SAMPLERS,
-    GenerationRequest,
-    Limits,
-    RequestError,
-    validate,
-)
+from generator.params import ASPECTS, ATTENTIONS, MODES, PARAMS, RESOLUTIONS, Limits
+from generator.request import GenerationRequest, RequestError, validate
 
 MODEL_KINDS = ("tiny-t2v", "tiny-i2v", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-i2v-a14b")
 
@@ -82,33 +73,25 @@ class EngineSettings:
     i2v_model: str = ""
 
 
-@dataclass(frozen=True)
-class DefaultsSettings:
-    resolution: str = "480p"
-    aspect: str = "16:9"
-    frames: int = 81
-    steps: int = 4
-    sla_topk: float = 0.1
-    sampler: str = "sde"
-    attention: str = "auto"
-    boundary: float = 0.9
-    i2v_prompt: str = "gentle natural motion, the camera slowly pushes in, cinematic lighting"
+I2V_PROMPT = "gentle natural motion, the camera slowly pushes in, cinematic lighting"
 
+if TYPE_CHECKING:
+    class DefaultsSettings:
+        """What ``make_dataclass`` builds below, as the type checker sees it."""
 
-@dataclass(frozen=True)
-class LimitsSettings:
-    max_prompt_chars: int = 800
-    min_frames: int = 5
-    max_frames: int = 81
-    max_steps: int = 4
-    resolutions: tuple[str, ...] = RESOLUTIONS
-    aspects: tuple[str, ...] = ASPECTS
-    min_topk: float = 0.01  # SLA top-k fraction users may pick (--topk)
-    max_topk: float = 0.5
-    max_sigma: float = 1000.0  # largest --sigma-max
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_image_side: int = 8192
+        i2v_prompt: str
+
+        def __init__(self, **values: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    # [defaults]: one key per configurable request parameter (generator.params), plus the i2v prompt.
+    DefaultsSettings = dataclasses.make_dataclass(
+        "DefaultsSettings",
+        [(p.name, p.kind, field(default=p.default)) for p in PARAMS if p.configurable]
+        + [("i2v_prompt", str, field(default=I2V_PROMPT))],  # "Animate this image" without a prompt
+        frozen=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -191,7 +174,7 @@ class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     models: dict[str, ModelSettings] = field(default_factory=dict)
     defaults: DefaultsSettings = field(default_factory=DefaultsSettings)
-    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    limits: Limits = field(default_factory=Limits)
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -224,36 +207,15 @@ class Settings:
 
     @property
     def request_limits(self) -> Limits:
-        lim = self.limits
-        return Limits(
-            max_prompt_chars=lim.max_prompt_chars,
-            min_frames=lim.min_frames,
-            max_frames=lim.max_frames,
-            max_steps=lim.max_steps,
-            resolutions=lim.resolutions,
-            aspects=lim.aspects,
-            t2v_models=self.model_names("t2v"),
-            i2v_models=self.model_names("i2v"),
-            min_topk=lim.min_topk,
-            max_topk=lim.max_topk,
-            max_sigma=lim.max_sigma,
-        )
+        """``[limits]`` with the model names each mode offers (from ``[models]``)."""
+        return dataclasses.replace(self.limits, t2v_models=self.model_names("t2v"), i2v_models=self.model_names("i2v"))
 
     def default_request(self, mode: str, prompt: str, image: str | None = None) -> GenerationRequest:
         """A request with every setting at its ``[defaults]`` value (not validated)."""
         d = self.defaults
+        configured = {p.name: getattr(d, p.name) for p in PARAMS if p.configurable}
         return GenerationRequest(
-            mode=mode,
-            prompt=prompt or (d.i2v_prompt if mode == "i2v" else ""),
-            image=image,
-            resolution=d.resolution,
-            aspect=d.aspect,
-            frames=d.frames,
-            steps=d.steps,
-            sla_topk=d.sla_topk,
-            sampler=d.sampler,
-            boundary=d.boundary,
-            attention=d.attention,
+            mode=mode, prompt=prompt or (d.i2v_prompt if mode == "i2v" else ""), image=image, **configured
         )
 
     @property
@@ -295,10 +257,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "models.*.kind": MODEL_KINDS,
     "models.*.quantized": ("auto", "yes", "no"),
     "models.*.precision": ("auto", "bf16", "fp8"),
-    "defaults.resolution": RESOLUTIONS,
-    "defaults.aspect": ASPECTS,
-    "defaults.sampler": SAMPLERS,
-    "defaults.attention": ATTENTIONS,
+    **{f"defaults.{p.name}": p.choices for p in PARAMS if p.configurable and p.choices},
     "limits.resolutions": RESOLUTIONS,
     "limits.aspects": ASPECTS,
     "discord.enabled": ("auto", "yes", "no"),
@@ -363,10 +322,13 @@ def _build_section(cls: type, section: str, data: Any, pattern: str | None = Non
     if not isinstance(data, dict):
         raise ConfigError(f"[{section}] must be a table of settings.")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("config", True)}
     kwargs: dict[str, Any] = {}
+    derived = {f.name for f in dataclasses.fields(cls)} - names
     for key, value in data.items():
         full = f"{section}.{key}"
+        if key in derived and value in ([], ()):
+            continue  # filled from other sections (Limits' model lists); a round trip writes them empty
         if key not in names:
             raise ConfigError(f"Unknown setting {full}; known keys in [{section}]: {', '.join(sorted(names))}.")
         if isinstance(value, str) and value and any(h in key.lower() for h in _SECRET_HINTS) and not key.endswith("_env") \
@@ -378,7 +340,7 @@ def _build_section(cls: type, section: str, data: Any, pattern: str | None = Non
     return cls(**kwargs)
 
 
-def _validate_limits(lim: LimitsSettings) -> None:
+def _validate_limits(lim: Limits) -> None:
     if lim.max_prompt_chars < 1:
         raise ConfigError(f"limits.max_prompt_chars must be at least 1 (got {lim.max_prompt_chars}).")
     if not 1 <= lim.max_steps <= 4:
@@ -416,19 +378,13 @@ def _validate_defaults(settings: Settings) -> None:
             validate(req, limits)
         except RequestError as exc:
             key = "i2v_prompt" if exc.field == "prompt" else exc.field
-            raise ConfigError(f"defaults.{key} = {getattr(settings.defaults, key)!r} is refused: {exc.message}") from None
+            value = getattr(settings.defaults, key, None)
+            raise ConfigError(f"defaults.{key} = {value!r} is refused: {exc.message}") from None
 
 
 def _validate(settings: Settings) -> None:
-    d = settings.defaults
     lim = settings.limits
     _validate_limits(lim)
-    if d.resolution not in lim.resolutions:
-        raise ConfigError(f"defaults.resolution = {d.resolution!r} is not in limits.resolutions {list(lim.resolutions)}.")
-    if d.aspect not in lim.aspects:
-        raise ConfigError(f"defaults.aspect = {d.aspect!r} is not in limits.aspects {list(lim.aspects)}.")
-    if not 1 <= d.steps <= lim.max_steps:
-        raise ConfigError(f"defaults.steps must be from 1 to limits.max_steps={lim.max_steps} (got {d.steps}).")
     for name, model in settings.models.items():
         needs = [] if model.kind.startswith("tiny") else ["transformer", "vae", "text_encoder"]
         if model.kind == "wan2.2-i2v-a14b":

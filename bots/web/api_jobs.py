@@ -17,16 +17,8 @@ from bots.web.events import stream_job
 from bots.web.forms import FormRejected, coerce_options, read_job_form
 from bots.web.security import json_error
 from bots.web.serialize import job_json, quota_json
-from generator.request import (
-    ASPECTS,
-    ATTENTIONS,
-    MAX_SEED,
-    MODES,
-    SAMPLERS,
-    SIGMA_MAX_DEFAULT,
-    SIZES,
-    RequestError,
-)
+from generator.params import MODES, PARAMS
+from generator.request import SIGMA_MAX_DEFAULT, SIZES, RequestError
 from generator.scheduler.api import Refusal, RefusalCode
 from generator.scheduler.disk import STORAGE_MESSAGE
 from generator.scheduler.reads import JOB_STATES, MAX_PAGE, JobFilters
@@ -74,27 +66,16 @@ async def json_body(request: web.Request) -> dict[str, Any]:
 
 
 def options_payload(settings: Settings) -> dict[str, Any]:
-    """Every request parameter with its allowed values, for the playground form."""
+    """Every request parameter with its allowed values and configured default, for the playground form."""
     lim = settings.request_limits
     d = settings.defaults
     return {
+        # The form's fields, from the declaration (generator.params); the script renders them in this order.
+        "params": [{**p.as_json(lim), "default": getattr(d, p.name) if p.configurable else p.default} for p in PARAMS],
         "modes": list(MODES),
-        "models": {mode: list(settings.model_names(mode)) for mode in MODES},
-        "resolutions": list(lim.resolutions),
-        "aspects": [a for a in ASPECTS if a in lim.aspects],
         "sizes": {f"{res} {asp}": list(SIZES[(res, asp)]) for res in lim.resolutions for asp in lim.aspects},
-        "frames": {"min": lim.min_frames, "max": lim.max_frames, "step": 4, "default": d.frames},
-        "steps": {"min": 1, "max": lim.max_steps, "default": d.steps},
-        "samplers": list(SAMPLERS),
-        "attentions": list(ATTENTIONS),
-        "sla_topk": {"min": lim.min_topk, "max": lim.max_topk, "default": d.sla_topk},
-        "sigma_max": {"min": 1.0, "max": lim.max_sigma, "defaults": SIGMA_MAX_DEFAULT},
-        "boundary": {"min": 0.0, "max": 1.0, "default": d.boundary},
-        "seed": {"min": 0, "max": MAX_SEED},
-        "defaults": {
-            "resolution": d.resolution, "aspect": d.aspect, "sampler": d.sampler, "attention": d.attention,
-            "i2v_prompt": d.i2v_prompt,
-        },
+        "mode_defaults": {"sigma_max": SIGMA_MAX_DEFAULT},  # optional fields whose default depends on the mode
+        "i2v_prompt": d.i2v_prompt,
         "max_prompt_chars": lim.max_prompt_chars,
         "image": {
             "max_bytes": settings.limits.max_image_bytes,
@@ -129,7 +110,7 @@ async def submit_job(request: web.Request) -> web.Response:
     key = _idempotency_key(fields.pop("client_key", ""))
     try:
         options = coerce_options(fields)
-        # Validate before storing an upload, so a bad request leaves no orphan input behind.
+        # Parse the flags before storing an upload (ranges are checked once, by the scheduler's submit).
         image_ref = _PLACEHOLDER_IMAGE if form.image is not None else None
         build_request(c.settings, mode, prompt, image=image_ref, options=options)
         image = None

@@ -20,8 +20,7 @@ from PIL import Image
 
 from bots.images import ALLOWED_FORMATS, ImageRejected, ValidatedImage, load_image, precheck_image
 from bots.web.errors import body_deadline
-from generator.request import USER_FIELDS, RequestError
-from turbobot.config import LimitsSettings
+from generator.params import PARAM, Limits, RequestError
 
 CHUNK_BYTES = 64 * 1024
 MAX_TEXT_FIELD_BYTES = 16 * 1024  # a prompt is at most a few KB of UTF-8
@@ -31,12 +30,6 @@ HEADER_PROBE_LIMIT = 1024 * 1024  # stop trying to read dimensions early after t
 NO_TIMEOUT = 1e9
 
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
-_LABELS = {
-    "model": "Model", "resolution": "Resolution", "aspect": "Aspect ratio", "frames": "Frames",
-    "steps": "Steps", "seed": "Seed", "sla_topk": "SLA top-k", "sigma_max": "sigma_max",
-    "sampler": "Sampler", "adaptive_resolution": "Adaptive resolution", "boundary": "Boundary",
-    "attention": "Attention",
-}
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
 
@@ -65,12 +58,12 @@ def coerce_options(raw: dict[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for name, value in raw.items():
-        if name not in USER_FIELDS or name == "prompt":
+        if name not in PARAM:
             raise RequestError(name, f"Unknown option '{name}'.")
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
-        kind = USER_FIELDS[name]
-        label = _LABELS.get(name, name)
+        kind = PARAM[name].kind
+        label = PARAM[name].label
         if kind is bool:
             if isinstance(value, bool):
                 out[name] = value
@@ -144,7 +137,7 @@ def _check_magic(first: bytes) -> None:
     raise ImageRejected("That file is not a PNG, JPEG or WebP image I can read.")
 
 
-async def _read_image_part(part: BodyPartReader, limits: LimitsSettings, body_timeout: float) -> bytes:
+async def _read_image_part(part: BodyPartReader, limits: Limits, body_timeout: float) -> bytes:
     precheck_image(None, part.headers.get("Content-Type"), None, None, limits)
     buf = bytearray()
     size_known = False
@@ -202,7 +195,7 @@ async def _read_urlencoded(request: web.Request, body_timeout: float) -> JobForm
     return form
 
 
-async def read_job_form(request: web.Request, limits: LimitsSettings, *, body_timeout: float = NO_TIMEOUT) -> JobForm:
+async def read_job_form(request: web.Request, limits: Limits, *, body_timeout: float = NO_TIMEOUT) -> JobForm:
     """Parse the playground's multipart form, validating the image (if any) as it streams in.
     A url-encoded form (curl -d) is accepted too, for text-only requests. A body that stalls for
     ``body_timeout`` seconds raises ``BodyTimeout``."""

@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 from bots import texts
+from generator.params import PARAMS
 from generator.scheduler.api import TERMINAL_KINDS, JobView, QuotaView
 
 
@@ -24,9 +25,8 @@ def input_url(job_id: int) -> str:
 
 def job_json(job: JobView) -> dict[str, Any]:
     r = job.request
-    params = r.to_dict()
-    params.pop("image", None)
-    params.pop("extra", None)
+    params = r.params()
+    params["mode"], params["prompt"], params["seed"] = r.mode, r.prompt, r.seed
     params["sigma_max_effective"] = r.effective_sigma_max
     params["width"], params["height"] = r.size
     out = job.output
@@ -38,6 +38,11 @@ def job_json(job: JobView) -> dict[str, Any]:
         "prompt": r.prompt,
         "seed": job.seed,
         "params": params,
+        # The params display, from the declaration: [name, shown value] for each parameter of this mode.
+        "param_rows": [
+            [p.name, p.shown(r.effective_sigma_max if p.name == "sigma_max" else getattr(r, p.name))]
+            for p in PARAMS if r.mode in p.modes
+        ],
         "platform": job.requester.platform,
         "user": {
             "key": job.requester.key,

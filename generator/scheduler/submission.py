@@ -78,8 +78,8 @@ class Submissions:
                     "The video engine is not available right now (the server's model failed to load). "
                     "The operator has been told; please try again later.",
                 )
-            try:
-                req = validate(request, self._core.settings.request_limits)
+            try:  # the one validation of a request: every front end and remix enters here
+                req = validate(request, self._core.settings.request_limits, role_of(self._core.settings, requester.key))
             except RequestError as exc:
                 raise Refusal(RefusalCode.INVALID, exc.message) from None
             word = blocked_word(self._core.settings, req.prompt)

@@ -5,12 +5,9 @@ function paramsTable(job) {
   const p = job.params;
   const rows = [
     ["job", `#${job.id}`], ["state", job.state], ["platform / user", `${job.user.key}${job.user.name ? " (" + job.user.name + ")" : ""}`],
-    ["mode", job.mode], ["model", p.model], ["seed", String(job.seed)],
-    ["resolution", `${p.resolution} ${p.aspect} (${p.width}x${p.height})`], ["frames", `${p.frames} (${(p.frames / 16).toFixed(2)} s)`],
-    ["steps", String(p.steps)], ["sampler", p.sampler], ["sla_topk", String(p.sla_topk)],
-    ["sigma_max", String(p.sigma_max_effective)], ["attention", p.attention],
+    ["mode", job.mode], ["size", `${p.width}x${p.height}, ${(p.frames / 16).toFixed(2)} s`],
+    ...job.param_rows,
   ];
-  if (job.mode === "i2v") rows.push(["boundary", String(p.boundary)], ["adaptive", p.adaptive_resolution ? "on" : "off"]);
   rows.push(["created", TB.fmtTime(job.created_at)], ["started", TB.fmtTime(job.started_at)], ["finished", TB.fmtTime(job.finished_at)],
     ["attempts", String(job.attempts)]);
   for (const [k, v] of Object.entries(job.timings || {})) rows.push([`time: ${k}`, `${Number(v).toFixed(2)} s`]);

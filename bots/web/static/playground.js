@@ -1,4 +1,4 @@
-// Playground: every request parameter with its allowed values, submit, live status, Retry/Remix/Cancel.
+// Playground: every request parameter (rendered from the declaration) with its allowed values, submit, live status, Retry/Remix/Cancel.
 "use strict";
 
 let OPTIONS = null;
@@ -12,23 +12,62 @@ function mode() {
   return document.querySelector("input[name=mode]:checked").value;
 }
 
+// One form field per declared request parameter (generator/params.py, served by /api/options).
+function paramField(p) {
+  let input;
+  if (p.kind === "bool") {
+    input = TB.el("select", {});
+    fillSelect(input, ["off", "on"], p.default ? "on" : "off");
+  } else if (p.kind === "str") {
+    input = TB.el("select", {});
+    if (Array.isArray(p.choices)) fillSelect(input, p.choices, p.default);
+  } else if (p.kind === "int" && p.default !== null && p.step === 1 && p.max - p.min <= 10) {
+    input = TB.el("select", {});
+    const values = [];
+    for (let v = p.min; v <= p.max; v++) values.push(v);
+    fillSelect(input, values, p.default);
+  } else {
+    input = TB.el("input", { type: "number", min: p.min, max: p.max, step: p.step });
+    if (p.default !== null) input.value = p.default;
+    else if (p.kind === "int") input.placeholder = "random";
+  }
+  input.id = p.name;
+  input.name = p.name;
+  input.title = p.help;
+  let control = input;
+  if (p.kind === "int" && p.default === null) {  // an optional whole number (the seed): offer one now
+    const pick = TB.el("button", { type: "button", title: "Pick one now" }, "Random");
+    pick.addEventListener("click", () => {
+      const a = new Uint32Array(1);
+      crypto.getRandomValues(a);
+      input.value = (a[0] % 2147483646) + 1;
+    });
+    control = TB.el("div", { class: "seedrow" }, input, pick);
+  }
+  const box = TB.el("div", { class: "param" }, TB.el("label", { for: p.name }, p.label), control);
+  box.dataset.modes = p.modes.join(" ");
+  return box;
+}
+
 function applyMode() {
   const m = mode();
-  fillSelect(document.getElementById("model"), OPTIONS.models[m], OPTIONS.models[m][0]);
+  for (const p of OPTIONS.params) {
+    if (p.kind === "str" && !Array.isArray(p.choices)) fillSelect(document.getElementById(p.name), p.choices[m], p.choices[m][0]);
+  }
+  for (const box of document.querySelectorAll("#param-fields .param")) box.hidden = !box.dataset.modes.split(" ").includes(m);
+  for (const [name, byMode] of Object.entries(OPTIONS.mode_defaults)) document.getElementById(name).placeholder = `default ${byMode[m]}`;
   document.getElementById("image-box").hidden = m !== "i2v";
-  document.getElementById("i2v-only").hidden = m !== "i2v";
-  document.getElementById("sigma_max").placeholder = `default ${OPTIONS.sigma_max.defaults[m]}`;
   document.getElementById("prompt").placeholder = m === "i2v"
-    ? `optional: ${OPTIONS.defaults.i2v_prompt}` : "a red fox running through snow at dusk, cinematic light";
+    ? `optional: ${OPTIONS.i2v_prompt}` : "a red fox running through snow at dusk, cinematic light";
 }
 
 function updateSize() {
   const key = `${document.getElementById("resolution").value} ${document.getElementById("aspect").value}`;
   const size = OPTIONS.sizes[key];
   document.getElementById("size-hint").textContent = size ? `Output ${size[0]}x${size[1]} pixels` : "";
-  const frames = Number(document.getElementById("frames").value);
+  const frames = document.getElementById("frames");
   document.getElementById("frames-hint").textContent =
-    `${OPTIONS.frames.min}-${OPTIONS.frames.max}, one more than a multiple of 4 (${(frames / 16).toFixed(2)} s at 16 fps)`;
+    `${frames.min}-${frames.max}, one more than a multiple of 4 (${(Number(frames.value) / 16).toFixed(2)} s at 16 fps)`;
 }
 
 async function loadOptions() {
@@ -36,22 +75,10 @@ async function loadOptions() {
   if (!result.ok) throw new Error("cannot load options");
   OPTIONS = result.data;
   const o = OPTIONS;
-  fillSelect(document.getElementById("resolution"), o.resolutions, o.defaults.resolution);
-  fillSelect(document.getElementById("aspect"), o.aspects, o.defaults.aspect);
-  const steps = [];
-  for (let s = o.steps.min; s <= o.steps.max; s++) steps.push(s);
-  fillSelect(document.getElementById("steps"), steps, o.steps.default);
-  fillSelect(document.getElementById("sampler"), o.samplers, o.defaults.sampler);
-  fillSelect(document.getElementById("attention"), o.attentions, o.defaults.attention);
-  const frames = document.getElementById("frames");
-  Object.assign(frames, { min: o.frames.min, max: o.frames.max, step: o.frames.step, value: o.frames.default });
-  const topk = document.getElementById("sla_topk");
-  Object.assign(topk, { min: o.sla_topk.min, max: o.sla_topk.max, value: o.sla_topk.default });
-  const sigma = document.getElementById("sigma_max");
-  Object.assign(sigma, { min: o.sigma_max.min, max: o.sigma_max.max });
-  const boundary = document.getElementById("boundary");
-  Object.assign(boundary, { min: o.boundary.min, max: o.boundary.max, value: o.boundary.default });
-  document.getElementById("seed").max = o.seed.max;
+  const boxes = o.params.map(paramField);
+  const rows = [];
+  for (let i = 0; i < boxes.length; i += 2) rows.push(TB.el("div", { class: "row" }, ...boxes.slice(i, i + 2)));
+  document.getElementById("param-fields").replaceChildren(...rows);
   document.getElementById("prompt").maxLength = o.max_prompt_chars;
   document.getElementById("prompt-max").textContent = o.max_prompt_chars;
   document.getElementById("image-hint").textContent =
@@ -107,11 +134,10 @@ async function submit(ev) {
     data.append("mode", m);
     data.append("prompt", form.prompt.value);
     data.append("client_key", TB.newKey());
-    const fields = ["model", "steps", "resolution", "aspect", "frames", "seed", "sampler", "attention", "sla_topk", "sigma_max"];
-    if (m === "i2v") fields.push("boundary", "adaptive_resolution");
-    for (const name of fields) {
-      const v = form.elements[name].value.trim();
-      if (v !== "") data.append(name, v);
+    for (const p of OPTIONS.params) {
+      if (!p.modes.includes(m)) continue;
+      const v = form.elements[p.name].value.trim();
+      if (v !== "") data.append(p.name, v);
     }
     if (m === "i2v" && form.image.files.length) data.append("image", form.image.files[0]);
     const result = await TB.api("POST", "/api/jobs", data);
@@ -129,11 +155,6 @@ document.addEventListener("DOMContentLoaded", async () => {
   for (const id of ["resolution", "aspect", "frames"]) document.getElementById(id).addEventListener("input", updateSize);
   const prompt = document.getElementById("prompt");
   prompt.addEventListener("input", () => { document.getElementById("prompt-count").textContent = prompt.value.length; });
-  document.getElementById("seed-random").addEventListener("click", () => {
-    const a = new Uint32Array(1);
-    crypto.getRandomValues(a);
-    document.getElementById("seed").value = (a[0] % 2147483646) + 1;
-  });
   const image = document.getElementById("image");
   image.addEventListener("change", () => {
     const preview = document.getElementById("image-preview");
