@@ -13,10 +13,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import CursorResult, Executable, event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from turbobot.config import Settings
+
+
+async def rows_affected(session: AsyncSession, stmt: Executable) -> int:
+    """Run an UPDATE/DELETE and return how many rows it changed (0 when the driver cannot tell)."""
+    result: CursorResult[Any] = await session.execute(stmt)  # type: ignore[assignment]  # DML gives a cursor result
+    return result.rowcount or 0
 
 
 def is_sqlite(url: str) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.db import rows_affected
 from storage.models import AuditLog, utcnow
 
 
@@ -32,7 +33,7 @@ async def count_actions(session: AsyncSession, actions: Sequence[str]) -> dict[i
         .where(AuditLog.action.in_(list(actions)), AuditLog.job_id.is_not(None))
         .group_by(AuditLog.job_id)
     )
-    return {int(j): int(n) for j, n in (await session.execute(stmt)).tuples()}
+    return {int(j): int(n) for j, n in (await session.execute(stmt)).tuples() if j is not None}
 
 
 async def recent(session: AsyncSession, *, limit: int = 50) -> list[AuditLog]:
@@ -40,4 +41,4 @@ async def recent(session: AsyncSession, *, limit: int = 50) -> list[AuditLog]:
 
 
 async def delete_for_user(session: AsyncSession, user_id: int) -> int:
-    return (await session.execute(delete(AuditLog).where(AuditLog.user_id == user_id))).rowcount or 0
+    return await rows_affected(session, delete(AuditLog).where(AuditLog.user_id == user_id))

@@ -14,6 +14,7 @@ from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
+from storage.db import rows_affected
 from storage.models import TERMINAL_STATES, Job, User
 
 # Columns copied from the request JSON so jobs can be queried by them.
@@ -164,7 +165,7 @@ async def mark_delivered(session: AsyncSession, job_id: int, now: dt.datetime) -
         .where(Job.id == job_id, Job.delivered_at.is_(None), Job.state.in_(TERMINAL_STATES))
         .values(delivered_at=now)
     )
-    return (await session.execute(stmt)).rowcount == 1
+    return await rows_affected(session, stmt) == 1
 
 
 async def undelivered_terminal(session: AsyncSession, platforms: Sequence[str], *, limit: int = 100) -> list[int]:
@@ -197,4 +198,4 @@ async def delete_jobs(session: AsyncSession, job_ids: Sequence[int]) -> int:
     if not job_ids:
         return 0
     # Children keep existing (parent_id SET NULL); outputs go with the job (ON DELETE CASCADE).
-    return (await session.execute(delete(Job).where(Job.id.in_(list(job_ids))))).rowcount or 0
+    return await rows_affected(session, delete(Job).where(Job.id.in_(list(job_ids))))

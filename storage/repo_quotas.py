@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.db import rows_affected
 from storage.models import ChatBucket, QuotaUsage
 
 
@@ -37,7 +38,7 @@ async def add_usage(session: AsyncSession, user_id: int, day: str, *, jobs: int 
         .where(QuotaUsage.user_id == user_id, QuotaUsage.day == day)
         .values(jobs=QuotaUsage.jobs + jobs, gpu_seconds=QuotaUsage.gpu_seconds + gpu_seconds)
     )
-    if (await session.execute(stmt)).rowcount:
+    if await rows_affected(session, stmt):
         return
     try:
         async with session.begin_nested():

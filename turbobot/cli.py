@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
     which then reports them with its own usage; here each parser refuses unknown arguments itself.
     """
 
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         ns, extras = super().parse_known_args(args, namespace)
         if extras and self.prog != "turbobot":
             self.error(f"unrecognized arguments: {' '.join(extras)}")

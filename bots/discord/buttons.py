@@ -64,7 +64,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tb:(?
         return cls(action, int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        bot: TurboBot = interaction.client  # type: ignore[assignment]
+        bot: TurboBot = interaction.client
         handler = {
             "retry": on_retry,
             "remix": on_remix,
@@ -140,7 +140,7 @@ class ForgetButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tb
         await guarded(interaction, self._answer(interaction))
 
     async def _answer(self, interaction: discord.Interaction[Any]) -> None:
-        bot: TurboBot = interaction.client  # type: ignore[assignment]
+        bot: TurboBot = interaction.client
         if interaction.user.id != self.user_id:
             await send_private(interaction, "This confirmation belongs to someone else.")
             return

@@ -81,7 +81,7 @@ class Delivery:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         for d in (self._status_ids, self._last_edit, self._last_text, self._latest):
-            d.pop(job_id, None)  # type: ignore[attr-defined]
+            d.pop(job_id, None)
 
     async def drain(self, within: float) -> None:
         """Wait (bounded) until interactions being answered now have their status message stored."""

@@ -44,7 +44,7 @@ class AnimateModal(discord.ui.Modal, title="Animate this image"):
         self.add_item(self.prompt)
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
-        bot: TurboBot = interaction.client  # type: ignore[assignment]
+        bot: TurboBot = interaction.client
         text = self.prompt.value or ""
         await guarded(interaction, respond_with_job(bot, interaction, lambda target: submit_image(
             bot, requester_of(interaction), target, idempotency_key(interaction), self.source, text, None)))
@@ -76,7 +76,7 @@ class RemixModal(discord.ui.Modal, title="Remix"):
         self.add_item(self.flags)
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
-        bot: TurboBot = interaction.client  # type: ignore[assignment]
+        bot: TurboBot = interaction.client
         text = f"{self.prompt.value or ''} {self.flags.value or ''}"
 
         async def make(target: Any) -> Any:

@@ -86,8 +86,8 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
     )
     @app_commands.choices(aspect=aspects, resolution=resolutions, model=t2v_models)
     async def t2v(interaction: discord.Interaction[Any], prompt: str, aspect: str | None = None,
-                  resolution: str | None = None, steps: Steps | None = None, seed: Seed | None = None,  # type: ignore[valid-type]
-                  frames: Frames | None = None, model: str | None = None) -> None:  # type: ignore[valid-type]
+                  resolution: str | None = None, steps: Steps | None = None, seed: Seed | None = None,
+                  frames: Frames | None = None, model: str | None = None) -> None:
         requester, key = requester_of(interaction), idempotency_key(interaction)
         opts = _options(aspect=aspect, resolution=resolution, steps=steps, seed=seed, frames=frames, model=model)
         await respond_with_job(bot, interaction, lambda target: submit_text(
@@ -102,8 +102,8 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
     )
     @app_commands.choices(aspect=aspects, resolution=resolutions, model=i2v_models)
     async def i2v(interaction: discord.Interaction[Any], image: discord.Attachment, prompt: str | None = None,
-                  aspect: str | None = None, resolution: str | None = None, steps: Steps | None = None,  # type: ignore[valid-type]
-                  seed: Seed | None = None, frames: Frames | None = None, model: str | None = None,  # type: ignore[valid-type]
+                  aspect: str | None = None, resolution: str | None = None, steps: Steps | None = None,
+                  seed: Seed | None = None, frames: Frames | None = None, model: str | None = None,
                   adaptive: bool | None = None) -> None:
         try:
             precheck(image, bot)
@@ -139,8 +139,8 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
     @app_commands.choices(aspect=aspects, resolution=resolutions)
     @app_commands.autocomplete(job=recent_jobs)
     async def remix(interaction: discord.Interaction[Any], job: str, prompt: str | None = None,
-                    aspect: str | None = None, resolution: str | None = None, steps: Steps | None = None,  # type: ignore[valid-type]
-                    seed: Seed | None = None, frames: Frames | None = None) -> None:  # type: ignore[valid-type]
+                    aspect: str | None = None, resolution: str | None = None, steps: Steps | None = None,
+                    seed: Seed | None = None, frames: Frames | None = None) -> None:
         requester, key = requester_of(interaction), idempotency_key(interaction)
         parent = parse_job_id(job)
         try:

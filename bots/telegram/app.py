@@ -44,7 +44,7 @@ COMMANDS = [
 NEW = filters.UpdateType.MESSAGE
 
 
-def build_application(settings: Settings, token: str) -> Application:  # type: ignore[type-arg]
+def build_application(settings: Settings, token: str) -> Application:
     tg = settings.telegram
     return (
         ApplicationBuilder()
@@ -60,7 +60,7 @@ def build_application(settings: Settings, token: str) -> Application:  # type: i
     )
 
 
-def register(app: Application, front: TelegramFront) -> None:  # type: ignore[type-arg]
+def register(app: Application, front: TelegramFront) -> None:
     h = Handlers(front)
     commands = {
         "t2v": h.t2v,
@@ -89,7 +89,7 @@ def register(app: Application, front: TelegramFront) -> None:  # type: ignore[ty
     app.add_error_handler(h.on_error)
 
 
-async def _initialize(app: Application, settings: Settings, stop: asyncio.Event) -> bool:  # type: ignore[type-arg]
+async def _initialize(app: Application, settings: Settings, stop: asyncio.Event) -> bool:
     """``initialize`` (getMe), retried with backoff while Telegram is unreachable; False if stopped first."""
     delay = 1.0
     while not stop.is_set():
@@ -109,7 +109,7 @@ async def _initialize(app: Application, settings: Settings, stop: asyncio.Event)
     return False
 
 
-async def _start_updates(app: Application, settings: Settings) -> None:  # type: ignore[type-arg]
+async def _start_updates(app: Application, settings: Settings) -> None:
     tg = settings.telegram
     assert app.updater is not None
     if tg.mode == "webhook":

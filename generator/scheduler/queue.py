@@ -30,6 +30,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from generator.scheduler.estimate import Shape
+from storage.db import rows_affected
 from storage.models import InputImage, Job, Output, QuotaUsage, User
 from storage.repo_audit import add_audit
 from storage.repo_files import add_output
@@ -217,7 +218,7 @@ async def heartbeat(
             .where(_fenced(job_id, attempt))
             .values(lease_until=now + dt.timedelta(seconds=lease_seconds))
         )
-        if (await session.execute(stmt)).rowcount != 1:
+        if await rows_affected(session, stmt) != 1:
             return LeaseStatus(alive=False)
     return await lease_status(session, job_id, attempt)
 
@@ -240,7 +241,7 @@ async def progress(
     if phase is not None:
         values["progress_phase"] = phase
     stmt = update(Job).where(_fenced(job_id, attempt)).values(**values)
-    if (await session.execute(stmt)).rowcount != 1:
+    if await rows_affected(session, stmt) != 1:
         return LeaseStatus(alive=False)
     return await lease_status(session, job_id, attempt)
 
@@ -351,7 +352,7 @@ async def cancel(session: AsyncSession, job_id: int, *, now: dt.datetime) -> str
         await add_audit(session, "cancelled", job_id=job_id, detail="while queued", now=now)
         return "cancelled"
     flag = update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
-    if (await session.execute(flag)).rowcount == 1:
+    if await rows_affected(session, flag) == 1:
         return "requested"
     state = (await session.execute(select(Job.state).where(Job.id == job_id))).scalar_one_or_none()
     return f"already_{state}" if state else "missing"
@@ -440,7 +441,7 @@ async def release_worker(
             state="queued", attempts=attempt - 1, lease_until=None, worker_id="", started_at=None,
             progress_step=0, progress_total=0,
         )
-        if (await session.execute(back)).rowcount == 1:
+        if await rows_affected(session, back) == 1:
             out.append(Transition(job_id, "queued", handed_back=True))
     return out
 
