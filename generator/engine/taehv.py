@@ -263,8 +263,9 @@ def load_tiny_decoder(path: str | Path, *, device: str | torch.device = "cpu", d
     missing = sorted(set(expected) - set(decoder_keys))
     extra = sorted(set(decoder_keys) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{where}: decoder tensors do not match the TAEHV layout "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+            ([f"unexpected {', '.join(extra[:3])}"] if extra else [])
+        raise CheckpointError(f"{where}: decoder tensors do not match the TAEHV layout ({'; '.join(parts)})")
     tensors: dict[str, torch.Tensor] = {}
     for key, want in expected.items():
         t = src.get(key)
