@@ -170,7 +170,9 @@ def test_stride_two_weight_in_a_stride_one_slot_keeps_the_last_group(tmp_path: P
     model = taehv.load_tiny_decoder(path)
     n0 = SMALL[0]
     assert model.spec.file_strides == (2, 2, 2) and model.spec.strides == (1, 2, 2)
-    assert torch.equal(model.decoder[7].conv.weight, sd["decoder.7.conv.weight"][n0:])  # same tensor, sliced
+    grow = model.decoder[7]
+    assert isinstance(grow, taehv.TGrow)
+    assert torch.equal(grow.conv.weight, sd["decoder.7.conv.weight"][n0:])  # the same values, sliced
     z = latents(t=2)
     out = taehv.decode(model, z)
     assert out.shape[2] == 5

@@ -100,6 +100,8 @@ class TGrow(nn.Module):
 class TinyDecoder(nn.Module):
     """The TAEHV decoder; its state dict keys are the file's (``decoder.<i>.*``)."""
 
+    turbo_checkpoint: str = ""  # the file it was loaded from
+
     def __init__(self, spec: TinySpec) -> None:
         super().__init__()
         self.spec = spec

@@ -132,6 +132,7 @@ def tiny_taehv_decoder() -> TinyDecoder:
         model = TinyDecoder(spec)
     p = TINY_TAEHV_PATCH**2
     conv = model.decoder[22]
+    assert isinstance(conv, torch.nn.Conv2d) and conv.bias is not None
     with torch.no_grad():  # pixel_shuffle reads channel c * p + k as sub-pixel k of colour c
         w = conv.weight.view(3, p, *conv.weight.shape[1:])
         w.copy_(w[:, :1].expand_as(w).clone())
