@@ -34,7 +34,6 @@ from torch import nn  # noqa: E402
 
 from generator.engine.api import CheckpointError  # noqa: E402
 from generator.engine.checkpoints import open_weights  # noqa: E402
-from generator.engine.vae import is_wan_vae  # noqa: E402
 from generator.engine.weights import describe_weights  # noqa: E402
 
 WAN21_LATENT_CHANNELS = 16
@@ -43,6 +42,8 @@ _CONV_IN, _CONV_MID, _CONV_OUT = 1, (8, 14, 20), 22
 _MEMBLOCKS = ((3, 4, 5), (9, 10, 11), (15, 16, 17))
 _TGROWS = (7, 13, 19)
 _UPSAMPLES = (6, 12, 18)
+# Keys only a full Wan VAE has (original and diffusers layouts); checked here without importing diffusers.
+_FULL_VAE_PREFIXES = ("decoder.middle.", "decoder.mid_block.", "decoder.conv_out.", "decoder.head.")
 _KEY = re.compile(r"^decoder\.(\d+)\.(.+)$")
 # Latent channels of other VAEs' tiny decoders, to say which one a refused file is for.
 _OTHER_FAMILIES = {48: "Wan2.2's 48-channel VAE (TI2V-5B)", 32: "HunyuanVideo 1.5's VAE", 12: "Mochi's VAE",
@@ -250,7 +251,7 @@ def load_tiny_decoder(path: str | Path, *, device: str | torch.device = "cpu", d
         raise CheckpointError(f"Tiny decoder {p} is a folder; name the taew2_1.pth / .safetensors file itself")
     shapes = dict(src.shapes)
     where = f"Tiny decoder {p}"
-    if is_wan_vae(shapes):
+    if any(k.startswith(_FULL_VAE_PREFIXES) for k in shapes):
         raise CheckpointError(f"{where} is the full Wan VAE (Wan2.1_VAE.pth), not a tiny decoder; set it as "
                               "the model's vae and name taew2_1.pth as tiny_decoder")
     decoder_keys = [k for k in shapes if k.startswith("decoder.")]
