@@ -53,6 +53,7 @@ class RenderJob:
     request: GenerationRequest  # validated; request.seed is set
     image_path: Path | None = None  # local, already validated image for i2v
     output_path: Path = Path("out.mp4")  # where to write the mp4 (the worker renames it afterwards)
+    decoder: str | None = None  # final decode: "vae", "tiny" (fast draft), None = the model's ``decoder`` setting
 
 
 Stage = Literal["text", "denoise", "decode", "encode"]

@@ -26,10 +26,11 @@ ensure_offline()
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from generator.engine import i2v, rcm, tiny  # noqa: E402
+from generator.engine import i2v, rcm, taehv, tiny  # noqa: E402
 from generator.engine import vae as vae_ops  # noqa: E402
 from generator.engine import video as video_ops  # noqa: E402
 from generator.engine.api import (  # noqa: E402
+    CheckpointError,
     EngineError,
     JobCancelled,
     ModelNotConfigured,
@@ -107,6 +108,8 @@ class Bundle:
     offload_dit: bool = False  # only the running expert is on the GPU; all leave it before the decode
     precision: str = "bf16"  # of the DiT's block linears: "bf16" or "fp8"
     info: dict[str, Any] = field(default_factory=dict)
+    decoder: str = "vae"  # the final decode unless a job says otherwise: "vae" or "tiny"
+    tiny_key: str | None = None  # its tiny (TAEHV) decoder in ``TurboEngine._tinies``, when it has one
 
 
 class TurboEngine:
@@ -118,6 +121,7 @@ class TurboEngine:
         self.device = torch.device(device) if device is not None else resolve_device(settings.engine.device)
         self._texts: dict[str, TextEncoder] = {}
         self._vaes: dict[str, AutoencoderKLWan] = {}
+        self._tinies: dict[str, taehv.TinyDecoder] = {}
         self._bundles: dict[str, Bundle] = {}
         self._lock = threading.RLock()
         self.last_attention: str | None = None
@@ -133,6 +137,8 @@ class TurboEngine:
                 "label": self._label(name, ms),
                 "demo": tiny.is_tiny(ms.kind),
                 "loaded": b is not None,
+                "decoder": b.decoder if b else ms.decoder,
+                "tiny_decoder": b.tiny_key is not None if b else bool(ms.tiny_decoder) or tiny.is_tiny(ms.kind),
                 **({"offload_text": b.offload_text, "offload_dit": b.offload_dit, "precision": b.precision}
                    if b else {}),
             }
@@ -243,11 +249,13 @@ class TurboEngine:
                                               cache_size=self.settings.engine.prompt_cache_size)
         if "tiny" not in self._vaes:
             self._vaes["tiny"] = tiny.tiny_vae().to(self.device)
+        if "tiny" not in self._tinies:
+            self._tinies["tiny"] = tiny.tiny_taehv_decoder().to(self.device)
         experts = [m.to(self.device) for m in tiny.tiny_transformers(ms.kind, attention=attention)]
         return Bundle(name=name, kind=ms.kind, mode="i2v" if ms.kind == "tiny-i2v" else "t2v",
                       label=self._label(name, ms), is_demo=True, experts=experts, text_key="tiny",
                       vae_key="tiny", dtype=torch.float32,
-                      info={"transformer": "embedded tiny (random weights)"})
+                      info={"transformer": "embedded tiny (random weights)"}, decoder=ms.decoder, tiny_key="tiny")
 
     def precision_for(self, name: str, ms: ModelSettings) -> str:
         """The model's ``precision`` setting resolved for this device; a card that cannot do what was forced is
@@ -263,6 +271,9 @@ class TurboEngine:
         from generator.engine.transformer import load_transformer
         from generator.engine.wan_configs import wan_config
 
+        if ms.decoder == "tiny" and not ms.tiny_decoder:
+            raise ModelNotConfigured(f"models.{name}.decoder is 'tiny' but models.{name}.tiny_decoder names no "
+                                     "file; set it to a local taew2_1.pth or use decoder = 'vae'.")
         config = wan_config(ms.kind)
         dtype = self._dtype(ms.kind)
         precision = self.precision_for(name, ms)
@@ -293,9 +304,60 @@ class TurboEngine:
             vae_dtype = dtype if self.device.type == "cuda" else torch.float32
             self._vaes[vae_key] = vae_ops.load_vae(vae_key, device=self.device, dtype=vae_dtype)
         info = {"transformer": [str(getattr(m, "turbo_checkpoint", "")) for m in experts]}
+        tiny_key = self._load_tiny_decoder(ms, self._vaes[vae_key]) if ms.tiny_decoder else None
+        if tiny_key:
+            info["tiny_decoder"] = tiny_key
         return Bundle(name=name, kind=ms.kind, mode=mode, label=self._label(name, ms), is_demo=False,
                       experts=experts, text_key=text_key, vae_key=vae_key, dtype=dtype,
-                      offload_text=offload_text, offload_dit=offload_dit, info=info, precision=precision)
+                      offload_text=offload_text, offload_dit=offload_dit, info=info, precision=precision,
+                      decoder=ms.decoder, tiny_key=tiny_key)
+
+    def _load_tiny_decoder(self, ms: ModelSettings, vae: nn.Module) -> str:
+        """Load the model's TAEHV decoder (kept with the full VAE, which I2V still needs to encode images);
+        refused when it would not give the full VAE's frame count and size."""
+        key = str(self.settings.path(ms.tiny_decoder))
+        if key not in self._tinies:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            model = taehv.load_tiny_decoder(key, device=self.device, dtype=dtype)
+            if model.factors() != vae_ops.factors(vae):
+                raise CheckpointError(
+                    f"Tiny decoder {key} upsamples {model.factors()} (time, space) but the model's VAE "
+                    f"{vae_ops.factors(vae)}; it is not a tiny decoder for this VAE"
+                )
+            self._tinies[key] = model
+        return key
+
+    def resolve_decoder(self, name: str, which: str | None = None) -> str:
+        """The decoder a job on model ``name`` uses: ``which`` ("vae" / "tiny") or, when None, the model's
+        setting. Asking for the tiny decoder on a model without one is an error, never a silent fallback."""
+        b = self._bundle(name)
+        choice = which or b.decoder
+        if choice not in ("vae", "tiny"):
+            raise EngineError(f"Unknown decoder {choice!r}; use 'vae' or 'tiny'.", code="bad_request")
+        if choice == "tiny" and b.tiny_key is None:
+            raise EngineError(
+                f"Model '{name}' has no fast (tiny) decoder configured, so it cannot make a fast draft; "
+                "ask without it or pick another model.", code="tiny_decoder_unavailable",
+            )
+        return choice
+
+    def decode_with(self, name: str, latents: torch.Tensor, which: str | None = None) -> Any:
+        """Normalized latents [1, z, T, h, w] of model ``name`` -> uint8 frames [F, H, W, 3] (numpy) through
+        the chosen decoder (see ``resolve_decoder``)."""
+        with self._lock:
+            choice = self.resolve_decoder(name, which)
+            b = self._bundles[name]
+            vae = self._vaes[b.vae_key]
+            if choice == "tiny":
+                assert b.tiny_key is not None
+                return taehv.decode_uint8(self._tinies[b.tiny_key], self._denormalize(vae, latents))
+            return vae_ops.decode_uint8(vae, latents)
+
+    @staticmethod
+    def _denormalize(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """What the tiny decoder takes: the latents as the full VAE's decoder sees them (z * std + mean)."""
+        mean, std = vae_ops.latent_stats(vae, latents.device, torch.float32)
+        return latents.float() * std + mean
 
     def _plan_offload(self, config: dict[str, Any], n_experts: int, text_path: Path, text_key: str,
                       precision: str = "bf16") -> tuple[bool, bool]:
@@ -425,6 +487,7 @@ class TurboEngine:
         b = self._bundle(name)
         if b.mode != req.mode:
             raise EngineError(f"Model '{name}' makes {b.mode} videos, not {req.mode}.", code="bad_request")
+        decoder = self.resolve_decoder(name, job.decoder)  # before any GPU time is spent on the job
         text, vae = self._texts[b.text_key], self._vaes[b.vae_key]
         steps = req.steps
         timings: dict[str, float] = {}
@@ -493,8 +556,10 @@ class TurboEngine:
         if b.offload_dit:
             for m in b.experts:
                 self._place(m, False)
+        tiny_decoder = self._tinies[b.tiny_key] if decoder == "tiny" and b.tiny_key else None
         out, n_frames, (out_w, out_h) = self._decode_to_mp4(vae, latents, b, job.output_path, timings,
-                                                            lambda: progress(Progress("encode", steps, steps)))
+                                                            lambda: progress(Progress("encode", steps, steps)),
+                                                            tiny_decoder=tiny_decoder)
         del latents
         digest, size = _sha256(out)
         timings["total"] = time.perf_counter() - t_job
@@ -577,15 +642,18 @@ class TurboEngine:
         return self._with_oom_retry(run, lambda: self._offload_idle(b, keep=expert))
 
     def _decode_to_mp4(self, vae: AutoencoderKLWan, latents: torch.Tensor, b: Bundle, path: Path,
-                       timings: dict[str, float], on_encode: Callable[[], None]) -> tuple[Path, int, tuple[int, int]]:
+                       timings: dict[str, float], on_encode: Callable[[], None], *,
+                       tiny_decoder: taehv.TinyDecoder | None = None) -> tuple[Path, int, tuple[int, int]]:
         """Decode once and write the mp4. First streamed (each latent frame's pixels go to ffmpeg as they are
-        decoded); after an out-of-memory error the transformers leave the GPU and a tiled decode is encoded
-        from memory. A second OOM propagates."""
+        decoded); after an out-of-memory error the transformers leave the GPU and a tiled decode (tiny decoder:
+        one latent frame per pass) is encoded from memory. A second OOM propagates."""
         t0 = time.perf_counter()
         writer = video_ops.Mp4Writer(path, fps=video_ops.FPS)
         oom = False
         try:
-            for chunk in vae_ops.iter_uint8_chunks(vae, latents):
+            chunks = (taehv.iter_uint8_chunks(tiny_decoder, self._denormalize(vae, latents))
+                      if tiny_decoder is not None else vae_ops.iter_uint8_chunks(vae, latents))
+            for chunk in chunks:
                 writer.write(chunk)
             timings["decode"] = time.perf_counter() - t0
             on_encode()
@@ -607,7 +675,10 @@ class TurboEngine:
         self.free_memory()
         for m in b.experts:
             self._place(m, False)
-        frames = vae_ops.decode_uint8(vae, latents, tiled=True)
+        if tiny_decoder is not None:
+            frames = taehv.decode_uint8(tiny_decoder, self._denormalize(vae, latents), chunk_frames=1)
+        else:
+            frames = vae_ops.decode_uint8(vae, latents, tiled=True)
         timings["decode"] = time.perf_counter() - t0
         on_encode()
         t1 = time.perf_counter()
