@@ -303,7 +303,7 @@ class TurboEngine:
         if vae_key not in self._vaes:
             vae_dtype = dtype if self.device.type == "cuda" else torch.float32
             self._vaes[vae_key] = vae_ops.load_vae(vae_key, device=self.device, dtype=vae_dtype)
-        info = {"transformer": [str(getattr(m, "turbo_checkpoint", "")) for m in experts]}
+        info: dict[str, Any] = {"transformer": [str(getattr(m, "turbo_checkpoint", "")) for m in experts]}
         tiny_key = self._load_tiny_decoder(ms, self._vaes[vae_key]) if ms.tiny_decoder else None
         if tiny_key:
             info["tiny_decoder"] = tiny_key
