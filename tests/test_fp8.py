@@ -16,6 +16,7 @@ from generator.engine.api import EngineError
 from generator.engine.runtime import TurboEngine, dit_param_bytes
 from generator.engine.transformer import build_transformer, load_transformer
 from generator.engine.wan_configs import wan_config
+from generator.scheduler.engine_options import engine_options
 from turbobot.config import settings_from_dict
 
 # e4m3: 3 mantissa bits. A normal value rounds to within half a unit in the last place, 2^-4 of its
@@ -148,7 +149,7 @@ def test_precision_resolution_and_forced_fp8_on_the_cpu() -> None:
     settings = settings_from_dict({"engine": {"device": "cpu"}, "models": {
         "big": {"kind": "wan2.1-t2v-1.3b", "transformer": "x", "vae": "v", "text_encoder": "t",
                 "tokenizer": "k", "precision": "fp8"}}})
-    engine = TurboEngine(settings)
+    engine = TurboEngine(engine_options(settings))
     with pytest.raises(EngineError, match=r"models\.big: precision = \"fp8\".*the CPU") as info:
         engine.load()  # refused before any file is opened
     assert info.value.code == "precision_unsupported"

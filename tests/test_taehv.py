@@ -12,13 +12,16 @@ import torch.nn.functional as F
 from engine_synth import wan_t5_state_dict, wan_vae_state_dict
 from safetensors.torch import save_file
 
-from generator.engine import create_engine, taehv, video, wan_configs
+from generator import media
+from generator.engine import create_engine, taehv, wan_configs
 from generator.engine.api import CheckpointError, EngineError, ModelNotConfigured, RenderJob
+from generator.engine.options import EngineOptions, ModelOptions
 from generator.engine.runtime import TurboEngine
 from generator.engine.tiny import tiny_tokenizer, tiny_transformer_config
 from generator.engine.transformer import build_transformer
 from generator.request import GenerationRequest
-from turbobot.config import EngineSettings, ModelSettings, Settings, settings_from_dict
+from generator.scheduler.engine_options import engine_options
+from turbobot.config import Settings, settings_from_dict
 
 PUBLISHED = (256, 128, 64, 64)
 SMALL = (16, 8, 8, 8)
@@ -260,7 +263,7 @@ def render(eng: TurboEngine, out: Path, decoder: str | None = None) -> object:
 
 
 def test_engine_renders_with_the_configured_tiny_decoder(model_dir: Path, small_wan: None, tmp_path: Path) -> None:
-    eng = create_engine(settings(model_dir, decoder="tiny", tiny_decoder="taew2_1.pth"))
+    eng = create_engine(engine_options(settings(model_dir, decoder="tiny", tiny_decoder="taew2_1.pth")))
     assert isinstance(eng, TurboEngine)
     eng.load()
     info = eng.info["models"]["small"]  # type: ignore[index]
@@ -273,7 +276,7 @@ def test_engine_renders_with_the_configured_tiny_decoder(model_dir: Path, small_
     finally:
         hook.remove()
     assert (res.width, res.height, res.frames) == (640, 480, 5)  # type: ignore[attr-defined]
-    assert video.is_playable_h264(res.path)  # type: ignore[attr-defined]
+    assert media.is_playable_h264(res.path)  # type: ignore[attr-defined]
     assert sum(passes) == 8  # 2 latent frames x 4 went through the tiny decoder (3 dropped)
     # the full VAE stays loaded (I2V encodes images with it) and a job may still ask for it
     assert eng.resolve_decoder("small", "vae") == "vae" and eng.resolve_decoder("small") == "tiny"
@@ -282,7 +285,7 @@ def test_engine_renders_with_the_configured_tiny_decoder(model_dir: Path, small_
 
 
 def test_tiny_decoder_on_request_without_one_is_refused(model_dir: Path, small_wan: None, tmp_path: Path) -> None:
-    eng = create_engine(settings(model_dir))
+    eng = create_engine(engine_options(settings(model_dir)))
     assert isinstance(eng, TurboEngine)
     eng.load()
     assert eng.info["models"]["small"]["tiny_decoder"] is False  # type: ignore[index]
@@ -296,23 +299,22 @@ def test_engine_refuses_tiny_decoder_setting_without_a_file(model_dir: Path, sma
     base = settings(model_dir)
     bad = dataclasses.replace(base, models={"small": dataclasses.replace(base.models["small"], decoder="tiny")})
     with pytest.raises(ModelNotConfigured, match=r"models\.small\.decoder is 'tiny' but models\.small\.tiny_decoder"):
-        create_engine(bad).load()
+        create_engine(engine_options(bad)).load()
     with pytest.raises(Exception, match=r"models\.small\.decoder = 'tiny' needs models\.small\.tiny_decoder"):
         settings(model_dir, decoder="tiny")  # the config file is refused at start already
 
 
 def test_engine_refuses_a_tiny_decoder_of_another_scale(model_dir: Path, small_wan: None) -> None:
-    eng = create_engine(settings(model_dir, tiny_decoder="tae_16x.pth"))
+    eng = create_engine(engine_options(settings(model_dir, tiny_decoder="tae_16x.pth")))
     with pytest.raises(CheckpointError, match=r"tae_16x\.pth upsamples \(4, 16\) .* VAE \(4, 8\)"):
         eng.load()
 
 
 def test_demo_models_have_a_tiny_decoder(tmp_path: Path) -> None:
-    eng = create_engine(Settings(engine=EngineSettings(device="cpu"),
-                                 models={"demo": ModelSettings(kind="tiny-t2v", decoder="tiny")}))
+    eng = create_engine(EngineOptions(device="cpu", models={"demo": ModelOptions(kind="tiny-t2v", decoder="tiny")}))
     assert isinstance(eng, TurboEngine)
     req = GenerationRequest(mode="t2v", prompt="a fox", model="demo", frames=5, steps=1, seed=1)
     res = eng.render(RenderJob(job_id=1, request=req, output_path=tmp_path / "d.mp4"),
                      progress=lambda _p: None, cancelled=lambda: False)
-    assert (res.width, res.height, res.frames) == (832, 480, 5) and video.is_playable_h264(res.path)
+    assert (res.width, res.height, res.frames) == (832, 480, 5) and media.is_playable_h264(res.path)
     assert eng.info["models"]["demo"]["decoder"] == "tiny"  # type: ignore[index]

@@ -1,6 +1,6 @@
 """The engine's contract with the scheduler's worker process.
 
-The worker builds one ``Engine`` per process (``generator.engine.create_engine(settings)``), then calls
+The worker builds one ``Engine`` per process (``generator.engine.create_engine(options)``), then calls
 ``render`` once per job. The engine knows nothing of chat or SQL: it gets a validated request, a seed, a
 local image path and an output path, and reports progress through a callback.
 """
