@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,15 @@ def test_options_without_a_models_files_are_refused_by_name() -> None:
     engine = TurboEngine(EngineOptions(device="cpu", models={"m": ModelOptions(kind="wan2.1-t2v-1.3b")}))
     with pytest.raises(ModelNotConfigured, match=r"models\.m\.transformer must name a local file"):
         engine.load()
+
+
+@pytest.mark.parametrize("contract", ["layers", "engine", "media", "front-ends", "bottom"])
+def test_import_contract_holds(contract: str) -> None:
+    """Each import-linter contract of pyproject.toml, run as CI runs it (skipped without import-linter)."""
+    exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([exe, "--contract", contract], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=240, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
