@@ -159,7 +159,7 @@ def test_memory_planner_counts_fp8_bytes() -> None:
     cfg = wan_config("wan2.1-t2v-14b")
     bf16, f8 = dit_param_bytes(cfg, "bf16"), dit_param_bytes(cfg, "fp8")
     assert f8 * 2 == bf16
-    assert 13e9 < f8 < 15e9  # the 14B DiT is ~14 GB in fp8 (engine.md: 14.3 B parameters)
+    assert 13e9 < f8 < 15e9  # the 14B DiT is ~14 GB in fp8 (docs/engine.md: 14.3 B parameters)
     # Two fp8 experts + umT5-XXL (~11.4 GB) + VAE fit the 70% weight budget of an 80 GB card.
     assert 2 * f8 + 11.4e9 + 0.3e9 < 0.70 * 80 * 2**30
     torch.manual_seed(0)

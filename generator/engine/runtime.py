@@ -3,7 +3,9 @@
 One engine per worker process. Models are loaded once and kept (resident on the GPU when they fit, else
 moved in per stage), prompt embeddings are cached, and a job is: text embedding -> (I2V: image latent) ->
 rCM denoise with progress and cancellation between steps -> one VAE decode -> H.264 mp4.
-The embedded tiny models (no weights configured) take exactly this path.
+The embedded tiny models (no weights configured) take exactly this path. Configured by ``EngineOptions``
+only; writes mp4 files through ``generator.media``; imports nothing of the front ends, scheduler, storage or
+settings (docs/engine.md section 1).
 """
 
 from __future__ import annotations
