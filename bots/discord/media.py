@@ -1,4 +1,6 @@
-"""Fitting a result into Discord's upload limit: the mp4 as is, re-encoded smaller, or a first-frame preview."""
+"""Fitting a result into Discord's upload limit: the mp4 as is, re-encoded smaller, or a first-frame preview.
+
+Reads jobs through the scheduler's views and files through ``generator.media`` (never the engine)."""
 
 from __future__ import annotations
 
