@@ -42,12 +42,12 @@ from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
 
 from generator.engine import vae as vae_ops  # noqa: E402
 from generator.engine.api import RenderJob  # noqa: E402
+from generator.engine.options import EngineOptions, ModelOptions  # noqa: E402
 from generator.engine.runtime import TurboEngine  # noqa: E402
 from generator.engine.tiny import tiny_tokenizer  # noqa: E402
 from generator.engine.transformer import build_transformer  # noqa: E402
 from generator.engine.wan_configs import wan_config  # noqa: E402
 from generator.request import GenerationRequest  # noqa: E402
-from turbobot.config import EngineSettings, ModelSettings, Settings  # noqa: E402
 
 DEV = torch.device("cuda")
 BF16 = torch.bfloat16
@@ -160,14 +160,14 @@ def main() -> int:
                                "precision": args.precision, "cases": {}}
     print(f"card {props.name}, torch {torch.__version__}", flush=True)
 
-    settings = Settings(
-        engine=EngineSettings(device="cuda", offload="none"),
+    options = EngineOptions(
+        device="cuda", offload="none",
         models={
-            "b13": ModelSettings(kind="wan2.1-t2v-1.3b", label="1.3B random"),
-            "b14": ModelSettings(kind="wan2.1-t2v-14b", label="14B random"),
+            "b13": ModelOptions(kind="wan2.1-t2v-1.3b", label="1.3B random"),
+            "b14": ModelOptions(kind="wan2.1-t2v-14b", label="14B random"),
         },
     )
-    engine = TurboEngine(settings)
+    engine = TurboEngine(options)
     t0 = time.perf_counter()
     text = random_umt5_xxl()
     vae = random_vae()

@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import BF16, DEV, gib, random_umt5_xxl, random_vae
 
 from generator.engine.api import RenderJob
+from generator.engine.options import EngineOptions, ModelOptions
 from generator.engine.runtime import TurboEngine
 from generator.engine.tiny import tiny_tokenizer
 from generator.engine.transformer import build_transformer
 from generator.engine.wan_configs import wan_config
 from generator.request import GenerationRequest
-from turbobot.config import EngineSettings, ModelSettings, Settings
 
 
 def main() -> int:
@@ -65,9 +65,9 @@ def main() -> int:
                                "compile": args.compile}
     print(f"card {props.name}, {gib(props.total_memory)} GiB, offload={offload}", flush=True)
 
-    settings = Settings(engine=EngineSettings(device="cuda", offload="model" if offload else "none"),
-                        models={"a14b": ModelSettings(kind="wan2.2-i2v-a14b", label="A14B random")})
-    engine = TurboEngine(settings)
+    options = EngineOptions(device="cuda", offload="model" if offload else "none",
+                            models={"a14b": ModelOptions(kind="wan2.2-i2v-a14b", label="A14B random")})
+    engine = TurboEngine(options)
     t0 = time.perf_counter()
     text = random_umt5_xxl()
     if offload:

@@ -31,18 +31,18 @@ def child(folder: Path, cache: Path, precision: str) -> dict[str, Any]:
     import torch
 
     from generator.engine import tiny
+    from generator.engine.options import EngineOptions, ModelOptions
     from generator.engine.runtime import TurboEngine
     from generator.engine.transformer import load_transformer
     from generator.engine.wan_configs import wan_config
-    from turbobot.config import EngineSettings, ModelSettings, Settings
 
-    settings = Settings(engine=EngineSettings(device="cuda", offload="none", compile_cache_dir=str(cache)),
-                        models={"b13": ModelSettings(kind="wan2.1-t2v-1.3b", precision=precision)})
-    engine = TurboEngine(settings)
+    options = EngineOptions(device="cuda", offload="none", compile_cache_dir=cache,
+                            models={"b13": ModelOptions(kind="wan2.1-t2v-1.3b", precision=precision)})
+    engine = TurboEngine(options)
     t_import = time.perf_counter() - t_start
     t0 = time.perf_counter()
     dit = load_transformer(folder, config=wan_config("wan2.1-t2v-1.3b"), attention="sla", device=engine.device,
-                           dtype=torch.bfloat16, precision=engine.precision_for("b13", settings.models["b13"]))
+                           dtype=torch.bfloat16, precision=engine.precision_for("b13", options.models["b13"]))
     torch.cuda.synchronize()
     t_load = time.perf_counter() - t0
     engine._compile(dit)

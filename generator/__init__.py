@@ -1,4 +1,6 @@
-"""The turbo engine (models, attention, sampler, video) and the single-GPU scheduler."""
+"""Video generation: the request model (``request``), the engine (``engine``, ``attention``), video files
+(``media``) and the scheduler with its GPU workers (``scheduler``); layers in pyproject.toml's import
+contracts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CPU tests of the pure-torch SLA reference against a naive, loop-based float64 reading of engine.md s.7."""
+"""CPU tests of the pure-torch SLA reference against a naive, loop-based float64 reading of docs/engine.md section 7."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from generator.engine.video import probe
+from generator.media import probe
 
 ROOT = Path(__file__).resolve().parents[1]
 # Short jobs keep the suite fast; the full default job is what the README's command runs.

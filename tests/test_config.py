@@ -20,6 +20,29 @@ def test_shipped_config_matches_defaults() -> None:
     assert shipped.model_names("t2v") == ("tiny-t2v",)
 
 
+def test_documented_model_example_parses_with_default_choices() -> None:
+    """The commented [models.wan13b] example in config.toml, uncommented, is valid and documents the defaults
+    of the settings that have one (it used to be [models.wan-1.3b], which TOML reads as models -> wan-1 -> 3b)."""
+    import tomllib
+
+    from turbobot.config import ModelSettings
+
+    lines = (ROOT / "config.toml").read_text().splitlines()
+    start = lines.index("# [models.wan13b]")
+    block = []
+    for line in lines[start:]:
+        if line.strip() == "#":
+            break
+        block.append(line[2:])
+    data = tomllib.loads("\n".join(block))
+    settings = settings_from_dict(data)
+    model = settings.models["wan13b"]
+    defaults = ModelSettings()
+    for key in ("quantized", "precision", "decoder"):
+        assert getattr(model, key) == getattr(defaults, key), key
+    assert model.tiny_decoder.endswith("taew2_1.pth")
+
+
 @pytest.mark.parametrize(
     ("data", "needle"),
     [
@@ -35,6 +58,8 @@ def test_shipped_config_matches_defaults() -> None:
         ({"engine": {"t2v_model": "nope"}}, "engine.t2v_model = 'nope' is not a configured t2v model"),
         ({"discord": {"token": "abc"}}, "Unknown setting discord.token"),
         ({"web": {"port": 70000}}, "web.port"),
+        ({"models": {"m": {"decoder": "fast"}}}, "models.m.decoder = 'fast' is not allowed; use one of: vae, tiny"),
+        ({"models": {"m": {"tiny_decoder": "t.pth"}}}, "models.m.tiny_decoder: the demo model 'tiny-t2v' has an embedded"),
     ],
 )
 def test_invalid_config_names_the_key(data: dict, needle: str) -> None:

@@ -10,19 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from generator.engine import create_engine, i2v, rcm, video
+from generator import media
+from generator.engine import create_engine, i2v, rcm
 from generator.engine import vae as vae_ops
 from generator.engine.api import JobCancelled, OutOfMemory, Progress, RenderJob
+from generator.engine.options import EngineOptions
 from generator.engine.runtime import TurboEngine
 from generator.request import GenerationRequest
-from turbobot.config import EngineSettings, Settings
 
 FRAMES = 5  # the smallest valid clip keeps these tests fast; the default 81 frames is timed separately
 
 
 @pytest.fixture(scope="module")
 def engine() -> TurboEngine:
-    eng = create_engine(Settings(engine=EngineSettings(device="cpu")))
+    eng = create_engine(EngineOptions(device="cpu"))
     assert isinstance(eng, TurboEngine)
     eng.load()
     return eng
@@ -70,9 +71,9 @@ def test_t2v_job_makes_a_labelled_playable_video(engine: TurboEngine, tmp_path: 
     assert res.duration_s == pytest.approx(FRAMES / 16)
     data = Path(res.path).read_bytes()
     assert res.bytes == len(data) and res.sha256 == hashlib.sha256(data).hexdigest()
-    info = video.probe(res.path)
+    info = media.probe(res.path)
     assert (info.codec, info.pix_fmt, info.frames, info.width, info.height) == ("h264", "yuv420p", FRAMES, 832, 480)
-    assert video.is_playable_h264(res.path)
+    assert media.is_playable_h264(res.path)
     stages = [(e.stage, e.step) for e in events]
     assert stages == [("text", 0), ("denoise", 0), ("denoise", 1), ("denoise", 2), ("denoise", 3), ("denoise", 4),
                       ("decode", 4), ("encode", 4)]
@@ -87,7 +88,7 @@ def test_same_seed_same_video_other_seed_other_video(engine: TurboEngine, tmp_pa
     c, _ = run(engine, t2v(seed=8, steps=2), tmp_path / "c.mp4")
     assert a.sha256 == b.sha256
     assert c.sha256 != a.sha256
-    assert not np.array_equal(video.decode_frames(a.path), video.decode_frames(c.path))
+    assert not np.array_equal(media.decode_frames(a.path), media.decode_frames(c.path))
 
 
 def test_prompt_cache_skips_the_text_encoder(engine: TurboEngine, tmp_path: Path) -> None:
@@ -156,7 +157,7 @@ def test_i2v_adaptive_resolution(engine: TurboEngine, tmp_path: Path, image_file
     res, _ = run(engine, i2v_req(steps=1, adaptive_resolution=True), tmp_path / "a.mp4", image=image_file)
     w, h = i2v.adaptive_size(300, 500, 832, 480)
     assert (res.width, res.height) == (w, h) == (496, 816)  # sqrt(399360 / (5/3)) = 489.5 -> 496; 815.8 -> 816
-    assert video.probe(res.path).width == w
+    assert media.probe(res.path).width == w
 
 
 def test_decode_oom_retries_tiled_then_gives_up_cleanly(engine: TurboEngine, tmp_path: Path) -> None:
@@ -170,7 +171,7 @@ def test_decode_oom_retries_tiled_then_gives_up_cleanly(engine: TurboEngine, tmp
     hook = vae.decoder.register_forward_pre_hook(fail)
     try:
         res, _ = run(engine, t2v(steps=1), tmp_path / "tiled.mp4")
-        assert video.probe(res.path).frames == FRAMES  # made by the tiled decode
+        assert media.probe(res.path).frames == FRAMES  # made by the tiled decode
         mode["fail"] = "always"
         with pytest.raises(OutOfMemory) as err:
             run(engine, t2v(steps=1), tmp_path / "oom.mp4")
@@ -178,12 +179,12 @@ def test_decode_oom_retries_tiled_then_gives_up_cleanly(engine: TurboEngine, tmp
     finally:
         hook.remove()
     ok, _ = run(engine, t2v(steps=1), tmp_path / "after.mp4")  # the engine keeps working
-    assert video.probe(ok.path).frames == FRAMES
+    assert media.probe(ok.path).frames == FRAMES
 
 
 def test_requested_sla_attention_runs_on_the_tiny_model(engine: TurboEngine, tmp_path: Path) -> None:
     res, _ = run(engine, t2v(steps=1, attention="sla"), tmp_path / "s.mp4")
-    assert engine.last_attention == "sla" and video.probe(res.path).frames == FRAMES
+    assert engine.last_attention == "sla" and media.probe(res.path).frames == FRAMES
 
 
 def test_engine_info_is_json_friendly(engine: TurboEngine) -> None:

@@ -16,6 +16,7 @@ from generator.engine.api import EngineError
 from generator.engine.runtime import TurboEngine, dit_param_bytes
 from generator.engine.transformer import build_transformer, load_transformer
 from generator.engine.wan_configs import wan_config
+from generator.scheduler.engine_options import engine_options
 from turbobot.config import settings_from_dict
 
 # e4m3: 3 mantissa bits. A normal value rounds to within half a unit in the last place, 2^-4 of its
@@ -148,7 +149,7 @@ def test_precision_resolution_and_forced_fp8_on_the_cpu() -> None:
     settings = settings_from_dict({"engine": {"device": "cpu"}, "models": {
         "big": {"kind": "wan2.1-t2v-1.3b", "transformer": "x", "vae": "v", "text_encoder": "t",
                 "tokenizer": "k", "precision": "fp8"}}})
-    engine = TurboEngine(settings)
+    engine = TurboEngine(engine_options(settings))
     with pytest.raises(EngineError, match=r"models\.big: precision = \"fp8\".*the CPU") as info:
         engine.load()  # refused before any file is opened
     assert info.value.code == "precision_unsupported"
@@ -158,7 +159,7 @@ def test_memory_planner_counts_fp8_bytes() -> None:
     cfg = wan_config("wan2.1-t2v-14b")
     bf16, f8 = dit_param_bytes(cfg, "bf16"), dit_param_bytes(cfg, "fp8")
     assert f8 * 2 == bf16
-    assert 13e9 < f8 < 15e9  # the 14B DiT is ~14 GB in fp8 (engine.md: 14.3 B parameters)
+    assert 13e9 < f8 < 15e9  # the 14B DiT is ~14 GB in fp8 (docs/engine.md: 14.3 B parameters)
     # Two fp8 experts + umT5-XXL (~11.4 GB) + VAE fit the 70% weight budget of an 80 GB card.
     assert 2 * f8 + 11.4e9 + 0.3e9 < 0.70 * 80 * 2**30
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The rCM sampler against engine.md section 4, with fake velocity models."""
+"""The rCM sampler against docs/engine.md section 4, with fake velocity models."""
 
 from __future__ import annotations
 

@@ -366,7 +366,7 @@ async def test_webhook_mode(tmp_path: Path, unused_tcp_port: int) -> None:
 
 
 async def test_too_big_results_are_re_encoded_or_sent_as_a_preview(tmp_path: Path) -> None:
-    pytest.importorskip("generator.engine.video")
+    pytest.importorskip("generator.media")
     # The "big" test video is ~330 kB: a 200 kB limit needs a re-encode; 300 bytes (less than an mp4 header) never fits.
     async with running_stack(tmp_path, telegram={"max_upload_bytes": 200_000}) as stack:
         tg = stack.tg

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generator.engine import video
+from generator import media as video
 
 
 def gradient_frames(n: int, w: int, h: int) -> np.ndarray:
@@ -79,12 +79,12 @@ def test_thumbnail_is_the_first_frame(tmp_path: Path, name: str) -> None:
 
 
 def test_output_name_is_server_made_and_safe() -> None:
-    assert video.output_name("t2v", 123, 42, "tiny-t2v") == "t2v_123_42_tiny-t2v.mp4"
-    name = video.output_name("i2v", 7, 9, "../../Evil Model!/x")
+    assert video.video_file_name("t2v", 123, 42, "tiny-t2v") == "t2v_123_42_tiny-t2v.mp4"
+    name = video.video_file_name("i2v", 7, 9, "../../Evil Model!/x")
     assert name.startswith("i2v_7_9_") and name.endswith(".mp4")
     assert "/" not in name and " " not in name and ".." not in name
     assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789._-")
-    assert video.output_name("weird", 1, 2, "") == "video_1_2_model.mp4"
+    assert video.video_file_name("weird", 1, 2, "") == "video_1_2_model.mp4"
 
 
 def test_streamed_chunks_make_the_same_video_and_abort_leaves_nothing(tmp_path: Path) -> None:

@@ -58,6 +58,8 @@ class ModelSettings:
     tokenizer: str = ""  # local google/umt5-xxl tokenizer folder
     quantized: str = "auto"  # auto (detect from file), yes, no
     precision: str = "auto"  # DiT linears: auto (fp8 on cards with fp8 tensor cores, else bf16), bf16, fp8
+    decoder: str = "vae"  # final decode: vae (the full Wan VAE) or tiny (the fast TAEHV decoder below)
+    tiny_decoder: str = ""  # taew2_1.pth / lighttaew2_1.pth (TAEHV layout); loaded when set, used when decoder = "tiny"
     label: str = ""  # shown to users; defaults to the model name
 
 
@@ -257,6 +259,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "models.*.kind": MODEL_KINDS,
     "models.*.quantized": ("auto", "yes", "no"),
     "models.*.precision": ("auto", "bf16", "fp8"),
+    "models.*.decoder": ("vae", "tiny"),
     **{f"defaults.{p.name}": p.choices for p in PARAMS if p.configurable and p.choices},
     "limits.resolutions": RESOLUTIONS,
     "limits.aspects": ASPECTS,
@@ -392,6 +395,13 @@ def _validate(settings: Settings) -> None:
         for key in needs:
             if not getattr(model, key):
                 raise ConfigError(f"models.{name}.{key} must be set to a local path for kind {model.kind!r}.")
+        if model.kind.startswith("tiny"):
+            if model.tiny_decoder:
+                raise ConfigError(f"models.{name}.tiny_decoder: the demo model {model.kind!r} has an embedded tiny "
+                                  "decoder; leave it empty.")
+        elif model.decoder == "tiny" and not model.tiny_decoder:
+            raise ConfigError(f"models.{name}.decoder = 'tiny' needs models.{name}.tiny_decoder set to a local "
+                              "taew2_1.pth file.")
     for mode, name in (("t2v", settings.engine.t2v_model), ("i2v", settings.engine.i2v_model)):
         if name and name not in settings.model_names(mode):
             raise ConfigError(

@@ -1,4 +1,6 @@
-"""Fitting a result into Discord's upload limit: the mp4 as is, re-encoded smaller, or a first-frame preview."""
+"""Fitting a result into Discord's upload limit: the mp4 as is, re-encoded smaller, or a first-frame preview.
+
+Reads jobs through the scheduler's views and files through ``generator.media`` (never the engine)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from generator.media import fit_to_size, thumbnail
 from generator.scheduler.api import JobView
 
 log = logging.getLogger(__name__)
@@ -36,11 +39,6 @@ def mb(n: int) -> str:
 
 async def fit_video(src: Path, dst: Path, budget: int) -> Path | None:
     try:
-        from generator.engine.video import fit_to_size
-    except ImportError:  # pragma: no cover - the engine's video helpers are part of the product
-        log.warning("generator.engine.video is not available; cannot re-encode for Discord")
-        return None
-    try:
         fitted = await asyncio.to_thread(fit_to_size, src, dst, budget)
     except Exception:  # a broken re-encode must not block delivery: the preview path follows
         log.exception("could not re-encode %s to %d bytes", src.name, budget)
@@ -52,10 +50,6 @@ async def fit_video(src: Path, dst: Path, budget: int) -> Path | None:
 
 
 async def first_frame(src: Path, dst: Path) -> Path | None:
-    try:
-        from generator.engine.video import thumbnail
-    except ImportError:  # pragma: no cover
-        return None
     try:
         result = await asyncio.to_thread(thumbnail, src, dst)
     except Exception:  # a preview is best effort: the note still explains

@@ -54,7 +54,7 @@ def _prepare(src: Path | None, tmp: Path, limit: int) -> _Payload:
     size = src.stat().st_size
     if size <= limit:
         return _Payload("video", src.read_bytes())
-    from generator.engine.video import fit_to_size, thumbnail  # ffmpeg helpers, needed only here
+    from generator.media import fit_to_size, thumbnail  # ffmpeg helpers, needed only here
 
     try:
         fitted = fit_to_size(src, tmp / "fit.mp4", limit)

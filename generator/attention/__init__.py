@@ -13,7 +13,8 @@ Public API (layout everywhere: [B, L, H, D], q/k already RMS-normed and RoPE'd):
 * ``dense_attention(q, k, v)`` -> SDPA, same layout.
 * ``sla_block_map(q, k, topk, bq=128, bk=64)`` -> bool [B, H, N_Q, N_K] of selected key blocks.
 
-See ``reference.py`` for the exact semantics.
+See ``reference.py`` for the exact semantics (docs/engine.md section 7). Imports torch (and Triton when
+present) only: nothing of the rest of the project.
 """
 
 from __future__ import annotations

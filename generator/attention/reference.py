@@ -1,6 +1,6 @@
 """Pure-torch Sparse-Linear Attention (SLA): the oracle for the Triton kernels.
 
-Semantics (engine.md section 7, as the TurboDiffusion checkpoints were trained):
+Semantics (docs/engine.md section 7, as the TurboDiffusion checkpoints were trained):
   * block map: k~ = k - mean over tokens of k; q mean-pooled over query blocks of ``bq`` tokens and k~ over
     key blocks of ``bk`` tokens (a partial last block averages only its real tokens); score = pooled_q @
     pooled_k^T (no scale, no softmax); each query block keeps its ``kb = min(N_K, int(topk * N_K))`` best

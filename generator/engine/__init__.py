@@ -1,32 +1,26 @@
-"""The turbo engine: models, rCM sampler, VAE, video files.
+"""The turbo engine: models, rCM sampler, VAE; one ``Engine`` per worker process.
 
-Public entry points (imports are lazy so ``generator.engine.api`` stays light for front ends):
-  * ``create_engine(settings) -> Engine`` (the worker's factory, ``generator.engine:create_engine``)
-  * video helpers: ``write_mp4``, ``probe``, ``fit_to_size``, ``thumbnail``, ``output_name`` (``generator.engine.video``)
+Entry point: ``create_engine(options) -> Engine`` with ``generator.engine.options.EngineOptions`` (the worker
+builds them from the settings in ``generator.scheduler.engine_options``). The import is lazy so that
+``generator.engine.api`` stays light. The engine and ``generator.attention`` import nothing of ``bots``,
+``generator.scheduler``, ``storage`` or ``turbobot``; they may use ``generator.request`` and
+``generator.media`` (mp4 files). Design notes: ``docs/engine.md``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from generator.engine.api import Engine
-    from turbobot.config import Settings
+    from generator.engine.options import EngineOptions
 
-__all__ = ["create_engine", "fit_to_size", "output_name", "probe", "thumbnail", "write_mp4"]
+__all__ = ["create_engine"]
 
 
-def create_engine(settings: Settings) -> Engine:
-    """The engine for these settings (device from ``engine.device``; the embedded tiny models when no
+def create_engine(options: EngineOptions) -> Engine:
+    """The engine for these options (device from ``options.device``; the embedded tiny models when no
     model is configured). Nothing is loaded until ``load()`` or the first ``render``."""
     from generator.engine.runtime import TurboEngine
 
-    return TurboEngine(settings)
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("fit_to_size", "output_name", "probe", "thumbnail", "write_mp4"):
-        from generator.engine import video
-
-        return getattr(video, name)
-    raise AttributeError(f"module 'generator.engine' has no attribute {name!r}")
+    return TurboEngine(options)

@@ -1,6 +1,6 @@
 """The engine's contract with the scheduler's worker process.
 
-The worker builds one ``Engine`` per process (``generator.engine.create_engine(settings)``), then calls
+The worker builds one ``Engine`` per process (``generator.engine.create_engine(options)``), then calls
 ``render`` once per job. The engine knows nothing of chat or SQL: it gets a validated request, a seed, a
 local image path and an output path, and reports progress through a callback.
 """
@@ -53,6 +53,7 @@ class RenderJob:
     request: GenerationRequest  # validated; request.seed is set
     image_path: Path | None = None  # local, already validated image for i2v
     output_path: Path = Path("out.mp4")  # where to write the mp4 (the worker renames it afterwards)
+    decoder: str | None = None  # final decode: "vae", "tiny" (fast draft), None = the model's ``decoder`` setting
 
 
 Stage = Literal["text", "denoise", "decode", "encode"]

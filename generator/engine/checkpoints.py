@@ -1,6 +1,6 @@
 """Wan DiT weight files: open, classify, map TurboDiffusion names to diffusers names, load tensor by tensor.
 
-Layouts (engine.md section 3):
+Layouts (docs/engine.md section 3):
   * "turbodiffusion": a flat ``torch.save`` state dict with TurboDiffusion / original Wan names (``blocks.i.
     self_attn.q.weight``...), optionally SLA ``proj_l`` keys and ``-quant`` int8 tile weights. The original Wan
     release uses the same names without proj_l and with a 5-D patch embedding; it is read the same way.

@@ -1,4 +1,4 @@
-"""Image-to-video conditioning (engine.md section 5): the input image, adaptive size, mask + VAE latent."""
+"""Image-to-video conditioning (docs/engine.md section 5): the input image, adaptive size, mask + VAE latent."""
 
 from __future__ import annotations
 

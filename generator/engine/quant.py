@@ -1,4 +1,4 @@
-"""Block-wise int8 weights of TurboDiffusion ``-quant`` checkpoints (engine.md section 3).
+"""Block-wise int8 weights of TurboDiffusion ``-quant`` checkpoints (docs/engine.md section 3).
 
 Each quantized linear is stored as ``int8_weight`` [out, in] plus ``scale`` fp32 [ceil(out/128), ceil(in/128)]:
 one scale per 128x128 tile, ``q = round(w * 128 / amax)`` saturated to [-128, 127] and ``scale = amax / 128``,

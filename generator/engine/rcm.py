@@ -1,4 +1,4 @@
-"""The rCM few-step sampler (engine.md section 4), as pure functions over a velocity model.
+"""The rCM few-step sampler (docs/engine.md section 4), as pure functions over a velocity model.
 
 No classifier-free guidance: one model call per step. The model is passed in as a callable
 ``model_fn(x, timestep, expert) -> velocity`` so the sampler can be tested with a fake model and the

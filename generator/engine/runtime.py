@@ -3,7 +3,9 @@
 One engine per worker process. Models are loaded once and kept (resident on the GPU when they fit, else
 moved in per stage), prompt embeddings are cached, and a job is: text embedding -> (I2V: image latent) ->
 rCM denoise with progress and cancellation between steps -> one VAE decode -> H.264 mp4.
-The embedded tiny models (no weights configured) take exactly this path.
+The embedded tiny models (no weights configured) take exactly this path. Configured by ``EngineOptions``
+only; writes mp4 files through ``generator.media``; imports nothing of the front ends, scheduler, storage or
+settings (docs/engine.md section 1).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ ensure_offline()
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from generator.engine import i2v, rcm, tiny  # noqa: E402
+from generator import media  # noqa: E402
+from generator.engine import i2v, rcm, taehv, tiny  # noqa: E402
 from generator.engine import vae as vae_ops  # noqa: E402
-from generator.engine import video as video_ops  # noqa: E402
 from generator.engine.api import (  # noqa: E402
+    CheckpointError,
     EngineError,
     JobCancelled,
     ModelNotConfigured,
@@ -38,9 +41,9 @@ from generator.engine.api import (  # noqa: E402
     RenderJob,
     RenderResult,
 )
+from generator.engine.options import EngineOptions, ModelOptions  # noqa: E402
 from generator.engine.text import TextEncoder, load_text_encoder, load_tokenizer  # noqa: E402
 from generator.request import GenerationRequest  # noqa: E402
-from turbobot.config import ModelSettings, Settings  # noqa: E402
 
 if TYPE_CHECKING:  # diffusers' classes are Any to the type checker (see pyproject's mypy overrides)
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -107,17 +110,20 @@ class Bundle:
     offload_dit: bool = False  # only the running expert is on the GPU; all leave it before the decode
     precision: str = "bf16"  # of the DiT's block linears: "bf16" or "fp8"
     info: dict[str, Any] = field(default_factory=dict)
+    decoder: str = "vae"  # the final decode unless a job says otherwise: "vae" or "tiny"
+    tiny_key: str | None = None  # its tiny (TAEHV) decoder in ``TurboEngine._tinies``, when it has one
 
 
 class TurboEngine:
     """Implements ``generator.engine.api.Engine``."""
 
-    def __init__(self, settings: Settings, *, device: str | torch.device | None = None) -> None:
-        self.settings = settings
-        self.models: dict[str, ModelSettings] = settings.effective_models
-        self.device = torch.device(device) if device is not None else resolve_device(settings.engine.device)
+    def __init__(self, options: EngineOptions, *, device: str | torch.device | None = None) -> None:
+        self.options = options
+        self.models: dict[str, ModelOptions] = dict(options.models)
+        self.device = torch.device(device) if device is not None else resolve_device(options.device)
         self._texts: dict[str, TextEncoder] = {}
         self._vaes: dict[str, AutoencoderKLWan] = {}
+        self._tinies: dict[str, taehv.TinyDecoder] = {}
         self._bundles: dict[str, Bundle] = {}
         self._lock = threading.RLock()
         self.last_attention: str | None = None
@@ -133,14 +139,16 @@ class TurboEngine:
                 "label": self._label(name, ms),
                 "demo": tiny.is_tiny(ms.kind),
                 "loaded": b is not None,
+                "decoder": b.decoder if b else ms.decoder,
+                "tiny_decoder": b.tiny_key is not None if b else bool(ms.tiny_decoder) or tiny.is_tiny(ms.kind),
                 **({"offload_text": b.offload_text, "offload_dit": b.offload_dit, "precision": b.precision}
                    if b else {}),
             }
         out: dict[str, object] = {
             "engine": "turbo",
             "device": str(self.device),
-            "attention": self.settings.engine.attention,
-            "offload": self.settings.engine.offload,
+            "attention": self.options.attention,
+            "offload": self.options.offload,
             "models": models,
             "default_t2v": self.default_model("t2v"),
             "default_i2v": self.default_model("i2v"),
@@ -184,10 +192,10 @@ class TurboEngine:
 
     # --- models -------------------------------------------------------------------------------------
     def default_model(self, mode: str) -> str | None:
-        names = self.settings.model_names(mode)
+        names = self.options.model_names(mode)
         return names[0] if names else None
 
-    def _label(self, name: str, ms: ModelSettings) -> str:
+    def _label(self, name: str, ms: ModelOptions) -> str:
         base = ms.label or name
         return f"{base} ({tiny.DEMO_NOTE})" if tiny.is_tiny(ms.kind) else base
 
@@ -220,7 +228,7 @@ class TurboEngine:
         if ms is None:
             raise ModelNotConfigured(f"Model '{name}' is not configured on this server.")
         key = f"adopted:{name}"
-        self._texts[key] = TextEncoder(text_encoder, tokenizer, cache_size=self.settings.engine.prompt_cache_size)
+        self._texts[key] = TextEncoder(text_encoder, tokenizer, cache_size=self.options.prompt_cache_size)
         self._vaes[key] = vae
         dtype = next(p.dtype for p in experts[0].parameters() if p.dtype != torch.float32) \
             if any(p.dtype != torch.float32 for p in experts[0].parameters()) else torch.float32
@@ -236,20 +244,22 @@ class TurboEngine:
             del self._bundles[other]
         self.free_memory()
 
-    def _build_tiny(self, name: str, ms: ModelSettings) -> Bundle:
-        attention = self.settings.engine.attention
+    def _build_tiny(self, name: str, ms: ModelOptions) -> Bundle:
+        attention = self.options.attention
         if "tiny" not in self._texts:
             self._texts["tiny"] = TextEncoder(tiny.tiny_text_encoder().to(self.device), tiny.tiny_tokenizer(),
-                                              cache_size=self.settings.engine.prompt_cache_size)
+                                              cache_size=self.options.prompt_cache_size)
         if "tiny" not in self._vaes:
             self._vaes["tiny"] = tiny.tiny_vae().to(self.device)
+        if "tiny" not in self._tinies:
+            self._tinies["tiny"] = tiny.tiny_taehv_decoder().to(self.device)
         experts = [m.to(self.device) for m in tiny.tiny_transformers(ms.kind, attention=attention)]
         return Bundle(name=name, kind=ms.kind, mode="i2v" if ms.kind == "tiny-i2v" else "t2v",
                       label=self._label(name, ms), is_demo=True, experts=experts, text_key="tiny",
                       vae_key="tiny", dtype=torch.float32,
-                      info={"transformer": "embedded tiny (random weights)"})
+                      info={"transformer": "embedded tiny (random weights)"}, decoder=ms.decoder, tiny_key="tiny")
 
-    def precision_for(self, name: str, ms: ModelSettings) -> str:
+    def precision_for(self, name: str, ms: ModelOptions) -> str:
         """The model's ``precision`` setting resolved for this device; a card that cannot do what was forced is
         a configuration error naming the card and the setting (raised at load, i.e. worker start)."""
         from generator.engine.fp8 import resolve_precision
@@ -259,27 +269,32 @@ class TurboEngine:
         except ValueError as exc:
             raise EngineError(f"models.{name}: {exc}", code="precision_unsupported") from None
 
-    def _load_real(self, name: str, ms: ModelSettings) -> Bundle:
+    def _load_real(self, name: str, ms: ModelOptions) -> Bundle:
         from generator.engine.transformer import load_transformer
         from generator.engine.wan_configs import wan_config
 
+        if ms.decoder == "tiny" and not ms.tiny_decoder:
+            raise ModelNotConfigured(f"models.{name}.decoder is 'tiny' but models.{name}.tiny_decoder names no "
+                                     "file; set it to a local taew2_1.pth or use decoder = 'vae'.")
         config = wan_config(ms.kind)
         dtype = self._dtype(ms.kind)
         precision = self.precision_for(name, ms)
         mode = "i2v" if "i2v" in ms.kind else "t2v"
-        paths = [ms.transformer] + ([ms.transformer_low_noise] if ms.kind == "wan2.2-i2v-a14b" else [])
-        text_path = self.settings.path(ms.text_encoder)
-        tok_path = self.settings.path(ms.tokenizer) if ms.tokenizer else None
+        paths = [_required(name, "transformer", ms.transformer)]
+        if ms.kind == "wan2.2-i2v-a14b":
+            paths.append(_required(name, "transformer_low_noise", ms.transformer_low_noise))
+        text_path = _required(name, "text_encoder", ms.text_encoder)
+        tok_path = ms.tokenizer
         text_key = f"{text_path}|{tok_path}"
-        vae_key = str(self.settings.path(ms.vae))
+        vae_key = str(_required(name, "vae", ms.vae))
         offload_text, offload_dit = self._plan_offload(config, len(paths), text_path, text_key, precision)
         cpu = torch.device("cpu")
         quantized = {"yes": True, "no": False}.get(ms.quantized)
-        attention = self.settings.engine.attention
+        attention = self.options.attention
         experts = []
         for p in paths:
             where = cpu if offload_dit else self.device
-            experts.append(load_transformer(self.settings.path(p), config=config, attention=attention, device=where,
+            experts.append(load_transformer(p, config=config, attention=attention, device=where,
                                             dtype=dtype, quantized=quantized, precision=precision))
             if self.compiling:
                 self._compile(experts[-1])
@@ -288,18 +303,70 @@ class TurboEngine:
                 raise ModelNotConfigured(f"models.{name}.tokenizer must name a local umT5 tokenizer folder.")
             enc = load_text_encoder(text_path, device=cpu if offload_text else self.device, dtype=dtype)
             self._texts[text_key] = TextEncoder(enc, load_tokenizer(tok_path),
-                                                cache_size=self.settings.engine.prompt_cache_size)
+                                                cache_size=self.options.prompt_cache_size)
         if vae_key not in self._vaes:
             vae_dtype = dtype if self.device.type == "cuda" else torch.float32
             self._vaes[vae_key] = vae_ops.load_vae(vae_key, device=self.device, dtype=vae_dtype)
-        info = {"transformer": [str(getattr(m, "turbo_checkpoint", "")) for m in experts]}
+        info: dict[str, Any] = {"transformer": [str(getattr(m, "turbo_checkpoint", "")) for m in experts]}
+        tiny_key = self._load_tiny_decoder(ms, self._vaes[vae_key]) if ms.tiny_decoder else None
+        if tiny_key:
+            info["tiny_decoder"] = tiny_key
         return Bundle(name=name, kind=ms.kind, mode=mode, label=self._label(name, ms), is_demo=False,
                       experts=experts, text_key=text_key, vae_key=vae_key, dtype=dtype,
-                      offload_text=offload_text, offload_dit=offload_dit, info=info, precision=precision)
+                      offload_text=offload_text, offload_dit=offload_dit, info=info, precision=precision,
+                      decoder=ms.decoder, tiny_key=tiny_key)
+
+    def _load_tiny_decoder(self, ms: ModelOptions, vae: nn.Module) -> str:
+        """Load the model's TAEHV decoder (kept with the full VAE, which I2V still needs to encode images);
+        refused when it would not give the full VAE's frame count and size."""
+        assert ms.tiny_decoder is not None
+        key = str(ms.tiny_decoder)
+        if key not in self._tinies:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            model = taehv.load_tiny_decoder(key, device=self.device, dtype=dtype)
+            if model.factors() != vae_ops.factors(vae):
+                raise CheckpointError(
+                    f"Tiny decoder {key} upsamples {model.factors()} (time, space) but the model's VAE "
+                    f"{vae_ops.factors(vae)}; it is not a tiny decoder for this VAE"
+                )
+            self._tinies[key] = model
+        return key
+
+    def resolve_decoder(self, name: str, which: str | None = None) -> str:
+        """The decoder a job on model ``name`` uses: ``which`` ("vae" / "tiny") or, when None, the model's
+        setting. Asking for the tiny decoder on a model without one is an error, never a silent fallback."""
+        b = self._bundle(name)
+        choice = which or b.decoder
+        if choice not in ("vae", "tiny"):
+            raise EngineError(f"Unknown decoder {choice!r}; use 'vae' or 'tiny'.", code="bad_request")
+        if choice == "tiny" and b.tiny_key is None:
+            raise EngineError(
+                f"Model '{name}' has no fast (tiny) decoder configured, so it cannot make a fast draft; "
+                "ask without it or pick another model.", code="tiny_decoder_unavailable",
+            )
+        return choice
+
+    def decode_with(self, name: str, latents: torch.Tensor, which: str | None = None) -> Any:
+        """Normalized latents [1, z, T, h, w] of model ``name`` -> uint8 frames [F, H, W, 3] (numpy) through
+        the chosen decoder (see ``resolve_decoder``)."""
+        with self._lock:
+            choice = self.resolve_decoder(name, which)
+            b = self._bundles[name]
+            vae = self._vaes[b.vae_key]
+            if choice == "tiny":
+                assert b.tiny_key is not None
+                return taehv.decode_uint8(self._tinies[b.tiny_key], self._denormalize(vae, latents))
+            return vae_ops.decode_uint8(vae, latents)
+
+    @staticmethod
+    def _denormalize(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """What the tiny decoder takes: the latents as the full VAE's decoder sees them (z * std + mean)."""
+        mean, std = vae_ops.latent_stats(vae, latents.device, torch.float32)
+        return latents.float() * std + mean
 
     def _plan_offload(self, config: dict[str, Any], n_experts: int, text_path: Path, text_key: str,
                       precision: str = "bf16") -> tuple[bool, bool]:
-        policy = self.settings.engine.offload
+        policy = self.options.offload
         if self.device.type != "cuda" or policy == "none":
             return False, False
         if policy == "model":
@@ -318,12 +385,12 @@ class TurboEngine:
     # --- compile and warm-up ------------------------------------------------------------------------
     @property
     def compiling(self) -> bool:
-        return self.settings.engine.compile and self.device.type == "cuda"
+        return self.options.compile and self.device.type == "cuda"
 
     def _compile(self, model: WanTransformer3DModel) -> None:
         """Regional compile of the repeated DiT blocks, with the compiler's caches in the configured folder
         (set before the first compile, so a restarted worker reuses the kernels of the last one)."""
-        cache = self.settings.path(self.settings.engine.compile_cache_dir)
+        cache = self.options.compile_cache_dir
         try:
             cache.mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
@@ -342,10 +409,10 @@ class TurboEngine:
         dynamic and no other resolution, aspect or frame count recompiles during a job."""
         from generator.request import ASPECTS, SIZES
 
-        d = self.settings.defaults
-        first = (*SIZES[(d.resolution, d.aspect)], d.frames)
+        o = self.options
+        first = (*SIZES[(o.warm_up_resolution, o.warm_up_aspect)], o.warm_up_frames)
         other = next(SIZES[("480p", a)] for a in ASPECTS if SIZES[("480p", a)] != first[:2])
-        second = (*other, max(5, d.frames - 16))
+        second = (*other, max(5, o.warm_up_frames - 16))
         return [first, second]
 
     def warm_up(self) -> None:
@@ -399,7 +466,7 @@ class TurboEngine:
     def resolve_attention(self, req: GenerationRequest, b: Bundle) -> str:
         """Request setting, else engine setting; "auto" on the CPU demo is dense SDPA (the torch SLA
         reference costs a full dense pass plus masking there, several times slower)."""
-        att = req.attention if req.attention != "auto" else self.settings.engine.attention
+        att = req.attention if req.attention != "auto" else self.options.attention
         if att == "auto" and b.is_demo and self.device.type == "cpu":
             return "dense"
         return att
@@ -425,6 +492,7 @@ class TurboEngine:
         b = self._bundle(name)
         if b.mode != req.mode:
             raise EngineError(f"Model '{name}' makes {b.mode} videos, not {req.mode}.", code="bad_request")
+        decoder = self.resolve_decoder(name, job.decoder)  # before any GPU time is spent on the job
         text, vae = self._texts[b.text_key], self._vaes[b.vae_key]
         steps = req.steps
         timings: dict[str, float] = {}
@@ -493,14 +561,16 @@ class TurboEngine:
         if b.offload_dit:
             for m in b.experts:
                 self._place(m, False)
+        tiny_decoder = self._tinies[b.tiny_key] if decoder == "tiny" and b.tiny_key else None
         out, n_frames, (out_w, out_h) = self._decode_to_mp4(vae, latents, b, job.output_path, timings,
-                                                            lambda: progress(Progress("encode", steps, steps)))
+                                                            lambda: progress(Progress("encode", steps, steps)),
+                                                            tiny_decoder=tiny_decoder)
         del latents
         digest, size = _sha256(out)
         timings["total"] = time.perf_counter() - t_job
         return RenderResult(
-            path=out, width=out_w, height=out_h, frames=n_frames, fps=video_ops.FPS,
-            duration_s=n_frames / video_ops.FPS, bytes=size, sha256=digest, model_label=b.label,
+            path=out, width=out_w, height=out_h, frames=n_frames, fps=media.FPS,
+            duration_s=n_frames / media.FPS, bytes=size, sha256=digest, model_label=b.label,
             is_demo=b.is_demo, timings=timings,
         )
 
@@ -577,15 +647,18 @@ class TurboEngine:
         return self._with_oom_retry(run, lambda: self._offload_idle(b, keep=expert))
 
     def _decode_to_mp4(self, vae: AutoencoderKLWan, latents: torch.Tensor, b: Bundle, path: Path,
-                       timings: dict[str, float], on_encode: Callable[[], None]) -> tuple[Path, int, tuple[int, int]]:
+                       timings: dict[str, float], on_encode: Callable[[], None], *,
+                       tiny_decoder: taehv.TinyDecoder | None = None) -> tuple[Path, int, tuple[int, int]]:
         """Decode once and write the mp4. First streamed (each latent frame's pixels go to ffmpeg as they are
-        decoded); after an out-of-memory error the transformers leave the GPU and a tiled decode is encoded
-        from memory. A second OOM propagates."""
+        decoded); after an out-of-memory error the transformers leave the GPU and a tiled decode (tiny decoder:
+        one latent frame per pass) is encoded from memory. A second OOM propagates."""
         t0 = time.perf_counter()
-        writer = video_ops.Mp4Writer(path, fps=video_ops.FPS)
+        writer = media.Mp4Writer(path, fps=media.FPS)
         oom = False
         try:
-            for chunk in vae_ops.iter_uint8_chunks(vae, latents):
+            chunks = (taehv.iter_uint8_chunks(tiny_decoder, self._denormalize(vae, latents))
+                      if tiny_decoder is not None else vae_ops.iter_uint8_chunks(vae, latents))
+            for chunk in chunks:
                 writer.write(chunk)
             timings["decode"] = time.perf_counter() - t0
             on_encode()
@@ -607,13 +680,23 @@ class TurboEngine:
         self.free_memory()
         for m in b.experts:
             self._place(m, False)
-        frames = vae_ops.decode_uint8(vae, latents, tiled=True)
+        if tiny_decoder is not None:
+            frames = taehv.decode_uint8(tiny_decoder, self._denormalize(vae, latents), chunk_frames=1)
+        else:
+            frames = vae_ops.decode_uint8(vae, latents, tiled=True)
         timings["decode"] = time.perf_counter() - t0
         on_encode()
         t1 = time.perf_counter()
-        out = video_ops.write_mp4(frames, path, fps=video_ops.FPS)
+        out = media.write_mp4(frames, path, fps=media.FPS)
         timings["encode"] = time.perf_counter() - t1
         return out, frames.shape[0], (frames.shape[2] - frames.shape[2] % 2, frames.shape[1] - frames.shape[1] % 2)
+
+
+def _required(name: str, key: str, path: Path | None) -> Path:
+    """A model file the configuration must name (empty settings are None in ``ModelOptions``)."""
+    if path is None:
+        raise ModelNotConfigured(f"models.{name}.{key} must name a local file or folder.")
+    return path
 
 
 def _sha256(path: Path) -> tuple[str, int]:

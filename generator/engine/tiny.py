@@ -6,13 +6,14 @@ differ, chosen so a default job (81 frames, 832x480, 4 steps) runs in seconds on
   * VAE: ``patch_size`` 4 with two 2x up/down stages (16x spatial, 4x temporal, 16 latent channels), so
     the causal decoder works at a quarter of the output size;
   * DiT: patch (1, 1, 1) over those latents (32,760 tokens at 480p like the real 1.3B), 1 block of width 16;
+  * tiny decoder (the fast TAEHV-layout one): widths 8/8/4/4 with pixel shuffle 2, so it also gives 16x;
   * umT5: 2 layers of width 32 over a 259-symbol byte vocabulary (every prompt tokenizes distinctly).
 Their videos are not meaningful: every result is labelled as coming from an untrained demo model.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from generator.engine.offline import ensure_offline
 
@@ -25,10 +26,13 @@ from transformers import PreTrainedTokenizerFast, UMT5EncoderModel  # noqa: E402
 
 from generator.engine.text import umt5_config  # noqa: E402
 
+if TYPE_CHECKING:
+    from generator.engine.taehv import TinyDecoder
+
 TINY_KINDS = ("tiny-t2v", "tiny-i2v")
 TINY_TEXT_DIM = 32
 DEMO_NOTE = "untrained demo model"
-_SEEDS = {"text": 1001, "vae": 1002, "tiny-t2v": 1003, "tiny-i2v": 1004}
+_SEEDS = {"text": 1001, "vae": 1002, "tiny-t2v": 1003, "tiny-i2v": 1004, "taehv": 1005}
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in umT5
 
 TINY_VAE_CONFIG: dict[str, Any] = {
@@ -108,6 +112,33 @@ def tiny_vae() -> AutoencoderKLWan:
         bias = conv.bias.view(3, p)
         bias.copy_(bias[:, :1].expand_as(bias).clone())
     return vae.eval().requires_grad_(False)
+
+
+TINY_TAEHV_WIDTHS = (8, 8, 4, 4)
+TINY_TAEHV_PATCH = 2  # x8 from the three upsamples, x2 from the pixel shuffle: the tiny VAE's 16x
+
+
+def tiny_taehv_decoder() -> TinyDecoder:
+    """A TAEHV-layout decoder with random weights for the demo VAE's latents (16 channels, 16x, 4x time);
+    its output conv is shared by the 2x2 pixels of each patch, like ``tiny_vae``'s, to keep mp4s small."""
+    from generator.engine.taehv import WAN21_LATENT_CHANNELS, TinyDecoder, TinySpec
+
+    n = TINY_TAEHV_WIDTHS
+    spec = TinySpec(latent_channels=WAN21_LATENT_CHANNELS, widths=n,
+                    memblocks=tuple(((w, w),) * 3 for w in n[:3]), strides=(1, 2, 2), file_strides=(1, 2, 2),
+                    patch=TINY_TAEHV_PATCH)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEEDS["taehv"])
+        model = TinyDecoder(spec)
+    p = TINY_TAEHV_PATCH**2
+    conv = model.decoder[22]
+    assert isinstance(conv, torch.nn.Conv2d) and conv.bias is not None
+    with torch.no_grad():  # pixel_shuffle reads channel c * p + k as sub-pixel k of colour c
+        w = conv.weight.view(3, p, *conv.weight.shape[1:])
+        w.copy_(w[:, :1].expand_as(w).clone())
+        bias = conv.bias.view(3, p)
+        bias.copy_(bias[:, :1].expand_as(bias).clone() + 0.5)  # mid-grey, not a mostly black clip
+    return model.eval().requires_grad_(False)
 
 
 def tiny_transformers(kind: str, *, attention: str = "auto", sla_topk: float = 0.1) -> list[torch.nn.Module]:

@@ -1,4 +1,4 @@
-"""``WanTransformer3DModel`` kwargs of the supported models (engine.md section 2), importable without torch."""
+"""``WanTransformer3DModel`` kwargs of the supported models (docs/engine.md section 2), importable without torch."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ from typing import Any, TextIO
 from sqlalchemy.exc import DBAPIError
 
 from generator.engine.api import EngineError, JobCancelled, OutOfMemory, Progress, RenderJob, RenderResult
-from generator.engine.video import output_name as video_output_name
+from generator.media import video_file_name
 from generator.request import GenerationRequest
 from generator.scheduler import protocol, queue
 from generator.scheduler.api import Phase
@@ -61,7 +61,7 @@ from turbobot.logs import setup_logging
 log = logging.getLogger("turbobot.worker")
 
 ENGINE_FACTORY_ENV = "TURBOBOT_ENGINE_FACTORY"
-DEFAULT_ENGINE_FACTORY = "generator.engine:create_engine"
+DEFAULT_ENGINE_FACTORY = "generator.scheduler.engine_options:default_engine"
 EXIT_CUDA_FATAL = 3
 PARTIAL_PREFIX = ".partial-job"
 ROW_HEARTBEAT_MIN_SECONDS = 2.0
@@ -152,7 +152,7 @@ def free_gpu_memory() -> None:
 def attempt_file_name(job_id: int, attempt: int, request: GenerationRequest) -> str:
     """Server-generated final name (mode, job, seed, model; never user text), e.g.
     ``t2v_12_42_tiny-t2v.a1.mp4``; the attempt keeps a fenced-out straggler from touching the winner."""
-    return video_output_name(request.mode, job_id, request.seed or 0, request.model or "model", ext=f"a{attempt}.mp4")
+    return video_file_name(request.mode, job_id, request.seed or 0, request.model or "model", ext=f"a{attempt}.mp4")
 
 
 def partial_name(job_id: int, attempt: int) -> str:

@@ -1,13 +1,15 @@
-"""Video files: frames -> H.264 mp4 through imageio-ffmpeg's bundled ffmpeg, probing, fit-to-size, thumbnails.
+"""Video files, shared by the engine, the scheduler and the front ends: frames -> H.264 mp4 through
+imageio-ffmpeg's bundled ffmpeg, probing, playability checks, fit-to-size re-encodes, thumbnails and the
+server-made output file names.
 
 Every mp4 is H.264 (libx264) in yuv420p with ``+faststart`` (the index first, so chat clients stream it
 before the download ends). Raw RGB frames are piped to ffmpeg's stdin; nothing goes through a shell.
+Needs numpy and ffmpeg only: imports nothing of this project (no torch), so front ends can use it cheaply.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import shutil
@@ -351,12 +353,8 @@ def thumbnail(src: str | Path, dst: str | Path, *, max_side: int | None = None) 
 _SAFE = re.compile(r"[^a-z0-9.\-]+")
 
 
-def output_name(mode: str, job_id: int, seed: int, model: str, *, ext: str = "mp4") -> str:
+def video_file_name(mode: str, job_id: int, seed: int, model: str, *, ext: str = "mp4") -> str:
     """Server-made file name ``{mode}_{job}_{seed}_{model}.{ext}``: only [a-z0-9._-], never user text."""
     m = mode if mode in ("t2v", "i2v") else "video"
     slug = _SAFE.sub("-", str(model).lower()).strip("-.")[:40] or "model"
     return f"{m}_{int(job_id)}_{int(seed)}_{slug}.{ext}"
-
-
-def duration_of(frames: int, fps: int = FPS) -> float:
-    return frames / float(fps) if fps else math.nan
