@@ -25,7 +25,11 @@ import numpy as np
 
 FPS = 16
 DEFAULT_CRF = 19
-DEFAULT_PRESET = "fast"
+# Streaming encodes: no lookahead and no B-frames, so each frame is encoded as it arrives and the file is done
+# a few ms after the last one (the "tail"; bench/mp4_tail.py, bench/RESULTS.md: 0.02-0.07 s at 480p against
+# 0.17-1.3 s with x264's defaults). veryfast keeps files no larger than "fast" without them.
+DEFAULT_PRESET = "veryfast"
+STREAMING_X264 = "rc-lookahead=0:sync-lookahead=0:bframes=0"
 _TIMEOUT_S = 600
 
 
@@ -56,8 +60,9 @@ def _even(frames: np.ndarray) -> np.ndarray:
     return frames[:, : h - h % 2, : w - w % 2]
 
 
-def _x264_args(crf: int, preset: str) -> list[str]:
-    return ["-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+def _x264_args(crf: int, preset: str, params: str = "") -> list[str]:
+    extra = ["-x264-params", params] if params else []
+    return ["-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), *extra, "-pix_fmt", "yuv420p",
             "-movflags", "+faststart", "-f", "mp4"]
 
 
@@ -93,7 +98,7 @@ class Mp4Writer:
         self._err = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-             "-s", f"{w}x{h}", "-r", str(self.fps), "-i", "-", *_x264_args(self.crf, self.preset), str(self._tmp)],
+             "-s", f"{w}x{h}", "-r", str(self.fps), "-i", "-", *_x264_args(self.crf, self.preset, STREAMING_X264), str(self._tmp)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._err,
         )
         self.size = (w, h)
