@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from generator import media
 from generator.media import probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -437,3 +439,16 @@ def test_readme_run_command_installs_the_runtime_only_and_ci_follows_the_readme(
     steps = [ci.index(s) for s in ("pip install -q torch==2.13.0", "pip install -q -e .\n", "storage.migrate check",
                                    'pip install -q -e ".[dev]"', "ruff check .", "python -m pytest -q")]
     assert steps == sorted(steps)
+
+
+def test_draft_flag_reaches_the_engine_as_the_tiny_decoder(workdir: Path) -> None:
+    # Same seed and parameters; only --draft differs. The embedded demo model has a tiny decoder, so the draft
+    # is decoded by it and its pixels differ from the full VAE's (the flag used to stop at the request).
+    outs = []
+    for extra in ([], ["--draft"]):
+        out = turbobot(workdir, "generate", "a red fox", "--seed", "7", "--json", *FAST, *extra)
+        assert out.returncode == 0, out.stderr[-2000:]
+        outs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    frames = [media.decode_frames(o["output"]) for o in outs]
+    assert frames[0].shape == frames[1].shape
+    assert np.abs(frames[0].astype(np.int16) - frames[1].astype(np.int16)).mean() > 1.0

@@ -489,7 +489,9 @@ class Worker:
             if request.mode == "i2v" and (image is None or not image.exists()):
                 outcome = ("fail", ("input_missing", "The input image of this job is no longer stored."))
             else:
-                rj = RenderJob(job_id=job.job_id, request=request, image_path=image, output_path=tmp)
+                # A draft ("--draft" / decoder "tiny") forces the tiny decoder; otherwise the model's own setting.
+                rj = RenderJob(job_id=job.job_id, request=request, image_path=image, output_path=tmp,
+                               decoder="tiny" if request.decoder == "tiny" else None)
                 result = await self.loop.run_in_executor(self.executor, self._render, rj, job, events)
                 outcome = ("ok", result)
         except JobCancelled:
