@@ -12,7 +12,8 @@ and the stock ``AutoencoderKLWan.decode`` against the engine's decode on the sam
 does) and renders again; ``--max-chunks`` renders once more per value of the VAE decode's latent frames per pass
 (``vae.DECODE_OPTIONS.max_chunk``; the default is used everywhere else). ``--no-dense`` / ``--no-stock`` skip
 the dense-attention job and the stock transformer / stock VAE comparisons.
-``--precision fp8`` builds the DiTs with fp8 block linears (``generator.engine.fp8``).
+``--precision fp8`` builds the DiTs with fp8 block linears (``generator.engine.fp8``). ``--tiny`` then renders the
+1.3B jobs again with a tiny (TAEHV-layout) decoder at the published widths, random weights.
 Random weights give honest timings, never quality. Prints a table last, writes DIR/engine.json.
 """
 
@@ -40,6 +41,7 @@ ensure_offline()
 from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
 from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
 
+from generator.engine import taehv  # noqa: E402
 from generator.engine import vae as vae_ops  # noqa: E402
 from generator.engine.api import RenderJob  # noqa: E402
 from generator.engine.options import EngineOptions, ModelOptions  # noqa: E402
@@ -99,13 +101,13 @@ def cuda_ms(fn: Any, reps: int = 3) -> float:
 
 
 def render(engine: TurboEngine, name: str, resolution: str, *, attention: str, steps: int = 4, seed: int = 1,
-           prompt: str, out: Path) -> dict[str, Any]:
+           prompt: str, out: Path, decoder: str | None = None) -> dict[str, Any]:
     req = GenerationRequest(mode="t2v", prompt=prompt, model=name, resolution=resolution, aspect="16:9", frames=81,
                             steps=steps, seed=seed, attention=attention)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    res = engine.render(RenderJob(job_id=seed, request=req, output_path=out), progress=lambda _p: None,
+    res = engine.render(RenderJob(job_id=seed, request=req, output_path=out, decoder=decoder), progress=lambda _p: None,
                         cancelled=lambda: False)
     wall = time.perf_counter() - t0
     return {"attention": engine.last_attention, "steps": steps, "wall_s": round(wall, 3),
@@ -152,6 +154,7 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="then regionally compile the DiT blocks, render again")
     ap.add_argument("--max-chunks", default="", help="comma list: one more job per VAE decode chunk cap")
     ap.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
+    ap.add_argument("--tiny", action="store_true", help="then render with a tiny (TAEHV) decoder too")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,6 +212,21 @@ def main() -> int:
                        out=out / "b13.mp4")
             case[f"job_{i}_sla{tag}"] = r
             print("1.3B 480p compiled", r, flush=True)
+            (out / "engine.json").write_text(json.dumps(results, indent=2))
+    if args.tiny:  # the same jobs decoded by a tiny decoder at the published widths (random weights)
+        spec = taehv.TinySpec(latent_channels=16, widths=(256, 128, 64, 64),
+                              memblocks=tuple(((n, n),) * 3 for n in (256, 128, 64)), strides=(1, 2, 2),
+                              file_strides=(1, 2, 2), patch=1)
+        torch.manual_seed(0)
+        engine._tinies["bench"] = taehv.TinyDecoder(spec).to(DEV, BF16).eval().requires_grad_(False)
+        engine._bundles["b13"].tiny_key = "bench"
+        render(engine, "b13", "480p", attention="sla", steps=1, prompt="warm up tiny", out=out / "w.mp4",
+               decoder="tiny")
+        for i in range(2):
+            r = render(engine, "b13", "480p", attention="sla", prompt=f"a fox running in snow t{i}", seed=50 + i,
+                       out=out / "b13t.mp4", decoder="tiny")
+            case[f"job_{i}_sla{tag}_tiny"] = r
+            print("1.3B 480p tiny decoder", r, flush=True)
             (out / "engine.json").write_text(json.dumps(results, indent=2))
     default_decode = vae_ops.DECODE_OPTIONS
     for mc in (int(v) for v in args.max_chunks.split(",") if v):
