@@ -1,4 +1,4 @@
-"""Who may submit what: roles, allow/deny lists, blocked words, and the quota checks of ``submit``.
+"""Who may submit what: roles, allow/deny lists, and the quota checks of ``submit``.
 
 ``admit`` runs inside the submit's write transaction, right before the insert, so the checks and the
 enqueue are one atomic step (docs/scheduler.md: no double spend under concurrent requests).
@@ -7,7 +7,6 @@ enqueue are one atomic step (docs/scheduler.md: no double spend under concurrent
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,15 +42,6 @@ def check_access(settings: Settings, requester: Requester) -> None:
         return
     if key in admin.deny or (admin.allow and key not in admin.allow):
         raise Refusal(RefusalCode.BLOCKED, "Sorry, you are not allowed to make videos with this bot.")
-
-
-def blocked_word(settings: Settings, prompt: str) -> str | None:
-    """The first configured blocked word or phrase found in ``prompt`` (whole words, any case)."""
-    for word in settings.admin.blocked_words:
-        w = word.strip()
-        if w and re.search(r"(?<!\w)" + re.escape(w) + r"(?!\w)", prompt, flags=re.IGNORECASE):
-            return w
-    return None
 
 
 @dataclass(frozen=True)

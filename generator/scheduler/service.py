@@ -27,6 +27,7 @@ from generator.scheduler.cache import ViewCache
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.events import EventHub
 from generator.scheduler.metrics import SchedulerMetrics
+from generator.scheduler.moderation import word_list
 from generator.scheduler.reads import JobViews, Listings
 from generator.scheduler.submission import Submissions
 from generator.scheduler.supervision import WorkerEvents
@@ -64,6 +65,8 @@ class Scheduler:
             outputs_dir=settings.path(settings.app.outputs_dir).resolve(),
             inputs_dir=settings.path(settings.app.inputs_dir).resolve(),
             cache=ViewCache(self.db, settings.scheduler),
+            blocklist=word_list(settings.admin.blocked_words, settings, settings.moderation.blocklist_file),
+            nsfw_words=word_list((), settings, settings.moderation.nsfw_words_file),
         )
         self.hub = hub
         self.outputs_dir = self._core.outputs_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import uuid
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from generator.request import USER_FIELDS, GenerationRequest, RequestError, new_seed, validate
 from generator.scheduler import files
-from generator.scheduler.admission import admit, blocked_word, check_access, role_of
+from generator.scheduler.admission import admit, check_access, role_of
 from generator.scheduler.api import (
     DeliveryTarget,
     JobView,
@@ -33,6 +34,14 @@ from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users
 from storage.models import Job, utcnow
 
 log = logging.getLogger("turbobot.scheduler")
+
+BLOCKED_PROMPT_MESSAGE = "Your prompt was blocked by this bot's content rules. Please rephrase it."
+
+
+def where_of(target: DeliveryTarget) -> str:
+    """A delivery target as ``platform:guild/chat`` (``platform:chat`` outside a server) for audit rows."""
+    return f"{target.platform}:{target.guild_id}/{target.chat_id}" if target.guild_id else (
+        f"{target.platform}:{target.chat_id}")
 
 
 class Submissions:
@@ -82,9 +91,10 @@ class Submissions:
                 req = validate(request, self._core.settings.request_limits, role_of(self._core.settings, requester.key))
             except RequestError as exc:
                 raise Refusal(RefusalCode.INVALID, exc.message) from None
-            word = blocked_word(self._core.settings, req.prompt)
-            if word is not None:
-                raise Refusal(RefusalCode.BLOCKED_WORDS, "That prompt contains words this bot does not accept.")
+            entry = self._core.blocklist.match(req.prompt)
+            if entry is not None:  # the refusal never echoes the prompt; moderators see it in the audit log
+                await self._audit_moderation("blocked_prompt", requester, target, req.prompt, entry)
+                raise Refusal(RefusalCode.BLOCKED_WORDS, BLOCKED_PROMPT_MESSAGE)
             if req.seed is None:
                 req = req.with_seed(new_seed())
             await self._core.require_storage()
@@ -156,6 +166,22 @@ class Submissions:
                 )
         except Exception:
             log.exception("could not write the refusal to the audit log")
+
+    async def _audit_moderation(
+        self, action: str, requester: Requester, target: DeliveryTarget, prompt: str, entry: str
+    ) -> None:
+        """A moderation event for the console's queue: who, where, what matched and the prompt (moderators only)."""
+        detail = json.dumps({
+            "who": requester.key, "name": requester.display_name, "where": where_of(target),
+            "platform": target.platform, "guild": target.guild_id, "chat": target.chat_id,
+            "entry": entry, "prompt": prompt,
+        })
+        try:
+            async with self._core.db.write() as s:
+                user = await repo_users.find_user(s, requester.platform, requester.user_id)
+                await repo_audit.add_audit(s, action, user_id=user.id if user else None, detail=detail)
+        except Exception:
+            log.exception("could not write a moderation event to the audit log")
 
     async def remix(
         self,
