@@ -133,6 +133,7 @@ class ModerationSettings:
     blocklist_file: str = ""  # one word or phrase a line; re-read when it changes (with [admin] blocked_words)
     nsfw_words_file: str = ""  # age-restricted words: gated by each community's policy (block by default)
     default_policy: str = "block"  # age-restricted content where a community chose nothing: block, nsfw_channels, allow
+    max_policy: str = "allow"  # the most permissive policy a community's admins may choose
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "limits.resolutions": RESOLUTIONS,
     "limits.aspects": ASPECTS,
     "moderation.default_policy": POLICIES,
+    "moderation.max_policy": POLICIES,
     "discord.enabled": ("auto", "yes", "no"),
     "discord.sync_commands": ("guild", "global", "off"),
     "telegram.enabled": ("auto", "yes", "no"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 from generator.scheduler.admin import AdminActions
 from generator.scheduler.api import EventSink
 from generator.scheduler.cache import ViewCache
+from generator.scheduler.community import Communities
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.events import EventHub
 from generator.scheduler.metrics import SchedulerMetrics
@@ -75,6 +76,7 @@ class Scheduler:
         self.views = JobViews(self._core)
         self.listings = Listings(self._core)
         self.jobs = Submissions(self._core)
+        self.communities = Communities(self._core)
         self.admin = AdminActions(self._core, self.views)
 
     @property

@@ -28,6 +28,7 @@ from generator.scheduler.api import (
     Requester,
     SubmitResult,
 )
+from generator.scheduler.community import Communities, CommunityView, channel_list, community_of
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.disk import STORAGE_MESSAGE
 from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users
@@ -49,6 +50,22 @@ class Submissions:
 
     def __init__(self, core: SchedulerCore) -> None:
         self._core = core
+        self._communities = Communities(core)
+
+    async def _check_age_restricted(
+        self, prompt: str, requester: Requester, target: DeliveryTarget, community: CommunityView | None
+    ) -> None:
+        """Age-restricted prompts pass only where the community's policy allows them (default: nowhere)."""
+        entry = self._core.nsfw_words.match(prompt)
+        if entry is None:
+            return
+        policy = community.policy if community is not None else self._core.settings.moderation.default_policy
+        nsfw_place = target.nsfw or (community is not None and community.nsfw_chat)
+        if policy == "allow" or (policy == "nsfw_channels" and nsfw_place):
+            return
+        await self._audit_moderation("nsfw_prompt", requester, target, prompt, entry)
+        where = " outside age-restricted channels" if policy == "nsfw_channels" else ""
+        raise Refusal(RefusalCode.NSFW_BLOCKED, f"Age-restricted prompts are not allowed here{where}.")
 
     async def _get(self, job_id: int) -> JobView | None:
         async with self._core.db.read() as s:
@@ -95,10 +112,20 @@ class Submissions:
             if entry is not None:  # the refusal never echoes the prompt; moderators see it in the audit log
                 await self._audit_moderation("blocked_prompt", requester, target, req.prompt, entry)
                 raise Refusal(RefusalCode.BLOCKED_WORDS, BLOCKED_PROMPT_MESSAGE)
+            community = await self._communities.for_target(target)
+            if community is not None and not self._core.is_owner(requester):
+                if not community.enabled:
+                    raise Refusal(RefusalCode.COMMUNITY_OFF,
+                                  "The video bot is switched off here by this community's admins.")
+                if community.channels and target.chat_id not in community.channels:
+                    raise Refusal(RefusalCode.CHANNEL_NOT_ALLOWED,
+                                  f"Videos can only be made in {channel_list(community.channels)} here.")
+            await self._check_age_restricted(req.prompt, requester, target, community)
             if req.seed is None:
                 req = req.with_seed(new_seed())
             await self._core.require_storage()
-            job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id, lineage)
+            member_limit = community.daily_limit if community is not None else 0
+            job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id, lineage, member_limit)
         except Refusal as refusal:
             await self._audit_refusal(requester, refusal, request)
             raise
@@ -114,7 +141,7 @@ class Submissions:
 
     async def _enqueue(
         self, req: GenerationRequest, requester: Requester, target: DeliveryTarget, key: str, parent_id: int | None,
-        lineage: Lineage = "",
+        lineage: Lineage = "", member_limit: int = 0,
     ) -> tuple[int, bool]:
         now = utcnow()
         role = role_of(self._core.settings, requester.key)
@@ -134,7 +161,8 @@ class Submissions:
                 user = await repo_users.upsert_user(
                     s, requester.platform, requester.user_id, display_name=requester.display_name, role=role
                 )
-                await admit(s, self._core.settings, user, role, target, now)
+                await admit(s, self._core.settings, user, role, target, now,
+                            community=(community_of(target), member_limit))
                 job_id = await repo_jobs.insert_job(
                     s, user=user, idempotency_key=key, request=req.to_dict(), platform=target.platform,
                     chat_id=target.chat_id, guild_id=target.guild_id, status_message_id=target.status_message_id,
