@@ -51,11 +51,13 @@ def build_request(
     image: str | None = None,
     options: dict[str, Any] | None = None,
     base: GenerationRequest | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> GenerationRequest:
     """Chat text (prompt with inline ``--flags``) + typed options -> the request to submit.
 
     Flags are parsed and typed here (a bad flag raises ``RequestError`` naming it); ranges and choices are
-    checked once, by the scheduler's submit, where every request enters the queue. ``base`` (a stored request) is the starting point for remixes; otherwise the configured defaults.
+    checked once, by the scheduler's submit, where every request enters the queue. ``base`` (a stored request) is the starting point for remixes; otherwise the configured defaults, with ``defaults`` (the
+    community's own) over them.
     For i2v with no prompt text the configured default motion prompt is used. Raises ``RequestError``.
     """
     parsed = parse_flags(text or "")
@@ -69,6 +71,8 @@ def build_request(
             req = req.replace(image=image)
     else:  # for i2v with no prompt text, the configured default motion prompt
         req = settings.default_request(mode, prompt, image)
+        if defaults:
+            req = req.replace(**defaults)
     if merged:
         req = req.replace(**merged)
     return req
@@ -96,8 +100,9 @@ async def submit_text(
     options: dict[str, Any] | None = None,
 ) -> SubmitResult:
     """Build and submit in one go; every problem comes back as a ``Refusal`` with a friendly message."""
+    defaults = await scheduler.communities.defaults_for(target)
     try:
-        request = build_request(settings, mode, text, image=image, options=options)
+        request = build_request(settings, mode, text, image=image, options=options, defaults=defaults)
     except RequestError as exc:
         raise Refusal("invalid", exc.message) from None
     return await scheduler.jobs.submit(request, requester, target, key)

@@ -234,7 +234,10 @@ def help_text(flavor: str = "plain") -> str:
 REFUSAL_TEXTS: dict[RefusalCode, str] = {
     RefusalCode.INVALID: "That request is not valid.",
     RefusalCode.BLOCKED: "Sorry, you are not allowed to make videos with this bot.",
-    RefusalCode.BLOCKED_WORDS: "That prompt contains words this bot does not accept.",
+    RefusalCode.BLOCKED_WORDS: "Your prompt was blocked by this bot's content rules. Please rephrase it.",
+    RefusalCode.NSFW_BLOCKED: "Age-restricted prompts are not allowed here.",
+    RefusalCode.COMMUNITY_OFF: "The video bot is switched off here by this community's admins.",
+    RefusalCode.CHANNEL_NOT_ALLOWED: "Videos cannot be made in this channel.",
     RefusalCode.MODEL_NOT_CONFIGURED: "That model is not configured on this server.",
     RefusalCode.FORBIDDEN: "You are not allowed to do that.",
     RefusalCode.NOT_FOUND: "That job does not exist (any more).",

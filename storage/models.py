@@ -217,6 +217,21 @@ class ChatBucket(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class CommunitySettings(Base):
+    """Settings a community's admins chose in chat (a Discord server, a Telegram group): only ever tighter
+    than the global config, which stays the ceiling. Every change is also written to the audit log."""
+
+    __tablename__ = "community_settings"
+    __table_args__ = (UniqueConstraint("platform", "community_id", name="platform_community"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    community_id: Mapped[str] = mapped_column(String(64))
+    values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # see generator.scheduler.community
+    updated_by: Mapped[str] = mapped_column(String(80), default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class WorkerState(Base):
     """One row per GPU worker: heartbeat for /readyz, engine info for the console."""
 

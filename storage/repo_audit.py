@@ -42,3 +42,9 @@ async def recent(session: AsyncSession, *, limit: int = 50) -> list[AuditLog]:
 
 async def delete_for_user(session: AsyncSession, user_id: int) -> int:
     return await rows_affected(session, delete(AuditLog).where(AuditLog.user_id == user_id))
+
+
+async def with_actions(session: AsyncSession, actions: Sequence[str], *, limit: int = 100) -> list[AuditLog]:
+    """The newest audit rows of ``actions`` first (the console's moderation queue)."""
+    stmt = select(AuditLog).where(AuditLog.action.in_(list(actions))).order_by(AuditLog.id.desc()).limit(limit)
+    return list((await session.execute(stmt)).scalars())

@@ -504,3 +504,24 @@ async def test_console_operator_is_a_local_owner(tmp_path: Path) -> None:
         assert resp.status == 200 and body["blocked"] is True
         assert c.scheduler.admin.is_owner(Requester("web", "operator"))
 
+
+
+async def test_console_moderation_queue_and_community_settings(tmp_path: Path) -> None:
+    async with console(tmp_path, admin={"blocked_words": ["forbiddenword"]}) as c:
+        await c.prime()
+        resp = await c.submit("a f0rbidden-word fox".replace("-", ""), frames=5)
+        body = await resp.json()
+        assert resp.status == 400 and body["error"] == "blocked_words" and "f0rbidden" not in body["message"]
+        resp = await c.post_json("/api/admin/communities", {
+            "platform": "discord", "community": "42", "changes": {"enabled": False, "daily_limit": 3}})
+        assert resp.status == 200 and (await resp.json())["enabled"] is False
+        resp = await c.post_json("/api/admin/communities", {
+            "platform": "discord", "community": "42", "changes": {"daily_limit": 10**6}})
+        assert resp.status == 400 and "at most" in (await resp.json())["message"]  # the config is the ceiling
+        listed = (await (await c.client.get("/api/admin/communities")).json())["communities"]
+        assert [(x["community"], x["enabled"], x["daily_limit"]) for x in listed] == [("42", False, 3)]
+        events = (await (await c.client.get("/api/admin/moderation")).json())["events"]
+        blocked = [e for e in events if e["action"] == "blocked_prompt"]
+        assert blocked[0]["who"] == "web:operator" and blocked[0]["entry"] == "forbiddenword"
+        assert blocked[0]["prompt"] == "a f0rbiddenword fox" and blocked[0]["where"].startswith("web:")
+        assert [e["where"] for e in events if e["action"] == "community_settings"] == ["discord:42"]

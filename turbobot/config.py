@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from generator.params import ASPECTS, ATTENTIONS, MODES, PARAMS, RESOLUTIONS, Limits
 from generator.request import GenerationRequest, RequestError, validate
+from generator.scheduler.moderation import POLICIES
 
 MODEL_KINDS = ("tiny-t2v", "tiny-i2v", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-i2v-a14b")
 
@@ -130,6 +131,14 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class ModerationSettings:
+    blocklist_file: str = ""  # one word or phrase a line; re-read when it changes (with [admin] blocked_words)
+    nsfw_words_file: str = ""  # age-restricted words: gated by each community's policy (block by default)
+    default_policy: str = "block"  # age-restricted content where a community chose nothing: block, nsfw_channels, allow
+    max_policy: str = "allow"  # the most permissive policy a community's admins may choose
+
+
+@dataclass(frozen=True)
 class DiscordSettings:
     enabled: str = "auto"  # auto (on when a token is set), yes, no
     token_env: str = "DISCORD_TOKEN"
@@ -180,6 +189,7 @@ class Settings:
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    moderation: ModerationSettings = field(default_factory=ModerationSettings)
     discord: DiscordSettings = field(default_factory=DiscordSettings)
     telegram: TelegramSettings = field(default_factory=TelegramSettings)
     web: WebSettings = field(default_factory=WebSettings)
@@ -263,6 +273,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     **{f"defaults.{p.name}": p.choices for p in PARAMS if p.configurable and p.choices},
     "limits.resolutions": RESOLUTIONS,
     "limits.aspects": ASPECTS,
+    "moderation.default_policy": POLICIES,
+    "moderation.max_policy": POLICIES,
     "discord.enabled": ("auto", "yes", "no"),
     "discord.sync_commands": ("guild", "global", "off"),
     "telegram.enabled": ("auto", "yes", "no"),

@@ -42,6 +42,13 @@ def idempotency_key(interaction: discord.Interaction[Any]) -> str:
     return f"discord:{interaction.id}"
 
 
+def _is_nsfw(interaction: discord.Interaction[Any]) -> bool:
+    """The channel is flagged age-restricted (threads: their parent channel)."""
+    channel = interaction.channel
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
+
+
 def target_of(interaction: discord.Interaction[Any], default_limit: int) -> DeliveryTarget:
     """Where the job's status and result go; enough to deliver after a restart (token until it expires)."""
     created = interaction.created_at.timestamp()
@@ -49,6 +56,7 @@ def target_of(interaction: discord.Interaction[Any], default_limit: int) -> Deli
         platform="discord",
         chat_id=str(interaction.channel_id or ""),
         guild_id=str(interaction.guild_id or ""),
+        nsfw=_is_nsfw(interaction),
         extra={
             "application_id": str(interaction.application_id),
             "interaction_id": str(interaction.id),

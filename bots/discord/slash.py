@@ -13,6 +13,7 @@ import discord
 from discord import app_commands
 
 from bots.commands import parse_remix, submit_text
+from bots.community import parse_channels, parse_defaults, settings_text
 from bots.discord.attachments import image_of, precheck, submit_image
 from bots.discord.buttons import cancel_text, forget_view
 from bots.discord.modals import AnimateModal
@@ -21,6 +22,7 @@ from bots.images import ImageRejected
 from bots.texts import help_text, jobs_text, queue_text
 from generator.request import RequestError
 from generator.scheduler.api import Refusal
+from generator.scheduler.moderation import POLICIES
 
 if TYPE_CHECKING:
     from bots.discord.bot import TurboBot
@@ -190,7 +192,51 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
     async def help_(interaction: discord.Interaction[Any]) -> None:
         await send_private(interaction, help_text("discord") + DISCORD_HELP)
 
-    return [t2v, i2v, animate, remix, queue, jobs, cancel, forget, help_, build_admin(bot)]
+    return [t2v, i2v, animate, remix, queue, jobs, cancel, forget, help_, build_settings(bot), build_admin(bot)]
+
+
+def build_settings(bot: "TurboBot") -> app_commands.Command[Any, ..., Any]:
+    """``/settings``: this server's settings, changed by members with Manage Server (hidden from others by
+    default_member_permissions, and checked again here from the interaction's resolved permissions)."""
+
+    @app_commands.command(name="settings", description="This server's video bot settings (Manage Server)")
+    @app_commands.describe(
+        bot_on="Switch the bot on or off in this server", channels="Channels where it works (#a #b, or 'all')",
+        daily_limit="Videos per member and day (0 = the bot's own limit)",
+        policy="Age-restricted content", defaults="Default settings as flags, e.g. --steps 2 --ar 9:16 (or 'clear')",
+    )
+    @app_commands.choices(policy=_choices(POLICIES))
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.guild_only()
+    async def settings_(interaction: discord.Interaction[Any], bot_on: bool | None = None,
+                        channels: str | None = None, daily_limit: app_commands.Range[int, 0, 100000] | None = None,
+                        policy: str | None = None, defaults: str | None = None) -> None:
+        if interaction.guild_id is None:
+            await send_private(interaction, "Settings belong to a server; use /settings there.")
+            return
+        if not interaction.permissions.manage_guild:
+            await send_private(interaction, "Only members with the Manage Server permission can change settings.")
+            return
+        changes: dict[str, Any] = {}
+        if bot_on is not None:
+            changes["enabled"] = bot_on
+        if channels is not None:
+            changes["channels"] = parse_channels(channels)
+        if daily_limit is not None:
+            changes["daily_limit"] = daily_limit
+        if policy is not None:
+            changes["policy"] = policy
+        if defaults is not None:
+            changes.update(parse_defaults(defaults))
+        community = str(interaction.guild_id)
+        if changes:
+            view = await bot.scheduler.communities.update(requester_of(interaction), "discord", community, changes)
+        else:
+            view = await bot.scheduler.communities.get("discord", community)
+        await send_private(interaction, settings_text(view, "discord"),
+                           allowed_mentions=discord.AllowedMentions.none())
+
+    return settings_
 
 
 def build_admin(bot: "TurboBot") -> app_commands.Group:

@@ -75,6 +75,7 @@ def register(app: Application, front: TelegramFront) -> None:
         "limits": h.limits,
         "block": h.block,
         "unblock": h.unblock,
+        "settings": h.community_settings,
     }
     for name, callback in commands.items():
         app.add_handler(CommandHandler(name, callback, filters=NEW))

@@ -13,6 +13,8 @@ from telegram.error import TelegramError
 from telegram.ext import ContextTypes
 
 from bots.commands import build_request, parse_remix, submit_text
+from bots.community import parse_text as parse_settings_text
+from bots.community import settings_text
 from bots.flags import parse_flags
 from bots.images import ImageRejected
 from bots.telegram import media
@@ -332,6 +334,31 @@ class Handlers:
         await self._answer(message, f"<code>{html.escape(key)}</code> {'blocked' if block else 'unblocked'}.")
 
     # --- errors ---------------------------------------------------------------------------------
+    # --- /settings for the group's administrators ----------------------------------------------------
+    async def community_settings(self, update: Update, context: Context) -> None:
+        message, user = update.message, update.effective_user
+        if message is None or user is None:
+            return
+        if message.chat.type == "private":
+            await self._answer(message, "Settings belong to a group: use /settings there (as an administrator).")
+            return
+        member = await message.chat.get_member(user.id)  # getChatMember: the chat's own word, not a cache
+        if member.status not in ("administrator", "creator"):
+            await self._answer(message, "Only this group's administrators can change its settings.")
+            return
+        text = command_args(message)
+        community = str(message.chat.id)
+        try:
+            if text:
+                changes = parse_settings_text(text, platform="telegram")
+                view = await self.front.scheduler.communities.update(requester_of(user), "telegram", community, changes)
+            else:
+                view = await self.front.scheduler.communities.get("telegram", community)
+        except Refusal as refusal:
+            await self._answer(message, html.escape(refusal.message))
+            return
+        await self._answer(message, html.escape(settings_text(view, "telegram")))
+
     async def on_error(self, update: object, context: Context) -> None:
         log.error("Telegram update failed", exc_info=context.error)
         if isinstance(context.error, TelegramError):

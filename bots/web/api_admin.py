@@ -200,6 +200,32 @@ async def unblock(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "user_key": key, "blocked": False})
 
 
+async def moderation(request: web.Request) -> web.Response:
+    """The moderation queue: blocked prompts (with who, where and the prompt) and community settings changes."""
+    c = console_of(request)
+    return web.json_response({"events": await c.scheduler.listings.moderation_events()})
+
+
+async def communities(request: web.Request) -> web.Response:
+    c = console_of(request)
+    return web.json_response({"communities": [v.as_json() for v in await c.scheduler.communities.list()]})
+
+
+async def set_community(request: web.Request) -> web.Response:
+    """Operator override of a community's settings (the same checks as /settings in chat)."""
+    c = console_of(request)
+    body = await json_body(request)
+    platform, community = str(body.get("platform") or ""), str(body.get("community") or "")
+    changes = body.get("changes")
+    if platform not in ("discord", "telegram") or not community or not isinstance(changes, dict):
+        return json_error(400, "invalid", "Give platform (discord or telegram), community and changes.")
+    try:
+        view = await c.scheduler.communities.update(c.operator, platform, community, changes)
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response(view.as_json())
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/admin/overview", overview)
@@ -207,3 +233,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/admin/users/limits", set_limits)
     r.add_post("/api/admin/users/block", block)
     r.add_post("/api/admin/users/unblock", unblock)
+    r.add_get("/api/admin/moderation", moderation)
+    r.add_get("/api/admin/communities", communities)
+    r.add_post("/api/admin/communities", set_community)

@@ -1,4 +1,4 @@
-"""Who may submit what: roles, allow/deny lists, blocked words, and the quota checks of ``submit``.
+"""Who may submit what: roles, allow/deny lists, and the quota checks of ``submit``.
 
 ``admit`` runs inside the submit's write transaction, right before the insert, so the checks and the
 enqueue are one atomic step (docs/scheduler.md: no double spend under concurrent requests).
@@ -7,13 +7,13 @@ enqueue are one atomic step (docs/scheduler.md: no double spend under concurrent
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from generator.scheduler.api import DeliveryTarget, QuotaView, Refusal, RefusalCode, Requester
 from storage.models import User
+from storage.repo_communities import member_jobs_since
 from storage.repo_jobs import queue_counts, user_counts
 from storage.repo_quotas import next_utc_midnight, take_chat_token, usage, utc_day
 from storage.repo_users import EXEMPT_ROLES
@@ -43,15 +43,6 @@ def check_access(settings: Settings, requester: Requester) -> None:
         return
     if key in admin.deny or (admin.allow and key not in admin.allow):
         raise Refusal(RefusalCode.BLOCKED, "Sorry, you are not allowed to make videos with this bot.")
-
-
-def blocked_word(settings: Settings, prompt: str) -> str | None:
-    """The first configured blocked word or phrase found in ``prompt`` (whole words, any case)."""
-    for word in settings.admin.blocked_words:
-        w = word.strip()
-        if w and re.search(r"(?<!\w)" + re.escape(w) + r"(?!\w)", prompt, flags=re.IGNORECASE):
-            return w
-    return None
 
 
 @dataclass(frozen=True)
@@ -98,9 +89,11 @@ def _chat_scope(target: DeliveryTarget) -> str:
 
 
 async def admit(
-    session: AsyncSession, settings: Settings, user: User, role: str, target: DeliveryTarget, now: dt.datetime
+    session: AsyncSession, settings: Settings, user: User, role: str, target: DeliveryTarget, now: dt.datetime,
+    *, community: tuple[str, int] = ("", 0),
 ) -> None:
-    """Raise ``Refusal`` unless ``user`` may enqueue one more job now. Takes a chat token on success."""
+    """Raise ``Refusal`` unless ``user`` may enqueue one more job now. Takes a chat token on success.
+    ``community`` is (community id, its daily limit per member; 0 = none) from the community's settings."""
     if user.blocked:
         raise Refusal(RefusalCode.BLOCKED, "Sorry, you are not allowed to make videos with this bot.")
     if role in EXEMPT_ROLES:
@@ -123,6 +116,15 @@ async def admit(
         raise Refusal(
             RefusalCode.QUOTA_GPU, f"You have used today's {lim.daily_gpu_seconds / 60:g} GPU minutes.", retry_at=reset
         )
+    community_id, member_limit = community
+    if community_id and member_limit > 0:
+        since = dt.datetime.combine(now.astimezone(dt.UTC).date(), dt.time(), tzinfo=dt.UTC)
+        done = await member_jobs_since(session, user.id, target.platform, community_id, since)
+        if done >= member_limit:
+            raise Refusal(
+                RefusalCode.QUOTA_DAILY, f"You have used today's {member_limit} videos in this community.",
+                retry_at=reset,
+            )
     if total_queued >= settings.quotas.global_queue_cap:
         raise Refusal(RefusalCode.QUEUE_FULL, "The queue is full right now; please try again in a few minutes.")
     scope = _chat_scope(target)

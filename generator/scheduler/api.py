@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from generator.request import GenerationRequest
 
 if TYPE_CHECKING:
+    from generator.scheduler.community import Communities
     from generator.scheduler.health import Readiness
     from generator.scheduler.reads import Listings
 
@@ -54,6 +55,7 @@ class DeliveryTarget:
     guild_id: str = ""  # Discord guild or "" for DMs; Telegram: "" (chat_id says it)
     status_message_id: str = ""  # set later with Scheduler.set_status_message
     reply_to_message_id: str = ""
+    nsfw: bool = False  # the channel is flagged age-restricted (Discord NSFW channels)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. Discord application id + interaction token
 
 
@@ -64,6 +66,9 @@ class RefusalCode(StrEnum):
     INVALID = "invalid"  # a request field is out of range or malformed
     BLOCKED = "blocked"  # the user is denied or blocked
     BLOCKED_WORDS = "blocked_words"
+    NSFW_BLOCKED = "nsfw_blocked"  # age-restricted content where the community's policy does not allow it
+    COMMUNITY_OFF = "community_off"  # the community's admins switched the bot off
+    CHANNEL_NOT_ALLOWED = "channel_not_allowed"  # not one of the community's allowed channels
     MODEL_NOT_CONFIGURED = "model_not_configured"
     FORBIDDEN = "forbidden"  # not the owner of the job, or not an admin
     NOT_FOUND = "not_found"
@@ -91,6 +96,9 @@ class RefusalCode(StrEnum):
 _HTTP_STATUS: dict[RefusalCode, int] = {
     RefusalCode.INVALID: 400,
     RefusalCode.BLOCKED_WORDS: 400,
+    RefusalCode.NSFW_BLOCKED: 403,
+    RefusalCode.COMMUNITY_OFF: 403,
+    RefusalCode.CHANNEL_NOT_ALLOWED: 403,
     RefusalCode.MODEL_NOT_CONFIGURED: 400,
     RefusalCode.BLOCKED: 403,
     RefusalCode.FORBIDDEN: 403,
@@ -323,6 +331,10 @@ class SchedulerAPI(Protocol):
     @property
     def listings(self) -> Listings:
         """Listings across every user (web console, CLI)."""
+
+    @property
+    def communities(self) -> Communities:
+        """Per-community settings (``/settings`` in chat, the console's view); applied by submit."""
 
     @property
     def metrics_registry(self) -> Any:

@@ -21,6 +21,7 @@ from generator.scheduler.cache import ViewCache
 from generator.scheduler.disk import STORAGE_MESSAGE, storage_problem
 from generator.scheduler.events import EventHub
 from generator.scheduler.metrics import SchedulerMetrics
+from generator.scheduler.moderation import WordList
 from generator.scheduler.supervisor import Supervisor
 from storage.db import Database
 from turbobot.config import SchedulerSettings, Settings
@@ -37,6 +38,8 @@ class SchedulerCore:
     outputs_dir: Path
     inputs_dir: Path
     cache: ViewCache
+    blocklist: WordList = field(default_factory=WordList)  # refused prompts ([moderation] blocklist_file)
+    nsfw_words: WordList = field(default_factory=WordList)  # age-restricted prompts (community policy)
     supervisor: Supervisor | None = None
     workers_failed: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from typing import Any
 
 from generator.scheduler.admission import quota_view, role_of
@@ -16,7 +17,7 @@ from generator.scheduler.api import TERMINAL_KINDS, JobView, QuotaView, Refusal,
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.health import Readiness, readiness
 from generator.scheduler.views import job_view
-from storage import repo_jobs, repo_listings, repo_users
+from storage import repo_audit, repo_jobs, repo_listings, repo_users
 from storage.models import JOB_STATES, utcnow
 from storage.repo_listings import MAX_PAGE, FinishedRow, JobFilters, UserSummary, WorkerRow
 
@@ -24,6 +25,9 @@ __all__ = [
     "JOB_STATES", "MAX_PAGE", "FinishedRow", "JobFilters", "JobViews", "Listings", "UserSummary", "WorkerRow",
 ]
 
+
+# Audit actions the console's moderation page lists.
+MODERATION_ACTIONS = ("blocked_prompt", "nsfw_prompt", "community_settings")
 
 class JobViews:
     """What one requester (or the operator) may look at; every answer is a ``JobView`` with position/ETA."""
@@ -168,3 +172,17 @@ class Listings:
     async def recent_timings(self, *, limit: int = 30) -> list[tuple[int, dict[str, Any]]]:
         async with self._db.read() as s:
             return await repo_listings.recent_timings(s, limit=limit)
+
+    async def moderation_events(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Blocked prompts and settings changes, newest first: who, where, what matched, and when."""
+        async with self._db.read() as s:
+            rows = await repo_audit.with_actions(s, MODERATION_ACTIONS, limit=limit)
+        out = []
+        for row in rows:
+            try:
+                detail = json.loads(row.detail)
+            except ValueError:
+                detail = {"text": row.detail}
+            out.append({"id": row.id, "at": row.at.isoformat(), "action": row.action, "user_id": row.user_id,
+                        **(detail if isinstance(detail, dict) else {"text": row.detail})})
+        return out

@@ -24,9 +24,11 @@ from __future__ import annotations
 from generator.scheduler.admin import AdminActions
 from generator.scheduler.api import EventSink
 from generator.scheduler.cache import ViewCache
+from generator.scheduler.community import Communities
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.events import EventHub
 from generator.scheduler.metrics import SchedulerMetrics
+from generator.scheduler.moderation import word_list
 from generator.scheduler.reads import JobViews, Listings
 from generator.scheduler.submission import Submissions
 from generator.scheduler.supervision import WorkerEvents
@@ -64,6 +66,8 @@ class Scheduler:
             outputs_dir=settings.path(settings.app.outputs_dir).resolve(),
             inputs_dir=settings.path(settings.app.inputs_dir).resolve(),
             cache=ViewCache(self.db, settings.scheduler),
+            blocklist=word_list(settings.admin.blocked_words, settings, settings.moderation.blocklist_file),
+            nsfw_words=word_list((), settings, settings.moderation.nsfw_words_file),
         )
         self.hub = hub
         self.outputs_dir = self._core.outputs_dir
@@ -72,6 +76,7 @@ class Scheduler:
         self.views = JobViews(self._core)
         self.listings = Listings(self._core)
         self.jobs = Submissions(self._core)
+        self.communities = Communities(self._core)
         self.admin = AdminActions(self._core, self.views)
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import uuid
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from generator.request import USER_FIELDS, GenerationRequest, RequestError, new_seed, validate
 from generator.scheduler import files
-from generator.scheduler.admission import admit, blocked_word, check_access, role_of
+from generator.scheduler.admission import admit, check_access, role_of
 from generator.scheduler.api import (
     DeliveryTarget,
     JobView,
@@ -27,6 +28,7 @@ from generator.scheduler.api import (
     Requester,
     SubmitResult,
 )
+from generator.scheduler.community import Communities, CommunityView, channel_list, community_of
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.disk import STORAGE_MESSAGE
 from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users
@@ -34,12 +36,36 @@ from storage.models import Job, utcnow
 
 log = logging.getLogger("turbobot.scheduler")
 
+BLOCKED_PROMPT_MESSAGE = "Your prompt was blocked by this bot's content rules. Please rephrase it."
+
+
+def where_of(target: DeliveryTarget) -> str:
+    """A delivery target as ``platform:guild/chat`` (``platform:chat`` outside a server) for audit rows."""
+    return f"{target.platform}:{target.guild_id}/{target.chat_id}" if target.guild_id else (
+        f"{target.platform}:{target.chat_id}")
+
 
 class Submissions:
     """Submit, remix/retry, save an input image, remember a job's status message."""
 
     def __init__(self, core: SchedulerCore) -> None:
         self._core = core
+        self._communities = Communities(core)
+
+    async def _check_age_restricted(
+        self, prompt: str, requester: Requester, target: DeliveryTarget, community: CommunityView | None
+    ) -> None:
+        """Age-restricted prompts pass only where the community's policy allows them (default: nowhere)."""
+        entry = self._core.nsfw_words.match(prompt)
+        if entry is None:
+            return
+        policy = community.policy if community is not None else self._core.settings.moderation.default_policy
+        nsfw_place = target.nsfw or (community is not None and community.nsfw_chat)
+        if policy == "allow" or (policy == "nsfw_channels" and nsfw_place):
+            return
+        await self._audit_moderation("nsfw_prompt", requester, target, prompt, entry)
+        where = " outside age-restricted channels" if policy == "nsfw_channels" else ""
+        raise Refusal(RefusalCode.NSFW_BLOCKED, f"Age-restricted prompts are not allowed here{where}.")
 
     async def _get(self, job_id: int) -> JobView | None:
         async with self._core.db.read() as s:
@@ -82,13 +108,24 @@ class Submissions:
                 req = validate(request, self._core.settings.request_limits, role_of(self._core.settings, requester.key))
             except RequestError as exc:
                 raise Refusal(RefusalCode.INVALID, exc.message) from None
-            word = blocked_word(self._core.settings, req.prompt)
-            if word is not None:
-                raise Refusal(RefusalCode.BLOCKED_WORDS, "That prompt contains words this bot does not accept.")
+            entry = self._core.blocklist.match(req.prompt)
+            if entry is not None:  # the refusal never echoes the prompt; moderators see it in the audit log
+                await self._audit_moderation("blocked_prompt", requester, target, req.prompt, entry)
+                raise Refusal(RefusalCode.BLOCKED_WORDS, BLOCKED_PROMPT_MESSAGE)
+            community = await self._communities.for_target(target)
+            if community is not None and not self._core.is_owner(requester):
+                if not community.enabled:
+                    raise Refusal(RefusalCode.COMMUNITY_OFF,
+                                  "The video bot is switched off here by this community's admins.")
+                if community.channels and target.chat_id not in community.channels:
+                    raise Refusal(RefusalCode.CHANNEL_NOT_ALLOWED,
+                                  f"Videos can only be made in {channel_list(community.channels)} here.")
+            await self._check_age_restricted(req.prompt, requester, target, community)
             if req.seed is None:
                 req = req.with_seed(new_seed())
             await self._core.require_storage()
-            job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id, lineage)
+            member_limit = community.daily_limit if community is not None else 0
+            job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id, lineage, member_limit)
         except Refusal as refusal:
             await self._audit_refusal(requester, refusal, request)
             raise
@@ -104,7 +141,7 @@ class Submissions:
 
     async def _enqueue(
         self, req: GenerationRequest, requester: Requester, target: DeliveryTarget, key: str, parent_id: int | None,
-        lineage: Lineage = "",
+        lineage: Lineage = "", member_limit: int = 0,
     ) -> tuple[int, bool]:
         now = utcnow()
         role = role_of(self._core.settings, requester.key)
@@ -124,7 +161,8 @@ class Submissions:
                 user = await repo_users.upsert_user(
                     s, requester.platform, requester.user_id, display_name=requester.display_name, role=role
                 )
-                await admit(s, self._core.settings, user, role, target, now)
+                await admit(s, self._core.settings, user, role, target, now,
+                            community=(community_of(target), member_limit))
                 job_id = await repo_jobs.insert_job(
                     s, user=user, idempotency_key=key, request=req.to_dict(), platform=target.platform,
                     chat_id=target.chat_id, guild_id=target.guild_id, status_message_id=target.status_message_id,
@@ -156,6 +194,22 @@ class Submissions:
                 )
         except Exception:
             log.exception("could not write the refusal to the audit log")
+
+    async def _audit_moderation(
+        self, action: str, requester: Requester, target: DeliveryTarget, prompt: str, entry: str
+    ) -> None:
+        """A moderation event for the console's queue: who, where, what matched and the prompt (moderators only)."""
+        detail = json.dumps({
+            "who": requester.key, "name": requester.display_name, "where": where_of(target),
+            "platform": target.platform, "guild": target.guild_id, "chat": target.chat_id,
+            "entry": entry, "prompt": prompt,
+        })
+        try:
+            async with self._core.db.write() as s:
+                user = await repo_users.find_user(s, requester.platform, requester.user_id)
+                await repo_audit.add_audit(s, action, user_id=user.id if user else None, detail=detail)
+        except Exception:
+            log.exception("could not write a moderation event to the audit log")
 
     async def remix(
         self,

@@ -42,6 +42,11 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
+# Resolved member permissions in interaction payloads: an ordinary member (no Manage Server) and a server admin.
+MEMBER_PERMISSIONS = str(2248473465835073 & ~0x20 & ~0x8)
+ADMIN_PERMISSIONS = str(2248473465835073 | 0x20)
+
+
 @dataclass
 class SentFile:
     filename: str
@@ -281,6 +286,8 @@ class FakeDiscord:
         dm: bool = False,
         message: dict[str, Any] | None = None,
         size_limit: int | None = None,
+        permissions: str = MEMBER_PERMISSIONS,
+        nsfw: bool = False,
     ) -> dict[str, Any]:
         iid = self.new_id()
         token = f"itoken-{iid}"
@@ -309,7 +316,7 @@ class FakeDiscord:
                 "name": "general",
                 "position": 0,
                 "permission_overwrites": [],
-                "nsfw": False,
+                "nsfw": nsfw,
                 "parent_id": None,
                 "flags": 0,
                 "rate_limit_per_user": 0,
@@ -327,7 +334,7 @@ class FakeDiscord:
                 "nick": None,
                 "avatar": None,
                 "premium_since": None,
-                "permissions": "2248473465835073",
+                "permissions": permissions,
             }
             payload.update(guild_id=self.guild_id, guild_locale="en-US", channel_id=self.channel_id,
                            channel=channel, member=member, context=0,
@@ -383,10 +390,14 @@ class FakeDiscord:
         return data
 
     async def slash(self, command: str, user: dict[str, Any], /, *, dm: bool = False,
-                    size_limit: int | None = None, **options: Any) -> str:
-        """Dispatch a slash command ("t2v" or "admin block"); returns the interaction id."""
+                    size_limit: int | None = None, permissions: str = "", nsfw: bool = False,
+                    **options: Any) -> str:
+        """Dispatch a slash command ("t2v" or "admin block"); returns the interaction id. ``permissions``:
+        the member's resolved permissions (default: an ordinary member; ADMIN_PERMISSIONS for a server admin);
+        ``nsfw``: the channel is flagged age-restricted."""
         data = self._command_data(command, options, None)
-        payload = self._interaction(2, data, user, dm=dm, size_limit=size_limit)
+        payload = self._interaction(2, data, user, dm=dm, size_limit=size_limit,
+                                    permissions=permissions or MEMBER_PERMISSIONS, nsfw=nsfw)
         await self.dispatch("INTERACTION_CREATE", payload)
         return payload["id"]
 

@@ -95,6 +95,7 @@ class FakeTelegram:
         self.file_paths: dict[str, str] = {}  # file_path -> file_id
         self.callback_answers: dict[str, dict[str, Any]] = {}
         self.commands: list[dict[str, Any]] = []
+        self.chat_admins: dict[int, set[int]] = {}  # chat id -> user ids getChatMember reports as administrators
         self.webhook_url = ""
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
@@ -502,6 +503,20 @@ class FakeTelegram:
         if chat_id < 0:
             return self.group_chat(chat_id)
         return {"id": chat_id, "type": "private", "first_name": "User"}
+
+    def _m_getChatMember(self, params: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        chat = self._chat(params)
+        user_id = int(params.get("user_id", 0))
+        user = {"id": user_id, "is_bot": False, "first_name": f"U{user_id}"}
+        if chat["type"] == "private" and user_id == chat["id"]:
+            return {"status": "member", "user": user}
+        if user_id not in self.chat_admins.get(chat["id"], set()):
+            return {"status": "member", "user": user}
+        rights = ("can_manage_chat", "can_delete_messages", "can_manage_video_chats", "can_restrict_members",
+                  "can_promote_members", "can_change_info", "can_invite_users", "can_post_stories",
+                  "can_edit_stories", "can_delete_stories")
+        return {"status": "administrator", "user": user, "can_be_edited": False, "is_anonymous": False,
+                **dict.fromkeys(rights, True)}
 
     def _reply_target(self, chat_id: int, params: dict[str, Any]) -> dict[str, Any] | None:
         rp = params.get("reply_parameters") or {}
