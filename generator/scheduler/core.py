@@ -20,6 +20,7 @@ from generator.scheduler.api import Refusal, RefusalCode, Requester
 from generator.scheduler.cache import ViewCache
 from generator.scheduler.disk import STORAGE_MESSAGE, storage_problem
 from generator.scheduler.events import EventHub
+from generator.scheduler.filestore import FileStore
 from generator.scheduler.metrics import SchedulerMetrics
 from generator.scheduler.supervisor import Supervisor
 from storage.db import Database
@@ -37,6 +38,7 @@ class SchedulerCore:
     outputs_dir: Path
     inputs_dir: Path
     cache: ViewCache
+    store: FileStore
     supervisor: Supervisor | None = None
     workers_failed: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -60,9 +62,12 @@ class SchedulerCore:
             self.supervisor.cancel(job_id)
 
     async def storage_problem(self) -> str:
-        """"" when the outputs and inputs folders take new files with enough free space, else why not."""
-        folders = (self.outputs_dir, self.inputs_dir)
-        return await asyncio.to_thread(storage_problem, folders, self.settings.app.min_free_bytes)
+        """"" when the outputs and inputs folders take new files with enough free space (or the object
+        store answers), else why not."""
+        if self.store.kind == "local":
+            folders = (self.outputs_dir, self.inputs_dir)
+            return await asyncio.to_thread(storage_problem, folders, self.settings.app.min_free_bytes)
+        return await asyncio.to_thread(self.store.problem)
 
     async def require_storage(self) -> None:
         problem = await self.storage_problem()

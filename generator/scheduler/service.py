@@ -26,6 +26,7 @@ from generator.scheduler.api import EventSink
 from generator.scheduler.cache import ViewCache
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.events import EventHub
+from generator.scheduler.filestore import make_store
 from generator.scheduler.metrics import SchedulerMetrics
 from generator.scheduler.reads import JobViews, Listings
 from generator.scheduler.submission import Submissions
@@ -63,8 +64,9 @@ class Scheduler:
             settings=settings, db=self.db, hub=hub, metrics=self.metrics,
             outputs_dir=settings.path(settings.app.outputs_dir).resolve(),
             inputs_dir=settings.path(settings.app.inputs_dir).resolve(),
-            cache=ViewCache(self.db, settings.scheduler),
+            cache=ViewCache(self.db, settings.scheduler), store=make_store(settings),
         )
+        self.store = self._core.store
         self.hub = hub
         self.outputs_dir = self._core.outputs_dir
         self.inputs_dir = self._core.inputs_dir
