@@ -80,6 +80,9 @@ class FileStore:
         """"" when new files can be stored now, else why not (for the operator)."""
         raise NotImplementedError
 
+    def invalidate(self) -> None:
+        """Forget a cached ``problem()`` answer (an operation just failed)."""
+
 
 class LocalStore(FileStore):
     """The configured ``app.inputs_dir`` / ``app.outputs_dir`` folders (references are absolute paths)."""
@@ -327,6 +330,9 @@ class S3Store(FileStore):
         except Exception as exc:
             raise StoreError(f"object store list failed: {exc}") from exc
         return out
+
+    def invalidate(self) -> None:
+        self._problem = None
 
     def problem(self) -> str:
         """Can the bucket be reached now? Cached briefly: workers ask before every claim."""

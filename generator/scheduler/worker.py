@@ -574,6 +574,14 @@ class Worker:
             # job is not completed and the lease hands it to another claim (the sweep removes leftovers).
             try:
                 stored = await asyncio.to_thread(self.store.put_file, "outputs", final.name, produced)
+            except Exception as exc:
+                # The store went away: give the job back (the attempt not counted); it is rendered again
+                # once the store answers (no claims meanwhile). Nothing is lost.
+                log.warning("worker %s: job %s output could not be uploaded; handed back: %s",
+                            self.worker_id, job.job_id, exc)
+                self.store.invalidate()  # re-checked (and reported) before the next claim
+                await self._write(queue.hand_back, job.job_id, job.attempt, now=utcnow())
+                return False
             finally:
                 unlink_quietly(produced)
         if produced != tmp:
