@@ -115,8 +115,11 @@ async def readiness(settings: Settings, db: Database) -> Readiness:
         worker_detail: dict[str, Any] = {"ok": False, "reason": f"cannot read workers: {type(exc).__name__}"}
     else:
         ages = {w.id: (now - w.heartbeat_at).total_seconds() for w in rows}
-        # A worker that cannot store outputs (full disk, object store down) takes no jobs: not live.
-        live = [w for w in rows if worker_live(w.state, ages[w.id], cfg) and not (w.info or {}).get("storage_error")]
+        # With a shared object store, a worker that cannot reach it takes no jobs: not live (on one machine
+        # the storage check below already says so, and the worker itself is fine).
+        remote = settings.store.backend != "local"
+        live = [w for w in rows if worker_live(w.state, ages[w.id], cfg)
+                and not (remote and (w.info or {}).get("storage_error"))]
         worker_detail = {
             "ok": bool(live),
             "fresh_within_s": fresh_seconds(cfg),
