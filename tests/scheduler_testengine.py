@@ -104,6 +104,8 @@ class FastEngine:
             raise JobCancelled()
         progress(Progress("decode", steps, steps))
         payload = f"job={job.job_id} seed={job.request.seed} prompt={job.request.prompt}".encode()
+        if job.image_path is not None:  # the input reached this worker: its digest is in the video
+            payload += f" image={hashlib.sha256(Path(job.image_path).read_bytes()).hexdigest()}".encode()
         data = self.base + struct.pack(">I", 8 + len(payload)) + b"free" + payload
         with open(job.output_path, "wb") as fh:
             fh.write(data)

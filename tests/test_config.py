@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_config_matches_defaults() -> None:
     shipped = load_settings(ROOT / "config.toml")
     builtin = Settings()
-    for section in ("app", "database", "engine", "defaults", "limits", "quotas", "scheduler", "admin", "discord", "telegram", "web"):
+    for section in ("app", "database", "engine", "defaults", "limits", "quotas", "scheduler", "admin", "discord", "telegram", "web", "store"):
         assert getattr(shipped, section) == getattr(builtin, section), section
     assert shipped.models == {}
     assert shipped.model_names("t2v") == ("tiny-t2v",)

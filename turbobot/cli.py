@@ -88,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    sub.add_parser("run", help="start the configured bots, the web console and the GPU worker")
+    run = sub.add_parser("run", help="start the configured bots, the web console and the GPU worker")
+    run.add_argument("--no-workers", action="store_true",
+                     help="bots and console only: GPU workers run elsewhere (`turbobot worker` on GPU hosts)")
+
+    worker = sub.add_parser(
+        "worker", help="run GPU workers only, against the configured database and file store (a GPU host)"
+    )
+    worker.add_argument("--devices", type=_devices,
+                        help="comma-separated devices, e.g. cuda:0,cuda:1 or cpu (default: scheduler.worker_devices)")
 
     jobs = sub.add_parser("jobs", help="list recent jobs with state and seed")
     jobs.add_argument("-n", "--limit", type=int, default=20)
@@ -100,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def _devices(text: str) -> tuple[str, ...]:
+    """``cuda:0,cuda:1`` / ``0,1`` / ``cpu`` / ``auto`` -> scheduler.worker_devices entries."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if part.startswith("cuda:"):
+            part = part.removeprefix("cuda:")
+        if part not in ("auto", "cpu") and not part.isdigit():
+            raise argparse.ArgumentTypeError(f"{part!r} is not a device: use cuda:N, N, cpu or auto")
+        out.append(part)
+    if not out:
+        raise argparse.ArgumentTypeError("list at least one device")
+    return tuple(out)
+
+
 def _request_options(args: argparse.Namespace) -> dict[str, Any]:
     return {p.name: getattr(args, p.name) for p in PARAMS if getattr(args, p.name, None) is not None}
 
@@ -490,7 +512,9 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     db = await _open_database(settings)
     scheduler = Scheduler(settings, db=db)
-    await scheduler.start(run_workers=True)
+    await scheduler.start(run_workers=not args.no_workers)
+    if args.no_workers:
+        log.info("no local GPU workers (--no-workers): jobs wait for `turbobot worker` hosts")
     tasks: list[asyncio.Task[None]] = []
     try:
         if use_discord:
@@ -527,8 +551,44 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         await db.dispose()
 
 
+async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """A GPU host: the same scheduler core (supervised workers, heartbeats, leases, fencing, expired-lease
+    recovery, graceful hand-back on stop) with no front end. Jobs come from the shared database; inputs
+    and outputs go through the configured file store."""
+    from generator.scheduler.service import Scheduler
+
+    if args.devices:
+        settings = dataclasses.replace(
+            settings, scheduler=dataclasses.replace(settings.scheduler, worker_devices=args.devices)
+        )
+    if settings.store.backend == "local" and settings.database.url.startswith("sqlite"):
+        log.info("worker host on a local database and local files: this is a one-machine setup")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    db = await _open_database(settings)
+    scheduler = Scheduler(settings, db=db)
+    try:
+        await scheduler.start(run_workers=True)
+        log.info("turbobot worker host %s running: devices %s (Ctrl+C to stop)", socket.gethostname(),
+                 ", ".join(settings.scheduler.worker_devices))
+        print(f"Worker host {socket.gethostname()}: devices {', '.join(settings.scheduler.worker_devices)}",
+              flush=True)
+        # A worker that cannot load its engine is retried by the supervisor with a growing delay (logged).
+        await stop.wait()
+        return 0
+    finally:
+        await scheduler.stop()
+        await db.dispose()
+
+
 # ---------------------------------------------------------------------------------------------- main
-COMMANDS = {"db": cmd_db, "generate": cmd_generate, "run": cmd_run, "jobs": cmd_jobs, "ready": cmd_ready}
+COMMANDS = {
+    "db": cmd_db, "generate": cmd_generate, "run": cmd_run, "worker": cmd_worker, "jobs": cmd_jobs,
+    "ready": cmd_ready,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,6 +179,21 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """Where inputs and outputs live (generator.scheduler.filestore). Credentials come from the environment."""
+
+    backend: str = "local"  # local (app.inputs_dir / app.outputs_dir) or s3 (any S3-compatible store)
+    endpoint_url: str = ""  # empty = AWS; e.g. http://minio:9000 or https://<account>.r2.cloudflarestorage.com
+    bucket: str = ""
+    prefix: str = "turbobot/"  # object keys are <prefix>inputs/<name> and <prefix>outputs/<name>
+    region: str = ""
+    access_key_env: str = "AWS_ACCESS_KEY_ID"  # names of the environment variables holding the credentials
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    timeout_seconds: float = 10.0  # connect timeout; an unreachable store makes workers stop claiming
+    cache_dir: str = "data/store_cache"  # downloaded copies for delivery and the console (s3 only)
+
+
+@dataclass(frozen=True)
 class Settings:
     app: AppSettings = field(default_factory=AppSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -193,6 +208,7 @@ class Settings:
     discord: DiscordSettings = field(default_factory=DiscordSettings)
     telegram: TelegramSettings = field(default_factory=TelegramSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     source: str = ""  # the file these came from, "" for built-in defaults
     base_dir: str = "."  # relative paths are resolved against this
 
@@ -279,6 +295,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "discord.sync_commands": ("guild", "global", "off"),
     "telegram.enabled": ("auto", "yes", "no"),
     "telegram.mode": ("polling", "webhook"),
+    "store.backend": ("local", "s3"),
 }
 
 # Keys that must never hold a secret value in the file.
@@ -434,6 +451,8 @@ def _validate(settings: Settings) -> None:
     for key in ("header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
         if getattr(settings.web, key) <= 0:
             raise ConfigError(f"web.{key} must be more than 0 (got {getattr(settings.web, key)}).")
+    if settings.store.backend == "s3" and not settings.store.bucket:
+        raise ConfigError("store.bucket must be set when store.backend = \"s3\".")
     if not 0 < settings.web.port < 65536:
         raise ConfigError(f"web.port must be from 1 to 65535 (got {settings.web.port}).")
 

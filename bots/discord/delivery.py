@@ -236,12 +236,12 @@ class Delivery:
         limit = int(job.target.extra.get("upload_limit") or self.bot.settings.discord.default_upload_limit_bytes)
         view = job_buttons(job)
         with tempfile.TemporaryDirectory(prefix="turbobot-discord-") as tmp:
-            upload = await prepare_upload(job, limit, Path(tmp))
+            upload = await prepare_upload(job, limit, Path(tmp), settings=self.bot.settings)
             try:
                 await self._send_result(job, upload, view)
             except TooLarge:
                 log.info("job %s: Discord refused %s as too large; sending a preview", job.id, upload.filename)
-                upload = await prepare_upload(job, limit, Path(tmp), force_preview=True)
+                upload = await prepare_upload(job, limit, Path(tmp), force_preview=True, settings=self.bot.settings)
                 await self._send_result(job, upload, view)
 
     async def _send_result(self, job: JobView, upload: Upload, view: discord.ui.View) -> None:

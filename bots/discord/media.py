@@ -11,6 +11,8 @@ from pathlib import Path
 
 from generator.media import fit_to_size, thumbnail
 from generator.scheduler.api import JobView
+from generator.scheduler.filestore import is_remote, local_copy
+from turbobot.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,19 @@ async def first_frame(src: Path, dst: Path) -> Path | None:
     return path if file_size(path) is not None else None
 
 
-async def prepare_upload(job: JobView, limit: int, workdir: Path, *, force_preview: bool = False) -> Upload:
+async def prepare_upload(
+    job: JobView, limit: int, workdir: Path, *, force_preview: bool = False, settings: Settings | None = None
+) -> Upload:
     """What to attach for a succeeded job under an upload ``limit`` in bytes."""
     assert job.output is not None
     src = Path(job.output.path)
+    if settings is not None and is_remote(job.output.path):  # in the object store: a local copy first
+        try:
+            copy = await asyncio.to_thread(local_copy, settings, job.output.path)
+            src = copy if copy is not None else workdir / "missing.mp4"
+        except Exception:  # the store is down: DeliverLater would retry, but a clear note is better now
+            log.exception("could not download %s", job.output.path)
+            src = workdir / "missing.mp4"
     name = f"turbobot-{job.id}.mp4"
     size = file_size(src)
     if size is None:

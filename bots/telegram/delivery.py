@@ -18,6 +18,7 @@ from telegram.error import BadRequest, Forbidden
 from bots.telegram.keyboards import result_keyboard
 from bots.texts import result_caption
 from generator.scheduler.api import JobView
+from generator.scheduler.filestore import is_remote, local_copy
 from turbobot.config import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,13 @@ class _Payload:
     kind: str  # "video", "preview", "note" (text only) or "missing"
     data: bytes = b""
     note: str = ""
+
+
+def _fetch(settings: Settings, job: JobView) -> Path | None:
+    """The output as a local file: the file itself, or a copy from the object store (blocking)."""
+    if job.output is not None and is_remote(job.output.path):
+        return local_copy(settings, job.output.path)
+    return output_path(settings, job)
 
 
 def _prepare(src: Path | None, tmp: Path, limit: int) -> _Payload:
@@ -82,7 +90,7 @@ async def deliver_result(bot: Bot, settings: Settings, job: JobView) -> Message 
     caption = result_caption(job, "telegram")
     with tempfile.TemporaryDirectory(prefix="tg-send-") as tmp:
         payload = await asyncio.to_thread(
-            _prepare, output_path(settings, job), Path(tmp), settings.telegram.max_upload_bytes
+            lambda: _prepare(_fetch(settings, job), Path(tmp), settings.telegram.max_upload_bytes)
         )
     if payload.note:
         caption += f"\n<i>{html.escape(payload.note)}</i>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -21,6 +22,7 @@ from generator.params import MODES, PARAMS
 from generator.request import SIGMA_MAX_DEFAULT, SIZES, RequestError
 from generator.scheduler.api import Refusal, RefusalCode
 from generator.scheduler.disk import STORAGE_MESSAGE
+from generator.scheduler.filestore import is_remote, local_copy
 from generator.scheduler.reads import JOB_STATES, MAX_PAGE, JobFilters
 from turbobot.config import Settings
 
@@ -249,7 +251,14 @@ async def _serve_job_file(request: web.Request, *, video: bool) -> web.StreamRes
     job_id = job_id_of(request)
     output, stored = await c.scheduler.listings.media_paths(job_id)
     name, folder = (output, c.settings.app.outputs_dir) if video else (stored, c.settings.app.inputs_dir)
-    path = resolve_media(c.settings, name, folder) if name else None
+    if name and is_remote(name):  # in the object store: served from a local copy
+        try:
+            path = await asyncio.to_thread(local_copy, c.settings, name)
+        except Exception as exc:
+            log.warning("cannot fetch %s from the object store: %s", name, exc)
+            raise web.HTTPServiceUnavailable(text="The file store cannot be reached right now.") from None
+    else:
+        path = resolve_media(c.settings, name, folder) if name else None
     if path is None:
         raise web.HTTPNotFound(text="No video for this job." if video else "No input image for this job.")
     # FileResponse answers Range requests, which <video> needs to seek and to read the duration.

@@ -8,6 +8,7 @@ Tells the event hub and the workers (cancel). See docs/scheduler.md.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from generator.scheduler import files, queue
@@ -17,6 +18,8 @@ from generator.scheduler.core import SchedulerCore
 from generator.scheduler.reads import JobViews
 from storage import repo_audit, repo_files, repo_jobs, repo_users
 from storage.models import Job, utcnow
+
+log = logging.getLogger("turbobot.scheduler")
 
 
 class AdminActions:
@@ -57,6 +60,24 @@ class AdminActions:
         assert view is not None
         return view
 
+    async def _remove(self, refs: list[str]) -> None:
+        """Delete stored files through the file store (local paths or objects); a store that is down now
+        leaves orphans that the sweep removes later."""
+        store = self._core.store
+        if store.kind == "local":
+            await asyncio.to_thread(files.remove_files, [Path(p) for p in refs])
+            return
+
+        def remove() -> None:
+            for ref in refs:
+                if store.owns(ref):
+                    store.delete(ref)
+
+        try:
+            await asyncio.to_thread(remove)
+        except Exception as exc:  # OSError or the client's own errors
+            log.warning("could not delete stored files now (the sweep retries): %s", exc)
+
     async def delete(self, job_id: int, requester: Requester) -> None:
         job = await self._owned_job(job_id, requester)
         if job.state not in TERMINAL_KINDS:
@@ -68,7 +89,7 @@ class AdminActions:
             await repo_audit.add_audit(
                 s, "delete", user_id=actor.id if actor else None, detail=f"job {job_id} by {requester.key}"
             )
-        await asyncio.to_thread(files.remove_files, [Path(p) for p in paths])
+        await self._remove(paths)
 
     async def forget(self, requester: Requester) -> int:
         """Delete the requester's jobs, outputs, inputs and audit entries. The user row itself stays
@@ -87,7 +108,7 @@ class AdminActions:
             await repo_audit.delete_for_user(s, user.id)
             user.display_name = ""
             await repo_audit.add_audit(s, "forget", user_id=user.id, detail=f"{len(ids)} jobs")
-        await asyncio.to_thread(files.remove_files, [Path(p) for p in paths])
+        await self._remove(paths)
         for job_id in ids:
             self._core.cancel_on_workers(job_id)  # their workers discard the result (rows are gone)
         self._core.cache.invalidate_queue()

@@ -20,6 +20,7 @@ from generator.scheduler.api import Refusal, RefusalCode, Requester
 from generator.scheduler.cache import ViewCache
 from generator.scheduler.disk import STORAGE_MESSAGE, storage_problem
 from generator.scheduler.events import EventHub
+from generator.scheduler.filestore import FileStore
 from generator.scheduler.metrics import SchedulerMetrics
 from generator.scheduler.moderation import WordList
 from generator.scheduler.supervisor import Supervisor
@@ -38,6 +39,7 @@ class SchedulerCore:
     outputs_dir: Path
     inputs_dir: Path
     cache: ViewCache
+    store: FileStore
     blocklist: WordList = field(default_factory=WordList)  # refused prompts ([moderation] blocklist_file)
     nsfw_words: WordList = field(default_factory=WordList)  # age-restricted prompts (community policy)
     supervisor: Supervisor | None = None
@@ -63,9 +65,12 @@ class SchedulerCore:
             self.supervisor.cancel(job_id)
 
     async def storage_problem(self) -> str:
-        """"" when the outputs and inputs folders take new files with enough free space, else why not."""
-        folders = (self.outputs_dir, self.inputs_dir)
-        return await asyncio.to_thread(storage_problem, folders, self.settings.app.min_free_bytes)
+        """"" when the outputs and inputs folders take new files with enough free space (or the object
+        store answers), else why not."""
+        if self.store.kind == "local":
+            folders = (self.outputs_dir, self.inputs_dir)
+            return await asyncio.to_thread(storage_problem, folders, self.settings.app.min_free_bytes)
+        return await asyncio.to_thread(self.store.problem)
 
     async def require_storage(self) -> None:
         problem = await self.storage_problem()

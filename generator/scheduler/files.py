@@ -46,6 +46,16 @@ def list_job_files(directory: Path) -> list[JobFile]:
     return out
 
 
+def match_job_file(name: str) -> tuple[int, int, bool] | None:
+    """(job id, attempt, partial) when ``name`` is an output file name of a job, else None."""
+    m = _FINAL.match(name)
+    partial = False
+    if m is None:
+        m = _PARTIAL.match(name)
+        partial = m is not None
+    return None if m is None else (int(m.group(1)), int(m.group(2)), partial)
+
+
 def orphans(
     files: list[JobFile], states: dict[int, tuple[str, int]], accepted_paths: set[str]
 ) -> list[Path]:

@@ -93,6 +93,11 @@ def _forget(task: asyncio.Future[None]) -> None:
 
 async def storage_status(settings: Settings) -> dict[str, Any]:
     """{"ok", "reason"}: can new videos and inputs be stored (folders writable, app.min_free_bytes free)?"""
+    if settings.store.backend != "local":  # the shared object store (generator.scheduler.filestore)
+        from generator.scheduler.filestore import store_for
+
+        problem = await asyncio.to_thread(store_for(settings).problem)
+        return {"ok": not problem, "reason": problem}
     folders = (settings.path(settings.app.outputs_dir), settings.path(settings.app.inputs_dir))
     problem = await asyncio.to_thread(storage_problem, folders, settings.app.min_free_bytes)
     return {"ok": not problem, "reason": problem}
@@ -110,11 +115,19 @@ async def readiness(settings: Settings, db: Database) -> Readiness:
         worker_detail: dict[str, Any] = {"ok": False, "reason": f"cannot read workers: {type(exc).__name__}"}
     else:
         ages = {w.id: (now - w.heartbeat_at).total_seconds() for w in rows}
-        live = [w for w in rows if worker_live(w.state, ages[w.id], cfg)]
+        # With a shared object store, a worker that cannot reach it takes no jobs: not live (on one machine
+        # the storage check below already says so, and the worker itself is fine).
+        remote = settings.store.backend != "local"
+        live = [w for w in rows if worker_live(w.state, ages[w.id], cfg)
+                and not (remote and (w.info or {}).get("storage_error"))]
         worker_detail = {
             "ok": bool(live),
             "fresh_within_s": fresh_seconds(cfg),
-            "workers": {w.id: {"state": w.state, "heartbeat_age_s": round(ages[w.id], 1)} for w in rows},
+            "workers": {
+                w.id: {"state": w.state, "heartbeat_age_s": round(ages[w.id], 1),
+                       **({"storage_error": w.info["storage_error"]} if (w.info or {}).get("storage_error") else {})}
+                for w in rows
+            },
             "reason": "" if live else _not_live_reason(list(rows), ages, cfg),
         }
     db_ok, db_reason = await database_writable(db)

@@ -396,6 +396,17 @@ async def _requeue_rows(
     return out
 
 
+async def hand_back(session: AsyncSession, job_id: int, attempt: int, *, now: dt.datetime) -> bool:
+    """The claiming worker gives a job back before rendering it (e.g. its input cannot be fetched from the
+    object store right now): queued again, the attempt not counted. Fenced; safe because the caller is the
+    only holder of this attempt and does nothing more with it."""
+    stmt = update(Job).where(_fenced(job_id, attempt)).values(
+        state="queued", attempts=attempt - 1, lease_until=None, worker_id="", started_at=None,
+        progress_step=0, progress_total=0, progress_phase="",
+    )
+    return bool((await session.execute(stmt)).rowcount == 1)
+
+
 async def has_expired(session: AsyncSession, *, now: dt.datetime) -> bool:
     """Cheap read before taking the write lock for ``requeue_expired``."""
     stmt = select(Job.id).where(Job.state == "running", Job.lease_until < now).limit(1)

@@ -27,6 +27,7 @@ from generator.scheduler.cache import ViewCache
 from generator.scheduler.community import Communities
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.events import EventHub
+from generator.scheduler.filestore import make_store
 from generator.scheduler.metrics import SchedulerMetrics
 from generator.scheduler.moderation import word_list
 from generator.scheduler.reads import JobViews, Listings
@@ -65,10 +66,11 @@ class Scheduler:
             settings=settings, db=self.db, hub=hub, metrics=self.metrics,
             outputs_dir=settings.path(settings.app.outputs_dir).resolve(),
             inputs_dir=settings.path(settings.app.inputs_dir).resolve(),
-            cache=ViewCache(self.db, settings.scheduler),
+            cache=ViewCache(self.db, settings.scheduler), store=make_store(settings),
             blocklist=word_list(settings.admin.blocked_words, settings, settings.moderation.blocklist_file),
             nsfw_words=word_list((), settings, settings.moderation.nsfw_words_file),
         )
+        self.store = self._core.store
         self.hub = hub
         self.outputs_dir = self._core.outputs_dir
         self.inputs_dir = self._core.inputs_dir

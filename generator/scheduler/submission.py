@@ -249,7 +249,11 @@ class Submissions:
         await self._core.require_storage()
         sha = await asyncio.to_thread(lambda: hashlib.sha256(png_bytes).hexdigest())
         try:
-            path = await asyncio.to_thread(files.write_atomic, self._core.inputs_dir, f"{sha}.png", png_bytes)
+            store = self._core.store
+            if store.kind == "local":
+                path = str(await asyncio.to_thread(files.write_atomic, self._core.inputs_dir, f"{sha}.png", png_bytes))
+            else:  # remote workers read it from the object store
+                path = await asyncio.to_thread(store.put_bytes, "inputs", f"{sha}.png", png_bytes)
         except OSError as exc:  # e.g. the disk filled up between the check and the write
             log.warning("cannot store an input image: %s", exc)
             raise Refusal(RefusalCode.STORAGE_UNAVAILABLE, STORAGE_MESSAGE) from None

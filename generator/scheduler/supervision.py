@@ -222,6 +222,8 @@ class WorkerEvents:
 
     async def sweep(self) -> int:
         """Delete orphaned output files (see ``files``); returns how many were removed."""
+        if self._core.store.kind != "local":
+            return await self._sweep_store()
         found = await asyncio.to_thread(files.list_job_files, self._core.outputs_dir)
         if not found:
             return 0
@@ -233,6 +235,47 @@ class WorkerEvents:
         removed = await asyncio.to_thread(files.remove_files, doomed)
         if removed:
             log.info("swept %d orphaned output file(s)", removed)
+        return removed
+
+    async def _sweep_store(self) -> int:
+        """The sweep for an object store: the same rule, on the objects listed under ``outputs/``. A store
+        that is down is retried at the next sweep."""
+        store = self._core.store
+        try:
+            listed = await asyncio.to_thread(store.list, "outputs")
+        except Exception as exc:
+            log.warning("cannot list the object store for the sweep: %s", exc)
+            return 0
+        found: list[tuple[str, int, int, bool]] = []
+        for name, ref in listed:
+            m = files.match_job_file(name)
+            if m is not None:
+                found.append((ref, *m))
+        if not found:
+            return 0
+        ids = sorted({f[1] for f in found})
+        async with self._core.db.read() as s:
+            states = await repo_jobs.job_states(s, ids)
+            accepted = set(await repo_files.output_paths_for_jobs(s, ids))
+        doomed = []
+        for ref, job_id, attempt, partial in found:
+            state = states.get(job_id)
+            if state is not None and state[0] == "running" and state[1] == attempt:
+                continue
+            if not partial and ref in accepted:
+                continue
+            doomed.append(ref)
+
+        def remove() -> int:
+            return sum(1 for ref in doomed if store.delete(ref))
+
+        try:
+            removed = await asyncio.to_thread(remove)
+        except Exception as exc:
+            log.warning("sweep of the object store stopped: %s", exc)
+            return 0
+        if removed:
+            log.info("swept %d orphaned output object(s)", removed)
         return removed
 
     async def _maintenance(self) -> None:

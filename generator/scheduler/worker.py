@@ -51,6 +51,7 @@ from generator.scheduler import protocol, queue
 from generator.scheduler.api import Phase
 from generator.scheduler.disk import storage_problem
 from generator.scheduler.estimate import Shape, StepStats
+from generator.scheduler.filestore import make_store
 from generator.scheduler.health import fresh_seconds
 from storage.db import Database
 from storage.models import utcnow
@@ -225,6 +226,9 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.db: Database | None = None
         self.storage_error = ""  # why outputs cannot be written now ("" = fine); no claims meanwhile
+        # Inputs and outputs: the local folders, or an object store shared with hosts elsewhere (then
+        # ``self.outputs`` is only the scratch folder where videos are rendered before the upload).
+        self.store = make_store(settings)
 
     # Called from the stdin thread.
     def command(self, line: str) -> None:
@@ -284,6 +288,8 @@ class Worker:
         """Claim only while a finished video can be written: with a full or read-only disk, jobs stay queued
         (rendering them would only fail each at the end) and the worker resumes once it is fixed."""
         problem = await asyncio.to_thread(storage_problem, [self.outputs], self.settings.app.min_free_bytes)
+        if not problem and self.store.kind != "local":
+            problem = await asyncio.to_thread(self.store.problem)
         if problem != self.storage_error:
             if problem:
                 log.error("worker %s: not taking jobs: %s", self.worker_id, problem)
@@ -481,6 +487,21 @@ class Worker:
         self.send(protocol.JobChanged(job.job_id, "started"))
         tmp = self.outputs / partial_name(job.job_id, job.attempt)
         image = Path(claimed.input_path) if claimed.input_path else None
+        fetched: Path | None = None
+        if claimed.input_path and self.store.kind != "local":
+            # From the object store to a local file the engine can read; removed after the render.
+            fetched = self.outputs / f".input-job{job.job_id}-{job.attempt}-{os.urandom(4).hex()}.png"
+            try:
+                image = await asyncio.to_thread(self.store.fetch, claimed.input_path, fetched)
+            except Exception as exc:
+                # The store is down: give the job back (the attempt not counted) instead of failing it.
+                log.warning("worker %s: job %s input could not be downloaded; handed back: %s",
+                            self.worker_id, job.job_id, exc)
+                await self._write(queue.hand_back, job.job_id, job.attempt, now=utcnow())
+                self.current = None
+                self.state = "idle"
+                self.send(protocol.JobChanged(job.job_id, "done", fenced=True))
+                return
         events: asyncio.Queue[Progress | None] = asyncio.Queue()
         pump = asyncio.create_task(self._pump(job, events))
         watch = asyncio.create_task(self._watch(job))
@@ -516,6 +537,8 @@ class Worker:
             watch.cancel()
             events.put_nowait(None)
             await pump  # every progress write lands before the terminal one
+            if fetched is not None:
+                unlink_quietly(fetched)
         accepted = False
         try:
             accepted = await self._finish(job, outcome, tmp)
@@ -545,7 +568,24 @@ class Worker:
         produced = Path(result.path)
         final = self.outputs / attempt_file_name(job.job_id, job.attempt, job.request)
         sha, size = await asyncio.to_thread(fsync_and_hash, produced)
-        await asyncio.to_thread(publish, produced, final)
+        stored = str(final)
+        if self.store.kind == "local":
+            await asyncio.to_thread(publish, produced, final)
+        else:
+            # Atomic upload under the final name; the lease keeps running meanwhile. If it fails, the
+            # job is not completed and the lease hands it to another claim (the sweep removes leftovers).
+            try:
+                stored = await asyncio.to_thread(self.store.put_file, "outputs", final.name, produced)
+            except Exception as exc:
+                # The store went away: give the job back (the attempt not counted); it is rendered again
+                # once the store answers (no claims meanwhile). Nothing is lost.
+                log.warning("worker %s: job %s output could not be uploaded; handed back: %s",
+                            self.worker_id, job.job_id, exc)
+                self.store.invalidate()  # re-checked (and reported) before the next claim
+                await self._write(queue.hand_back, job.job_id, job.attempt, now=utcnow())
+                return False
+            finally:
+                unlink_quietly(produced)
         if produced != tmp:
             unlink_quietly(tmp)
         timings = {k: float(v) for k, v in (result.timings or {}).items() if isinstance(v, (int, float))}
@@ -555,7 +595,7 @@ class Worker:
         if job.step_seconds:
             timings["step_mean"] = sum(job.step_seconds) / len(job.step_seconds)
         info = queue.OutputInfo(
-            path=str(final), sha256=sha, bytes=size, duration_s=float(result.duration_s), width=int(result.width),
+            path=stored, sha256=sha, bytes=size, duration_s=float(result.duration_s), width=int(result.width),
             height=int(result.height), frames=int(result.frames), fps=int(result.fps),
             model_label=str(result.model_label), is_demo=bool(result.is_demo),
         )
@@ -564,16 +604,26 @@ class Worker:
                 queue.complete, job.job_id, job.attempt, info, gpu_seconds=gpu_seconds, timings=timings, now=utcnow()
             )
         except BaseException:
-            unlink_quietly(final)  # not accepted; the lease will requeue the job
+            await self._discard(stored)  # not accepted; the lease will requeue the job
             raise
-        if verdict == "lost" and await self._read(queue.accepted_output, job.job_id) == str(final):
+        if verdict == "lost" and await self._read(queue.accepted_output, job.job_id) == stored:
             verdict = "succeeded"  # a retried commit that had in fact gone through
         if verdict != "succeeded":
-            unlink_quietly(final)
+            await self._discard(stored)
             log.info("worker %s: job %s completion %s; file removed", self.worker_id, job.job_id, verdict)
         if job.step_seconds:
             self.stats.record(job.shape, pre_s=pre, step_s=job.step_seconds, post_s=post)
         return verdict != "lost"
+
+
+    async def _discard(self, stored: str) -> None:
+        if self.store.kind == "local":
+            unlink_quietly(Path(stored))
+            return
+        try:
+            await asyncio.to_thread(self.store.delete, stored)
+        except Exception as exc:  # the sweep removes it later
+            log.warning("worker %s: could not delete %s now: %s", self.worker_id, stored, exc)
 
 
 def row_heartbeat_seconds(settings: Settings) -> float:

@@ -1,0 +1,181 @@
+"""The file store: the local folders (default, unchanged paths) and an S3-compatible bucket on a real
+S3-compatible server (moto's standalone server), used by the scheduler, its workers and the front ends."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from s3_support import MotoServer, moto_server, set_creds, store_section
+from scheduler_support import (
+    ENGINE_SPEC,
+    Recorder,
+    make_db,
+    make_settings,
+    session_mp4,
+    until,
+    where,
+    who,
+)
+
+from generator.request import GenerationRequest
+from generator.scheduler.filestore import TEMP_PREFIX, LocalStore, S3Store, local_copy, make_store
+from generator.scheduler.service import Scheduler
+from storage.models import InputImage, Job
+from turbobot.config import settings_from_dict
+
+
+def png(w: int = 64, h: int = 48) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    with moto_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def base_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return session_mp4(tmp_path_factory)
+
+
+def s3_store(server: MotoServer, bucket: str) -> S3Store:
+    server.make_bucket(bucket)
+    return S3Store(bucket=bucket, prefix="p/", endpoint_url=server.url, region="us-east-1",
+                   access_key="testing", secret_key="testing", timeout_s=2.0)
+
+
+# --- the interface, on both backends ------------------------------------------------------------------
+
+
+def test_default_store_is_the_local_folders_with_todays_paths(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    store = make_store(settings)
+    assert isinstance(store, LocalStore)
+    ref = store.put_bytes("inputs", "abc.png", b"x")
+    assert ref == str((tmp_path / "inputs" / "abc.png").resolve())
+    assert store.ref("outputs", "v.mp4") == str((tmp_path / "outputs" / "v.mp4").resolve())
+
+
+def _exercise(store: LocalStore | S3Store, tmp_path: Path) -> None:
+    ref = store.put_bytes("inputs", "a.png", b"hello")
+    assert store.exists(ref) and store.get_bytes(ref) == b"hello" and store.owns(ref)
+    src = tmp_path / "src.mp4"
+    src.write_bytes(b"video" * 1000)
+    out = store.put_file("outputs", "v.a1.mp4", src)
+    assert src.exists()  # put_file copies; the caller removes its scratch file
+    fetched = store.fetch(out, tmp_path / "dl" / "v.mp4")
+    assert fetched is not None and fetched.read_bytes() == src.read_bytes()
+    assert store.list("outputs") == [("v.a1.mp4", out)]  # no temp object left behind
+    assert [n for n, _ in store.list("inputs")] == ["a.png"]
+    # A failed upload leaves nothing under its final name (nor a temp object).
+    with pytest.raises(Exception):  # noqa: B017 - the backends raise their own error types
+        store.put_file("outputs", "broken.mp4", tmp_path / "missing.mp4")
+    assert [n for n, _ in store.list("outputs")] == ["v.a1.mp4"]
+    assert store.delete(out) and not store.exists(out) and not store.delete(out)
+    assert store.fetch(out, tmp_path / "dl" / "gone.mp4") is None
+    assert store.problem() == ""
+
+
+def test_local_store_interface(tmp_path: Path) -> None:
+    _exercise(LocalStore(tmp_path / "in", tmp_path / "out"), tmp_path)
+
+
+def test_s3_store_interface(s3: MotoServer, tmp_path: Path) -> None:
+    store = s3_store(s3, "iface")
+    _exercise(store, tmp_path)
+    assert store.ref("outputs", "x.mp4") == "s3://iface/p/outputs/x.mp4"
+    assert not store.owns("/data/outputs/x.mp4") and not store.owns("s3://other/p/outputs/x.mp4")
+
+
+def test_s3_store_reports_an_unreachable_server(tmp_path: Path) -> None:
+    from s3_support import free_port
+
+    store = S3Store(bucket="b", endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1",
+                    access_key="k", secret_key="s", timeout_s=0.5)
+    assert "not usable" in store.problem()
+    with pytest.raises(OSError):
+        store.put_bytes("inputs", "a.png", b"x")
+
+
+def test_s3_settings_need_a_bucket_and_never_hold_credentials() -> None:
+    from turbobot.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"store\.bucket"):
+        settings_from_dict({"store": {"backend": "s3"}})
+    with pytest.raises(ConfigError, match=r"store\.backend"):
+        settings_from_dict({"store": {"backend": "ftp"}})
+    with pytest.raises(ConfigError, match="secret"):
+        settings_from_dict({"store": {"secret_key": "abc"}})
+
+
+# --- the scheduler and its worker process on the bucket -----------------------------------------------
+
+
+async def _running(tmp_path: Path, base_mp4: Path, server: MotoServer, bucket: str) -> AsyncIterator[Scheduler]:
+    server.make_bucket(bucket)
+    settings = make_settings(tmp_path, store=store_section(server, bucket))
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env={"TURBOBOT_TEST_MP4": str(base_mp4)})
+    await sched.start(run_workers=True)
+    try:
+        yield sched
+    finally:
+        await sched.stop()
+        await db.dispose()
+
+
+async def test_i2v_through_the_bucket_delivery_forget_and_sweep(
+    s3: MotoServer, tmp_path: Path, base_mp4: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_creds(monkeypatch)  # credentials come from the environment only (the worker inherits them)
+    gen = _running(tmp_path, base_mp4, s3, "flow")
+    sched = await gen.__anext__()
+    try:
+        rec = Recorder()
+        sched.subscribe("test", rec)
+        image = png()
+        sha = await sched.jobs.save_input(who(1), image, 64, 48)
+        async with sched.db.read() as s:
+            row = (await s.execute(InputImage.__table__.select())).first()
+        assert row is not None and row.path == f"s3://flow/t/inputs/{sha}.png"
+        assert not (tmp_path / "inputs" / f"{sha}.png").exists()  # not on the local disk
+        req = GenerationRequest(mode="i2v", prompt="move", image=sha, frames=5, steps=2)
+        sub = await sched.jobs.submit(req, who(1), where(), "i1")
+        async with asyncio.timeout(60):
+            done = await sched.views.wait(sub.job.id)
+        assert done.state == "succeeded" and done.output is not None, done.error_message
+        assert done.output.path.startswith("s3://flow/t/outputs/") and done.output.path.endswith(".a1.mp4")
+        # The worker read the image from the bucket: its digest is in the rendered file.
+        local = await asyncio.to_thread(local_copy, sched.settings, done.output.path)
+        assert local is not None
+        data = local.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == done.output.sha256
+        assert f"image={hashlib.sha256(image).hexdigest()}".encode() in data
+        # No video stays on the worker's disk (only the bucket holds it).
+        assert not [p for p in (tmp_path / "outputs").iterdir() if p.suffix in (".mp4", ".png")]
+        await until(lambda: len(rec.terminal(done.id)) == 1, what="terminal event")
+
+        # An orphan in the bucket (a published attempt whose commit was lost) is swept; the accepted one stays.
+        store = sched.store
+        orphan = await asyncio.to_thread(store.put_bytes, "outputs", f"i2v_{done.id}_1_x.a9.mp4", b"x")
+        temp_like = await asyncio.to_thread(store.put_bytes, "outputs", f"{TEMP_PREFIX}keep", b"x")
+        assert await sched.events.sweep() == 1
+        assert not store.exists(orphan) and store.exists(done.output.path) and store.exists(temp_like)
+
+        # /forget deletes the output and the input from the bucket.
+        assert await sched.admin.forget(who(1)) == 1
+        assert not store.exists(done.output.path)
+        assert not store.exists(f"s3://flow/t/inputs/{sha}.png")
+        async with sched.db.read() as s:
+            assert (await s.execute(Job.__table__.select())).first() is None
+    finally:
+        await gen.aclose()
