@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from generator.params import ASPECTS, ATTENTIONS, MODES, PARAMS, RESOLUTIONS, Limits
 from generator.request import GenerationRequest, RequestError, validate
-from generator.scheduler.moderation import POLICIES
 
+# Age-restricted content policy of a community, strictest first (the scheduler's moderation applies it).
+POLICIES = ("block", "nsfw_channels", "allow")
 MODEL_KINDS = ("tiny-t2v", "tiny-i2v", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-i2v-a14b")
 
 

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from turbobot.config import POLICIES
+
 if TYPE_CHECKING:
     from turbobot.config import Settings
 
-log = logging.getLogger("turbobot.moderation")
+__all__ = ["POLICIES", "WordList", "word_list"]
 
-# Age-restricted content in a community: refused, allowed only in NSFW channels / opted-in chats, allowed.
-POLICIES = ("block", "nsfw_channels", "allow")
+log = logging.getLogger("turbobot.moderation")
 
 # Look-alike letters (after casefolding) -> the Latin letter they imitate.
 _CONFUSABLES = str.maketrans({
