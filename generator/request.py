@@ -73,6 +73,9 @@ class GenerationRequest:
     boundary: float = 0.9
     attention: str = "auto"
     decoder: str = "vae"
+    expand: bool = False
+    # Set by the scheduler when prompt expansion rewrote ``prompt``: what the user typed (shown with the video).
+    original_prompt: str | None = None
 
     # --- derived values -------------------------------------------------------------------------
     @property

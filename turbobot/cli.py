@@ -321,12 +321,16 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         "frames": job.output.frames,
         "bytes": job.output.bytes,
         "seconds": job.timings.get("total"),
+        "prompt": job.request.prompt,
+        "original_prompt": job.request.original_prompt,  # set when prompt expansion rewrote the prompt
     }
     if args.json:
         print(json.dumps(info))
     else:
         print(f"job {job.id} succeeded")
         print(f"seed: {job.seed}")
+        if job.request.original_prompt:
+            print(f"prompt (expanded): {job.request.prompt}")
         print(f"output: {path}")
         if args.out:
             print(f"copied to: {args.out}")

@@ -29,6 +29,7 @@ from generator.scheduler.api import (
 )
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.disk import STORAGE_MESSAGE
+from generator.scheduler.expand import expand_prompt
 from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users
 from storage.models import Job, utcnow
 
@@ -88,6 +89,9 @@ class Submissions:
             if req.seed is None:
                 req = req.with_seed(new_seed())
             await self._core.require_storage()
+            if parent_id is None:  # the prompt's origin is the scheduler's to record (remix/retry keep the parent's)
+                req = req.replace(original_prompt=None)
+            req = await self._expanded(req, key)
             job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id, lineage)
         except Refusal as refusal:
             await self._audit_refusal(requester, refusal, request)
@@ -101,6 +105,22 @@ class Submissions:
         if not duplicate:
             self._core.hub.wake(job_id, view)  # the "queued" event, without loading the job again
         return SubmitResult(view, duplicate=duplicate)
+
+    async def _expanded(self, req: GenerationRequest, key: str) -> GenerationRequest:
+        """``req`` with its prompt rewritten by the expansion endpoint when asked for and usable."""
+        if not req.expand or not self._core.settings.expand.url:
+            return req
+        async with self._core.db.read() as s:
+            if await repo_jobs.id_for_key(s, key) is not None:
+                return req  # a repeated click: the stored job is returned, no need to ask the endpoint
+        limits = self._core.settings.request_limits
+        better = await expand_prompt(self._core.settings.expand, req.prompt, limits.max_prompt_chars)
+        if better is None or better == req.prompt:
+            return req
+        if blocked_word(self._core.settings, better) is not None:
+            log.warning("prompt expansion produced a blocked word; using the prompt as typed")
+            return req
+        return req.replace(prompt=better, original_prompt=req.original_prompt or req.prompt)
 
     async def _enqueue(
         self, req: GenerationRequest, requester: Requester, target: DeliveryTarget, key: str, parent_id: int | None,
@@ -183,6 +203,8 @@ class Submissions:
             raise Refusal(RefusalCode.INVALID, f"'{bad[0]}' cannot be changed in a remix.")
         if new_seed:
             changes["seed"] = None
+        if "prompt" in changes and changes["prompt"] != base.get("prompt"):
+            base["original_prompt"] = None  # a new prompt: whatever expansion does next starts from it
         try:
             request = GenerationRequest.from_dict({**base, **changes})
         except (RequestError, TypeError) as exc:

@@ -147,6 +147,7 @@ TB.jobCard = function (job, opts) {
       TB.el("span", {}, title, " · seed ", TB.el("span", { class: "seed" }, String(j.seed))),
       TB.el("span", { class: `state job-state ${j.state}` }, j.state)));
     card.append(TB.el("div", { class: "prompt" }, j.prompt));
+    if (j.original_prompt) card.append(TB.el("div", { class: "meta expanded-from" }, `Expanded from: ${j.original_prompt}`));
     card.append(TB.el("div", { class: "meta" }, TB.paramsLine(j)));
     card.append(TB.el("div", { class: "meta" },
       `${j.user.platform}:${j.user.id}${j.user.name ? " (" + j.user.name + ")" : ""} · ${TB.fmtTime(j.created_at)}`,
