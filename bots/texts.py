@@ -73,7 +73,7 @@ def progress_bar(step: int, total: int, width: int = 12) -> str:
 
 def lineage_word(job: JobView) -> str:
     """What a child job is of its parent: "Retry" (same request, new seed) or "Remix"."""
-    return "Retry" if job.lineage == "retry" else "Remix"
+    return {"retry": "Retry", "extend": "Extension"}.get(job.lineage, "Remix")
 
 
 def running_line(job: JobView) -> str:
