@@ -531,7 +531,7 @@ class Worker:
     async def _join_parent(self, parent_id: int, result: RenderResult, tmp: Path) -> RenderResult:
         """An Extend: the parent's video followed by this render's frames (the shared first frame once)."""
         parent = await self._read(queue.accepted_output, parent_id)
-        if parent is None or not Path(parent).is_file():
+        if parent is None or not await asyncio.to_thread(Path(parent).is_file):
             raise EngineError(f"The video of job #{parent_id} is no longer stored, so it cannot be extended.",
                               code="parent_missing")
         produced = Path(result.path)
@@ -546,7 +546,7 @@ class Worker:
         await asyncio.to_thread(os.replace, joined, tmp)
         return dataclasses.replace(
             result, path=tmp, frames=frames, width=width, height=height, duration_s=frames / result.fps,
-            bytes=tmp.stat().st_size,
+            bytes=(await asyncio.to_thread(tmp.stat)).st_size,
         )
 
     async def _finish(self, job: RunningJob, outcome: tuple[str, Any], tmp: Path) -> bool:
