@@ -224,6 +224,7 @@ def help_text(flavor: str = "plain") -> str:
                else "attach it, or reply to one")
             + ")",
             f"{c('/remix <job> [new prompt] [--flags]')}: same seed, changed prompt or settings",
+            f"{c('/extend <job> [prompt]')}: continue a video from its last frame (or press Extend under it)",
             f"{c('/queue')} your place and quota · {c('/jobs')} your results · {c('/cancel [job]')} · {c('/forget')} delete your data",
             "",
             _bold("Options (add them to the prompt)", flavor),
