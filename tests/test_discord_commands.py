@@ -155,7 +155,7 @@ async def test_information_commands_forget_and_admin(tmp_path: Path) -> None:
                                                                      max_queued=5))
         puts = len([r for r in srv.requests if r.method == "PUT"])
         synced = await env.private_answer(await srv.slash("admin sync", owner, scope="here"))
-        assert "Synced 10 command(s) to this server" in synced
+        assert "Synced 11 command(s) to this server" in synced
         assert len([r for r in srv.requests if r.method == "PUT"]) == puts + 1
 
         # /forget asks first; only the asker can confirm; then everything of theirs is gone.
@@ -212,7 +212,7 @@ async def test_fresh_deploy_without_dev_guilds_registers_globally_once(tmp_path:
     async with discord_env(tmp_path, workers=False, discord={"dev_guild_ids": []}) as env:
         srv = env.server
         names = {c["name"] for c in srv.global_commands}
-        assert {"t2v", "i2v", "remix", "Animate this image", "admin"} <= names
+        assert {"t2v", "i2v", "remix", "extend", "Animate this image", "admin"} <= names
         assert not srv.guild_commands
         versions = [c["version"] for c in srv.global_commands]
         await env.stop_bot()
