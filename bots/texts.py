@@ -73,7 +73,7 @@ def progress_bar(step: int, total: int, width: int = 12) -> str:
 
 def lineage_word(job: JobView) -> str:
     """What a child job is of its parent: "Retry" (same request, new seed) or "Remix"."""
-    return "Retry" if job.lineage == "retry" else "Remix"
+    return {"retry": "Retry", "extend": "Extension"}.get(job.lineage, "Remix")
 
 
 def running_line(job: JobView) -> str:
@@ -135,6 +135,8 @@ def result_caption(job: JobView, flavor: str = "plain") -> str:
     if took is not None:
         head += f" · {took:.1f} s"
     lines = [_bold(head, flavor), _esc(_short_prompt(job.request.prompt, 300), flavor)]
+    if job.request.original_prompt:
+        lines.append(_esc(f"Expanded from: {_short_prompt(job.request.original_prompt, 120)}", flavor))
     if job.parent_id:
         lines.append(f"{lineage_word(job)} of job #{job.parent_id}")
     if job.output is not None and job.output.is_demo:
@@ -165,7 +167,9 @@ def params_text(job: JobView, flavor: str = "plain") -> str:
     # The parameters that shape the video's identity, as flags (the others are shown above).
     flags = " ".join(f"--{p.flags[0]} {p.shown(values[p.name])}" for p in PARAMS if p.column and p.name != "model")
     return "\n".join(
-        [_bold(f"Parameters of job #{job.id}", flavor), _esc(r.prompt, flavor), _code(body, flavor) if flavor != "discord" else f"```\n{body}\n```", f"Same again: {_code(flags, flavor)}"]
+        [_bold(f"Parameters of job #{job.id}", flavor), _esc(r.prompt, flavor)]
+        + ([_esc(f"Expanded from: {r.original_prompt}", flavor)] if r.original_prompt else [])
+        + [_code(body, flavor) if flavor != "discord" else f"```\n{body}\n```", f"Same again: {_code(flags, flavor)}"]
     )
 
 
@@ -220,6 +224,7 @@ def help_text(flavor: str = "plain") -> str:
                else "attach it, or reply to one")
             + ")",
             f"{c('/remix <job> [new prompt] [--flags]')}: same seed, changed prompt or settings",
+            f"{c('/extend <job> [prompt]')}: continue a video from its last frame (or press Extend under it)",
             f"{c('/queue')} your place and quota · {c('/jobs')} your results · {c('/cancel [job]')} · {c('/forget')} delete your data",
             "",
             _bold("Options (add them to the prompt)", flavor),

@@ -231,6 +231,9 @@ PARAMS: tuple[Param, ...] = (
           choices=ATTENTIONS, configurable=True),
     Param("decoder", str, "vae", "Decoder", "tiny = fast draft decode", flags=("decoder",),
           switches=(("draft", "tiny"),), choices=DECODERS),
+    Param("expand", bool, False, "Prompt expansion",
+          "rewrite a short or non-English prompt into a detailed English one (when the server offers it)",
+          switches=(("expand", True), ("no-expand", False)), configurable=True),
 )
 
 PARAM: dict[str, Param] = {p.name: p for p in PARAMS}

@@ -73,6 +73,12 @@ class GenerationRequest:
     boundary: float = 0.9
     attention: str = "auto"
     decoder: str = "vae"
+    expand: bool = False
+    # Set by the scheduler when prompt expansion rewrote ``prompt``: what the user typed (shown with the video).
+    original_prompt: str | None = None
+    # Set by the scheduler on an Extend: the job whose video this one continues (the delivered mp4 is that
+    # video followed by this job's frames). Chains: extending an extension continues the joined video.
+    extends: int | None = None
 
     # --- derived values -------------------------------------------------------------------------
     @property

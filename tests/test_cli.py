@@ -452,3 +452,24 @@ def test_draft_flag_reaches_the_engine_as_the_tiny_decoder(workdir: Path) -> Non
     frames = [media.decode_frames(o["output"]) for o in outs]
     assert frames[0].shape == frames[1].shape
     assert np.abs(frames[0].astype(np.int16) - frames[1].astype(np.int16)).mean() > 1.0
+
+
+def test_generate_extend_continues_a_job_into_one_mp4(workdir: Path) -> None:
+    first = turbobot(workdir, "generate", "a red fox", "--seed", "7", "--json", "--frames", "5", "--steps", "1",
+                     "--no-progress")
+    assert first.returncode == 0, first.stderr
+    parent = json.loads(first.stdout.strip().splitlines()[-1])
+    ext = turbobot(workdir, "generate", "--extend", str(parent["job_id"]), "the fox jumps", "--json", "--no-progress")
+    assert ext.returncode == 0, ext.stderr
+    info = json.loads(ext.stdout.strip().splitlines()[-1])
+    assert info["seed"] == 7 and info["prompt"] == "the fox jumps" and info["frames"] == 9
+    video = probe(info["output"])
+    assert (video.codec, video.pix_fmt, video.frames, video.faststart) == ("h264", "yuv420p", 9, True)
+    ((lineage, parent_id),) = db_rows(workdir, f"select lineage, parent_id from jobs where id = {info['job_id']}")
+    assert (lineage, parent_id) == ("extend", parent["job_id"])
+    # Bad input: a missing job, and settings that belong to the parent; nothing new is queued.
+    missing = turbobot(workdir, "generate", "--extend", "999", "--no-progress")
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    extra = turbobot(workdir, "generate", "--extend", str(parent["job_id"]), "--steps", "2", "--no-progress")
+    assert extra.returncode != 0 and "--extend takes only a prompt" in extra.stderr
+    assert len(db_rows(workdir, "select id from jobs")) == 2

@@ -212,7 +212,7 @@ async def test_fresh_deploy_without_dev_guilds_registers_globally_once(tmp_path:
     async with discord_env(tmp_path, workers=False, discord={"dev_guild_ids": []}) as env:
         srv = env.server
         names = {c["name"] for c in srv.global_commands}
-        assert {"t2v", "i2v", "remix", "Animate this image", "admin"} <= names
+        assert {"t2v", "i2v", "remix", "extend", "Animate this image", "admin"} <= names
         assert not srv.guild_commands
         versions = [c["version"] for c in srv.global_commands]
         await env.stop_bot()

@@ -47,8 +47,8 @@ async def test_t2v_slash_command_delivers_video_with_buttons(tmp_path: Path) -> 
             text = final["content"]
             assert f"#{job_id}" in text and "seed 4242" in text and "4 steps" in text and "test engine" in text
             assert "untrained demo model" in text
-            assert buttons(final) == [f"tb:retry:{job_id}", f"tb:remix:{job_id}", f"tb:params:{job_id}",
-                                      f"tb:delete:{job_id}"]
+            assert buttons(final) == [f"tb:retry:{job_id}", f"tb:remix:{job_id}", f"tb:extend:{job_id}",
+                                      f"tb:params:{job_id}", f"tb:delete:{job_id}"]
             # While it waited/ran the status message had Cancel; edits went through the interaction webhook.
             first_version = srv.history[status["id"]][0]
             assert f"tb:cancel:{job_id}" in buttons(first_version) and "job #" in first_version["content"]
@@ -149,6 +149,27 @@ async def test_remix_and_retry_buttons_work_after_a_restart(tmp_path: Path) -> N
         assert child2 is not None and child2.parent_id == parent
         assert (child2.seed, child2.request.prompt, child2.request.steps) == (777, "a lighthouse at dawn", 1)
 
+
+
+async def test_extend_button_and_slash_command(tmp_path: Path) -> None:
+    async with discord_env(tmp_path) as env:
+        srv = env.server
+        alice = srv.new_user("alice")
+        iid = await srv.slash("t2v", alice, prompt="a lighthouse at night --seed 555")
+        first = await env.delivered(iid)
+        parent = job_id_of(first)
+        click = await srv.click(first["id"], f"tb:extend:{parent}", alice)
+        extended = await env.delivered(click)
+        child = await env.sched.views.get(job_id_of(extended))
+        base = await env.sched.views.get(parent)
+        assert child is not None and base is not None and child.output is not None and base.output is not None
+        assert (child.parent_id, child.lineage, child.seed, child.request.mode) == (parent, "extend", 555, "i2v")
+        assert child.output.frames == 2 * base.output.frames - 1
+        assert f"Extension of job #{parent}" in extended["content"]
+        iid = await srv.slash("extend", alice, job=str(child.id), prompt="the light goes out")
+        chained = await env.sched.views.get(job_id_of(await env.delivered(iid)))
+        assert chained is not None and chained.output is not None and chained.parent_id == child.id
+        assert chained.request.prompt == "the light goes out" and chained.output.frames == 3 * base.output.frames - 2
 
 
 PHASES = (("Encoding the prompt", "text"), ("Decoding the video", "decode"), ("Encoding the mp4", "encode"))

@@ -19,7 +19,7 @@ from turbobot.config import ConfigError, Settings, settings_from_dict
 
 def test_request_fields_mirror_the_declaration() -> None:
     fields = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
-    assert {p.name: p.default for p in PARAMS} == {k: v for k, v in fields.items() if k not in ("mode", "prompt", "image")}
+    assert {p.name: p.default for p in PARAMS} == {k: v for k, v in fields.items() if k not in ("mode", "prompt", "image", "original_prompt", "extends")}
 
 
 @pytest.mark.parametrize("param", PARAMS, ids=lambda p: p.name)

@@ -53,7 +53,9 @@ async def test_t2v_delivers_a_video_with_buttons_and_one_edited_status(tmp_path:
         caption = tg.message(chat["id"], video.result["message_id"])["caption"]
         for part in (f"Job #{job.id}", "seed 77", "tiny-t2v", "2 steps", "untrained demo model"):
             assert part in caption
-        assert buttons(video) == [f"retry:{job.id}", f"remix:{job.id}", f"params:{job.id}", f"delete:{job.id}"]
+        assert buttons(video) == [
+            f"retry:{job.id}", f"remix:{job.id}", f"extend:{job.id}", f"params:{job.id}", f"delete:{job.id}"
+        ]
 
         # Exactly one status message, a reply to the command, edited in place and finally "Done".
         (status_call,) = replies_to(tg, cmd)
@@ -208,6 +210,40 @@ async def test_cancel_button_and_cancel_command(tmp_path: Path) -> None:
         jobs = await stack.jobs_of(ANN["id"])
         for j in jobs:
             assert (await stack.wait_job(j.id)).state == "cancelled"
+
+
+async def test_extend_button_and_command_deliver_one_joined_video(tmp_path: Path) -> None:
+    from generator.media import probe
+
+    async with running_stack(tmp_path) as stack:
+        tg = stack.tg
+        chat = tg.private_chat(ANN)
+        cmd = await tg.send_text(chat, ANN, "/t2v a paper boat --seed 99")
+        video = await delivered(stack, cmd)
+        (first,) = await stack.jobs_of(ANN["id"])
+        assert first.output is not None
+        await tg.click(ANN, tg.message(chat["id"], video.result["message_id"]), f"extend:{first.id}")
+        await tg.wait_for(lambda: len(tg.calls_of("sendVideo")) == 2)
+        ext = next(j for j in await stack.jobs_of(ANN["id"]) if j.id != first.id)
+        assert (ext.parent_id, ext.lineage, ext.seed, ext.request.mode) == (first.id, "extend", 99, "i2v")
+        assert ext.request.prompt == first.request.prompt and ext.output is not None
+        assert ext.output.frames == 2 * first.output.frames - 1 == probe(ext.output.path).frames
+        caption = tg.message(chat["id"], tg.calls_of("sendVideo")[-1].result["message_id"])["caption"]
+        assert f"Extension of job #{first.id}" in caption
+        # /extend JOB prompt: chained onto the extension, with a new prompt.
+        again = await tg.send_text(chat, ANN, f"/extend {ext.id} the boat sails away")
+        await delivered(stack, again)
+        chained = next(j for j in await stack.jobs_of(ANN["id"]) if j.parent_id == ext.id)
+        assert chained.request.prompt == "the boat sails away" and chained.output is not None
+        assert chained.output.frames == 3 * first.output.frames - 2
+        # Bad input: no job id; someone else's job in another chat; a job that does not exist.
+        usage = await tg.send_text(chat, ANN, "/extend")
+        assert "/extend" in (await one_reply(tg, usage, "sendMessage")).params["text"]
+        bob_chat = tg.private_chat(BOB)
+        theirs = await tg.send_text(bob_chat, BOB, f"/extend {first.id}")
+        answer = await one_reply(tg, theirs, "sendMessage")
+        await tg.wait_for(lambda: "cannot be extended here" in tg.message(bob_chat["id"], answer.result["message_id"])["text"])
+        assert len(await stack.jobs_of(BOB["id"])) == 0
 
 
 async def test_buttons_work_after_a_restart_remix_retry_params_delete(tmp_path: Path) -> None:

@@ -65,8 +65,14 @@ async def test_live_status_video_remix_retry_cancel_and_metrics(tmp_path: Path) 
         for jid, word in ((remix["id"], "Remix"), (retry["id"], "Retry")):
             finished = await c.wait_state(jid, ("succeeded",))
             assert finished["output"] is not None and f"{word} of job #{job_id}" in finished["caption"]
+        # Extend: one mp4 of the parent followed by the new frames; a queued job cannot be extended.
+        resp = await c.post_json(f"/api/jobs/{job_id}/extend", {"client_key": "extend-0001-key"})
+        ext = (await resp.json())["job"]
+        assert resp.status == 201 and ext["lineage"] == "extend" and ext["seed"] == 1234 and ext["mode"] == "i2v"
+        finished = await c.wait_state(ext["id"], ("succeeded",))
+        assert finished["output"]["frames"] == 9 and f"Extension of job #{job_id}" in finished["caption"]
         page = await c.job(job_id)
-        assert sorted(ch["id"] for ch in page["children"]) == sorted([remix["id"], retry["id"]])
+        assert sorted(ch["id"] for ch in page["children"]) == sorted([remix["id"], retry["id"], ext["id"]])
 
         # Cancel: a job holding the worker (running) and one waiting behind it (queued).
         hold = (await (await c.submit("hold the worker", frames=5, steps=2)).json())["job"]
@@ -87,9 +93,10 @@ async def test_live_status_video_remix_retry_cancel_and_metrics(tmp_path: Path) 
         metric = dict(re.findall(r"^(turbobot_[^ ]+) ([0-9.e+-]+)$", text, flags=re.M))
         assert float(metric['turbobot_jobs_finished_total{mode="t2v",platform="web",state="succeeded"}']) == 3
         assert float(metric['turbobot_jobs_finished_total{mode="t2v",platform="web",state="cancelled"}']) == 2
-        assert float(metric["turbobot_job_run_seconds_count"]) == 3
-        assert float(metric["turbobot_job_end_to_end_seconds_count"]) == 3
-        assert float(metric["turbobot_job_queue_wait_seconds_count"]) >= 3
+        assert float(metric['turbobot_jobs_finished_total{mode="i2v",platform="web",state="succeeded"}']) == 1  # Extend
+        assert float(metric["turbobot_job_run_seconds_count"]) == 4
+        assert float(metric["turbobot_job_end_to_end_seconds_count"]) == 4
+        assert float(metric["turbobot_job_queue_wait_seconds_count"]) >= 4
         assert float(metric['turbobot_queue_depth{state="queued"}']) == 0
         assert float(metric["turbobot_gpu_seconds_total"]) > 0
         workers = {k: float(v) for k, v in metric.items() if k.startswith("turbobot_workers{")}
@@ -103,7 +110,7 @@ async def test_live_status_video_remix_retry_cancel_and_metrics(tmp_path: Path) 
 
         overview = await (await c.client.get("/api/admin/overview")).json()
         history = overview["step_history"]
-        assert [h["job_id"] for h in history] == [job_id, remix["id"], retry["id"]]
+        assert [h["job_id"] for h in history] == [job_id, remix["id"], retry["id"], ext["id"]]
         assert all(h["step_mean"] > 0.04 for h in history)  # 0.05 s per step in the test engine
 
         ready = await c.client.get("/readyz")

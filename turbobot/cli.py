@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("check", help="fail if the models and the migrations disagree")
 
     gen = sub.add_parser("generate", help="make one video through the scheduler and print where it is")
-    gen.add_argument("prompt", nargs="+", help="what to make; inline --flags work here too when quoted")
+    gen.add_argument("prompt", nargs="*", help="what to make; inline --flags work here too when quoted")
+    gen.add_argument("--extend", type=int, metavar="JOB",
+                     help="continue job JOB's video from its last frame (prompt optional: default the job's)")
     _add_request_options(gen)
     gen.add_argument("--out", type=Path, help="also copy the finished mp4 here")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -263,7 +265,11 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
     prompt = " ".join(args.prompt)
     mode = args.mode or ("i2v" if args.image else "t2v")
-    if mode == "i2v" and not args.image:
+    if args.extend is not None and (args.image or _request_options(args)):
+        raise UserError("--extend takes only a prompt: the rest comes from the job it continues.")
+    if args.extend is None and not prompt.strip():
+        raise UserError("Please give a prompt (or --extend JOB to continue a video).")
+    if args.extend is None and mode == "i2v" and not args.image:
         raise UserError("Image-to-video needs --image PATH.")
     image_bytes: bytes | None = None
     if args.image:
@@ -273,7 +279,10 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         except ImageRejected as exc:
             raise UserError(exc.message) from None
     try:  # validate before starting anything heavy
-        build_request(settings, mode, prompt, image="0" * 64 if args.image else None, options=_request_options(args))
+        if args.extend is None:
+            build_request(
+                settings, mode, prompt, image="0" * 64 if args.image else None, options=_request_options(args)
+            )
     except RequestError as exc:
         raise UserError(exc.message) from None
 
@@ -309,8 +318,16 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
             image_ref = None
             if args.image:  # may be refused (storage_unavailable) like the submit below
                 image_ref = await scheduler.jobs.save_input(requester, validated.png_bytes, validated.width, validated.height)
-            request = build_request(settings, mode, prompt, image=image_ref, options=_request_options(args))
-            result = await scheduler.jobs.submit(request, requester, DeliveryTarget(platform="cli"), f"cli:{uuid.uuid4()}")
+            if args.extend is not None:
+                result = await scheduler.jobs.extend(
+                    args.extend, requester, DeliveryTarget(platform="cli"), f"cli:{uuid.uuid4()}",
+                    prompt=prompt.strip() or None,
+                )
+            else:
+                request = build_request(settings, mode, prompt, image=image_ref, options=_request_options(args))
+                result = await scheduler.jobs.submit(
+                    request, requester, DeliveryTarget(platform="cli"), f"cli:{uuid.uuid4()}"
+                )
             job_id = result.job.id
             printer.show(f"job #{job_id}: submitted, seed {result.job.seed}")
             if worker_loading():
@@ -343,12 +360,16 @@ async def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         "frames": job.output.frames,
         "bytes": job.output.bytes,
         "seconds": job.timings.get("total"),
+        "prompt": job.request.prompt,
+        "original_prompt": job.request.original_prompt,  # set when prompt expansion rewrote the prompt
     }
     if args.json:
         print(json.dumps(info))
     else:
         print(f"job {job.id} succeeded")
         print(f"seed: {job.seed}")
+        if job.request.original_prompt:
+            print(f"prompt (expanded): {job.request.prompt}")
         print(f"output: {path}")
         if args.out:
             print(f"copied to: {args.out}")

@@ -98,6 +98,25 @@ else:
     )
 
 
+EXPAND_SYSTEM_PROMPT = (
+    "You rewrite prompts for a text-to-video model. Answer with one detailed English paragraph (at most 120 words) "
+    "describing the subject, action, setting, lighting and camera. Translate non-English prompts to English. Keep "
+    "the user's intent; add nothing unsafe. Answer with the prompt only."
+)
+
+
+@dataclass(frozen=True)
+class ExpandSettings:
+    """Optional prompt expansion through an OpenAI-compatible chat-completions endpoint (empty url = off)."""
+
+    url: str = ""
+    model: str = ""
+    api_key_env: str = "TURBOBOT_EXPAND_API_KEY"
+    timeout_seconds: float = 8.0
+    short_words: int = 25  # prompts with fewer words (or non-English letters) are rewritten
+    system_prompt: str = EXPAND_SYSTEM_PROMPT
+
+
 @dataclass(frozen=True)
 class QuotaSettings:
     max_running_per_user: int = 1
@@ -201,6 +220,7 @@ class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     models: dict[str, ModelSettings] = field(default_factory=dict)
     defaults: DefaultsSettings = field(default_factory=DefaultsSettings)
+    expand: ExpandSettings = field(default_factory=ExpandSettings)
     limits: Limits = field(default_factory=Limits)
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -439,6 +459,13 @@ def _validate(settings: Settings) -> None:
                 f"configured: {', '.join(settings.model_names(mode)) or 'none'}."
             )
     _validate_defaults(settings)
+    ex = settings.expand
+    if ex.url and not ex.url.startswith(("http://", "https://")):
+        raise ConfigError(f"expand.url must start with http:// or https:// (got {ex.url!r}).")
+    if ex.timeout_seconds <= 0:
+        raise ConfigError(f"expand.timeout_seconds must be more than 0 (got {ex.timeout_seconds:g}).")
+    if settings.defaults.expand and not ex.url:
+        raise ConfigError("defaults.expand = true needs expand.url (the chat-completions endpoint) to be set.")
     q = settings.quotas
     for key in ("max_running_per_user", "max_queued_per_user", "global_queue_cap"):
         if getattr(q, key) < 1:

@@ -22,10 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("retry", "remix", "params", "cancel", "delete")
+ACTIONS = ("retry", "remix", "extend", "params", "cancel", "delete")
 _LABELS = {
     "retry": ("Retry", "🔁", discord.ButtonStyle.primary),
     "remix": ("Remix", "🎛️", discord.ButtonStyle.secondary),
+    "extend": ("Extend", "⏩", discord.ButtonStyle.secondary),
     "params": ("Params", "ℹ️", discord.ButtonStyle.secondary),
     "cancel": ("Cancel", "✖️", discord.ButtonStyle.danger),
     "delete": ("Delete", "🗑️", discord.ButtonStyle.danger),
@@ -36,7 +37,7 @@ def buttons_for(job: JobView) -> tuple[str, ...]:
     if job.state in ("queued", "running"):
         return ("params", "cancel")
     if job.state == "succeeded":
-        return ("retry", "remix", "params", "delete")
+        return ("retry", "remix", "extend", "params", "delete")
     return ("retry", "params", "delete")  # failed or cancelled
 
 
@@ -68,6 +69,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"tb:(?
         handler = {
             "retry": on_retry,
             "remix": on_remix,
+            "extend": on_extend,
             "params": on_params,
             "cancel": on_cancel,
             "delete": on_delete,
@@ -81,6 +83,12 @@ async def on_retry(bot: TurboBot, interaction: discord.Interaction[Any], job_id:
     await respond_with_job(
         bot, interaction, lambda target: bot.scheduler.jobs.remix(job_id, requester, target, key, new_seed=True)
     )
+
+
+async def on_extend(bot: TurboBot, interaction: discord.Interaction[Any], job_id: int) -> None:
+    requester = requester_of(interaction)
+    key = idempotency_key(interaction)
+    await respond_with_job(bot, interaction, lambda target: bot.scheduler.jobs.extend(job_id, requester, target, key))
 
 
 async def on_remix(bot: TurboBot, interaction: discord.Interaction[Any], job_id: int) -> None:

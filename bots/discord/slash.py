@@ -153,6 +153,15 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
         await respond_with_job(bot, interaction, lambda target: bot.scheduler.jobs.remix(
             parent, requester, target, key, overrides=overrides))
 
+    @app_commands.command(name="extend", description="Continue a video from its last frame (one video of both)")
+    @app_commands.describe(job="The job whose video to continue", prompt="Prompt for the continuation (empty = the same)")
+    @app_commands.autocomplete(job=recent_jobs)
+    async def extend(interaction: discord.Interaction[Any], job: str, prompt: str | None = None) -> None:
+        requester, key = requester_of(interaction), idempotency_key(interaction)
+        parent = parse_job_id(job)
+        await respond_with_job(bot, interaction, lambda target: bot.scheduler.jobs.extend(
+            parent, requester, target, key, prompt=(prompt or "").strip() or None))
+
     # --- information and housekeeping -----------------------------------------------------------
     @app_commands.command(name="queue", description="Your place in the queue, your jobs and quota")
     async def queue(interaction: discord.Interaction[Any]) -> None:
@@ -192,7 +201,7 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
     async def help_(interaction: discord.Interaction[Any]) -> None:
         await send_private(interaction, help_text("discord") + DISCORD_HELP)
 
-    return [t2v, i2v, animate, remix, queue, jobs, cancel, forget, help_, build_settings(bot), build_admin(bot)]
+    return [t2v, i2v, animate, remix, extend, queue, jobs, cancel, forget, help_, build_settings(bot), build_admin(bot)]
 
 
 def build_settings(bot: "TurboBot") -> app_commands.Command[Any, ..., Any]:

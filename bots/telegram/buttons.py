@@ -74,6 +74,14 @@ class Buttons:
             lambda target: scheduler.jobs.remix(data.id, requester, target, key, new_seed=True),
         )
 
+    async def _extend(self, query: CallbackQuery, message: Message, data: ButtonData) -> None:
+        requester = requester_of(query.from_user)
+        key = f"telegram:cb:{query.id}"
+        scheduler = self.front.scheduler
+        await self.front.start_job(
+            message.chat_id, message.message_id, lambda target: scheduler.jobs.extend(data.id, requester, target, key)
+        )
+
     async def _remix(self, query: CallbackQuery, message: Message, data: ButtonData) -> None:
         job = await self.front.scheduler.views.get(data.id)
         if job is None:

@@ -42,6 +42,10 @@ USAGE_REMIX = (
     "Use <code>/remix &lt;job&gt; [new prompt] [--flags]</code>, or reply to one of my videos with "
     "<code>/remix [new prompt] [--flags]</code>."
 )
+USAGE_EXTEND = (
+    "Use <code>/extend &lt;job&gt; [prompt]</code>, or reply to one of my videos with <code>/extend [prompt]</code>: "
+    "the video continues from its last frame."
+)
 USAGE_CANCEL = "Use <code>/cancel</code> (your latest job), <code>/cancel &lt;job&gt;</code>, or reply to a status message."
 OWNER_ONLY = "Only the bot owner can use this command."
 LIMIT_FIELDS: dict[str, type] = {"max_queued": int, "daily_jobs": int, "daily_gpu_seconds": float}
@@ -188,6 +192,30 @@ class Handlers:
             message.chat_id,
             message.message_id,
             lambda target: scheduler.jobs.remix(parent, requester, target, key, overrides=overrides),
+        )
+
+    # --- /extend JOB [prompt], or as a reply to one of the bot's videos ------------------------------
+    async def extend(self, update: Update, context: Context) -> None:
+        message = update.message
+        if message is None or update.effective_user is None:
+            return
+        text = command_args(message)
+        replied = message.reply_to_message
+        parent = job_id_of(replied) if self._is_bot_message(replied) else None
+        if parent is None:
+            split = split_job_arg(text)
+            if split is None:
+                await self._answer(message, USAGE_EXTEND)
+                return
+            parent, text = split
+        requester = requester_of(update.effective_user)
+        key = self._key(message)
+        scheduler = self.front.scheduler
+        prompt = text.strip() or None
+        await self.front.start_job(
+            message.chat_id,
+            message.message_id,
+            lambda target: scheduler.jobs.extend(parent, requester, target, key, prompt=prompt),
         )
 
     # --- information ----------------------------------------------------------------------------

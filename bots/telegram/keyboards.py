@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message
 
 # Actions on a job, and the /forget confirmation (whose id is the Telegram user id it belongs to).
-JOB_ACTIONS = ("retry", "remix", "params", "delete", "cancel")
+JOB_ACTIONS = ("retry", "remix", "extend", "params", "delete", "cancel")
 FORGET_ACTIONS = ("forget", "keep")
 _DATA_RE = re.compile(r"^(?P<action>[a-z]+):(?P<id>\d{1,19})$")
 MAX_CALLBACK_BYTES = 64
@@ -43,6 +43,7 @@ def result_keyboard(job_id: int) -> InlineKeyboardMarkup:
             [
                 InlineKeyboardButton("🔁 Retry", callback_data=encode("retry", job_id)),
                 InlineKeyboardButton("✏️ Remix", callback_data=encode("remix", job_id)),
+                InlineKeyboardButton("⏩ Extend", callback_data=encode("extend", job_id)),
             ],
             [
                 InlineKeyboardButton("ℹ️ Params", callback_data=encode("params", job_id)),

@@ -190,6 +190,20 @@ async def retry_job(request: web.Request) -> web.Response:
     return web.json_response({"job": job_json(result.job), "duplicate": result.duplicate}, status=201)
 
 
+async def extend_job(request: web.Request) -> web.Response:
+    """Continue a job's video from its last frame (body: optional "prompt", "client_key")."""
+    c = console_of(request)
+    body = await json_body(request)
+    prompt = str(body.get("prompt") or "").strip() or None
+    try:
+        result = await c.scheduler.jobs.extend(
+            job_id_of(request), c.operator, c.target, _idempotency_key(body.get("client_key")), prompt=prompt
+        )
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"job": job_json(result.job), "duplicate": result.duplicate}, status=201)
+
+
 async def remix_job(request: web.Request) -> web.Response:
     c = console_of(request)
     body = await json_body(request)
@@ -290,6 +304,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(r"/api/jobs/{job_id:\d+}/events", job_events)
     r.add_post(r"/api/jobs/{job_id:\d+}/retry", retry_job)
     r.add_post(r"/api/jobs/{job_id:\d+}/remix", remix_job)
+    r.add_post(r"/api/jobs/{job_id:\d+}/extend", extend_job)
     r.add_post(r"/api/jobs/{job_id:\d+}/cancel", cancel_job)
     r.add_post(r"/api/jobs/{job_id:\d+}/delete", delete_job)
     r.add_get(r"/media/jobs/{job_id:\d+}/video.mp4", job_video)

@@ -36,6 +36,7 @@ def job_json(job: JobView) -> dict[str, Any]:
         "terminal": job.state in TERMINAL_KINDS,
         "mode": r.mode,
         "prompt": r.prompt,
+        "original_prompt": r.original_prompt,  # what the user typed, when prompt expansion rewrote it
         "seed": job.seed,
         "params": params,
         # The params display, from the declaration: [name, shown value] for each parameter of this mode.

@@ -30,7 +30,7 @@ TERMINAL_KINDS = ("succeeded", "failed", "cancelled")
 Phase = Literal["", "text", "sampling", "decoding", "encoding"]
 PHASES: tuple[Phase, ...] = ("text", "sampling", "decoding", "encoding")
 # How a job came from its parent: "remix" (same seed, changes) or "retry" (same request, new seed).
-Lineage = Literal["", "remix", "retry"]
+Lineage = Literal["", "remix", "retry", "extend"]
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ class JobView:
     timings: dict[str, float]
     cancel_requested: bool = False  # running and asked to stop: it ends "cancelled" after the current step
     progress_phase: Phase = ""  # while running; progress_step/progress_total stay the sampler's steps
-    lineage: Lineage = ""  # with parent_id: "remix" or "retry" ("" for children recorded before lineage was)
+    lineage: Lineage = ""  # with parent_id: "remix", "retry" or "extend" ("" for children recorded before lineage was)
 
     @property
     def seed(self) -> int:
@@ -246,6 +246,19 @@ class AdmissionAPI(Protocol):
     ) -> SubmitResult:
         """Re-run job ``parent_id``: same seed and parameters, ``overrides`` applied (field -> value,
         names as in ``GenerationRequest``). ``new_seed=True`` is "Retry": same parameters, fresh seed."""
+
+    async def extend(
+        self,
+        parent_id: int,
+        requester: Requester,
+        target: DeliveryTarget,
+        idempotency_key: str,
+        *,
+        prompt: str | None = None,
+    ) -> SubmitResult:
+        """Continue job ``parent_id``'s video: an I2V job from its last frame with the parent's seed and
+        settings, ``prompt`` (default: the parent's). The delivered video is the parent's followed by the new
+        frames. Same permission rule as a remix; needs a succeeded parent and a configured I2V model."""
 
     async def save_input(self, requester: Requester, png_bytes: bytes, width: int, height: int) -> str:
         """Store a validated, re-encoded input image; returns its sha256 to put in ``request.image``."""

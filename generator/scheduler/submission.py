@@ -12,11 +12,14 @@ import hashlib
 import json
 import logging
 import uuid
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from generator.request import USER_FIELDS, GenerationRequest, RequestError, new_seed, validate
+from generator.engine.extend import last_frame_png
+from generator.media import VideoError
+from generator.request import USER_FIELDS, GenerationRequest, RequestError, clean_prompt, new_seed, validate
 from generator.scheduler import files
 from generator.scheduler.admission import admit, check_access, role_of
 from generator.scheduler.api import (
@@ -31,6 +34,7 @@ from generator.scheduler.api import (
 from generator.scheduler.community import Communities, CommunityView, channel_list, community_of
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.disk import STORAGE_MESSAGE
+from generator.scheduler.expand import expand_prompt
 from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users
 from storage.models import Job, utcnow
 
@@ -124,6 +128,9 @@ class Submissions:
             if req.seed is None:
                 req = req.with_seed(new_seed())
             await self._core.require_storage()
+            if parent_id is None:  # the prompt's origin is the scheduler's to record (remix/retry keep the parent's)
+                req = req.replace(original_prompt=None)
+            req = await self._expanded(req, key)
             member_limit = community.daily_limit if community is not None else 0
             job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id, lineage, member_limit)
         except Refusal as refusal:
@@ -138,6 +145,22 @@ class Submissions:
         if not duplicate:
             self._core.hub.wake(job_id, view)  # the "queued" event, without loading the job again
         return SubmitResult(view, duplicate=duplicate)
+
+    async def _expanded(self, req: GenerationRequest, key: str) -> GenerationRequest:
+        """``req`` with its prompt rewritten by the expansion endpoint when asked for and usable."""
+        if not req.expand or not self._core.settings.expand.url:
+            return req
+        async with self._core.db.read() as s:
+            if await repo_jobs.id_for_key(s, key) is not None:
+                return req  # a repeated click: the stored job is returned, no need to ask the endpoint
+        limits = self._core.settings.request_limits
+        better = await expand_prompt(self._core.settings.expand, req.prompt, limits.max_prompt_chars)
+        if better is None or better == req.prompt:
+            return req
+        if self._core.blocklist.match(better) is not None:
+            log.warning("prompt expansion produced a blocked word; using the prompt as typed")
+            return req
+        return req.replace(prompt=better, original_prompt=req.original_prompt or req.prompt)
 
     async def _enqueue(
         self, req: GenerationRequest, requester: Requester, target: DeliveryTarget, key: str, parent_id: int | None,
@@ -225,11 +248,7 @@ class Submissions:
             parent = await repo_jobs.get_job(s, parent_id)
         if parent is None:
             raise Refusal(RefusalCode.NOT_FOUND, f"Job #{parent_id} does not exist (any more).")
-        mine = parent.user.platform == requester.platform and parent.user.platform_user_id == requester.user_id
-        same_chat = bool(parent.chat_id) and (parent.platform, parent.chat_id) == (target.platform, target.chat_id)
-        if not (mine or same_chat or self._core.is_moderator(requester)):
-            # Only what was posted where you are: job ids are guessable, other people's DMs are private.
-            raise Refusal(RefusalCode.FORBIDDEN, f"Job #{parent_id} was not posted here, so it cannot be remixed here.")
+        self._may_use(parent, requester, target, "remixed")
         base = dict(parent.request)
         changes = dict(overrides or {})
         bad = sorted(set(changes) - set(USER_FIELDS))
@@ -237,6 +256,8 @@ class Submissions:
             raise Refusal(RefusalCode.INVALID, f"'{bad[0]}' cannot be changed in a remix.")
         if new_seed:
             changes["seed"] = None
+        if "prompt" in changes and changes["prompt"] != base.get("prompt"):
+            base["original_prompt"] = None  # a new prompt: whatever expansion does next starts from it
         try:
             request = GenerationRequest.from_dict({**base, **changes})
         except (RequestError, TypeError) as exc:
@@ -244,6 +265,53 @@ class Submissions:
         # A Retry is the same request with a fresh seed; anything changed makes it a remix.
         lineage: Lineage = "retry" if new_seed and not changes.keys() - {"seed"} else "remix"
         return await self._submit(request, requester, target, idempotency_key, parent_id=parent_id, lineage=lineage)
+
+    def _may_use(self, parent: Job, requester: Requester, target: DeliveryTarget, verb: str) -> None:
+        mine = parent.user.platform == requester.platform and parent.user.platform_user_id == requester.user_id
+        same_chat = bool(parent.chat_id) and (parent.platform, parent.chat_id) == (target.platform, target.chat_id)
+        if not (mine or same_chat or self._core.is_moderator(requester)):
+            # Only what was posted where you are: job ids are guessable, other people's DMs are private.
+            raise Refusal(RefusalCode.FORBIDDEN, f"Job #{parent.id} was not posted here, so it cannot be {verb} here.")
+
+    async def extend(
+        self,
+        parent_id: int,
+        requester: Requester,
+        target: DeliveryTarget,
+        idempotency_key: str,
+        *,
+        prompt: str | None = None,
+    ) -> SubmitResult:
+        async with self._core.db.read() as s:
+            parent = await repo_jobs.get_job(s, parent_id)
+        if parent is None:
+            raise Refusal(RefusalCode.NOT_FOUND, f"Job #{parent_id} does not exist (any more).")
+        self._may_use(parent, requester, target, "extended")
+        models = self._core.settings.request_limits.i2v_models
+        if not models:
+            raise Refusal(
+                RefusalCode.MODEL_NOT_CONFIGURED,
+                "Extend continues a video with an image-to-video model, and none is configured on this server.",
+            )
+        if parent.state != "succeeded" or parent.output is None:
+            why = {"failed": "failed", "cancelled": "was cancelled"}.get(parent.state, "is not finished yet")
+            raise Refusal(RefusalCode.INVALID, f"Job #{parent_id} {why}, so there is no video to extend.")
+        video = Path(parent.output.path)
+        try:
+            png, width, height = await asyncio.to_thread(last_frame_png, video)
+        except (OSError, VideoError) as exc:
+            log.warning("cannot take the last frame of job %s (%s): %s", parent_id, video, exc)
+            raise Refusal(RefusalCode.NOT_FOUND, f"The video of job #{parent_id} is no longer stored.") from None
+        image = await self.save_input(requester, png, width, height)
+        base = GenerationRequest.from_dict(dict(parent.request))
+        text = clean_prompt(prompt or "")
+        request = base.replace(
+            mode="i2v", image=image, model=None, seed=parent.seed, adaptive_resolution=True, extends=parent_id,
+            sigma_max=None if base.mode != "i2v" else base.sigma_max,
+            boundary=base.boundary if base.mode == "i2v" else self._core.settings.defaults.boundary,
+            **({"prompt": text, "original_prompt": None} if text else {}),
+        )
+        return await self._submit(request, requester, target, idempotency_key, parent_id=parent_id, lineage="extend")
 
     async def save_input(self, requester: Requester, png_bytes: bytes, width: int, height: int) -> str:
         await self._core.require_storage()

@@ -104,7 +104,7 @@ def job_view(
         timings=_timings(job),
         cancel_requested=bool(job.cancel_requested) and job.state == "running",
         progress_phase=job.progress_phase if job.progress_phase in PHASES else "",
-        lineage=job.lineage if job.lineage in ("remix", "retry") else "",  # type: ignore[arg-type]
+        lineage=job.lineage if job.lineage in ("remix", "retry", "extend") else "",  # type: ignore[arg-type]
     )
 
 

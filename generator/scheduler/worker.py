@@ -45,6 +45,7 @@ from typing import Any, TextIO
 from sqlalchemy.exc import DBAPIError
 
 from generator.engine.api import EngineError, JobCancelled, OutOfMemory, Progress, RenderJob, RenderResult
+from generator.engine.extend import join_videos
 from generator.media import video_file_name
 from generator.request import GenerationRequest
 from generator.scheduler import protocol, queue
@@ -514,6 +515,8 @@ class Worker:
                 rj = RenderJob(job_id=job.job_id, request=request, image_path=image, output_path=tmp,
                                decoder="tiny" if request.decoder == "tiny" else None)
                 result = await self.loop.run_in_executor(self.executor, self._render, rj, job, events)
+                if request.extends is not None:
+                    result = await self._join_parent(request.extends, result, tmp)
                 outcome = ("ok", result)
         except JobCancelled:
             outcome = ("cancel", None)
@@ -549,6 +552,27 @@ class Worker:
         if job.step_seconds:
             await self._save_worker_row()  # after the hint: the terminal event need not wait for this
             self.send(protocol.StatsUpdated())  # new step-time averages: ETAs can use them now
+
+    async def _join_parent(self, parent_id: int, result: RenderResult, tmp: Path) -> RenderResult:
+        """An Extend: the parent's video followed by this render's frames (the shared first frame once)."""
+        parent = await self._read(queue.accepted_output, parent_id)
+        if parent is None or not await asyncio.to_thread(Path(parent).is_file):
+            raise EngineError(f"The video of job #{parent_id} is no longer stored, so it cannot be extended.",
+                              code="parent_missing")
+        produced = Path(result.path)
+        joined = self.outputs / partial_name(parent_id, 0)
+        try:
+            frames, width, height = await asyncio.to_thread(join_videos, parent, produced, joined, fps=result.fps)
+        except BaseException:
+            unlink_quietly(joined)
+            raise
+        if produced != tmp:
+            unlink_quietly(produced)
+        await asyncio.to_thread(os.replace, joined, tmp)
+        return dataclasses.replace(
+            result, path=tmp, frames=frames, width=width, height=height, duration_s=frames / result.fps,
+            bytes=(await asyncio.to_thread(tmp.stat)).st_size,
+        )
 
     async def _finish(self, job: RunningJob, outcome: tuple[str, Any], tmp: Path) -> bool:
         """Record the outcome (fenced). False when the lease was lost and the result was discarded."""

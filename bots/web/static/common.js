@@ -147,10 +147,11 @@ TB.jobCard = function (job, opts) {
       TB.el("span", {}, title, " · seed ", TB.el("span", { class: "seed" }, String(j.seed))),
       TB.el("span", { class: `state job-state ${j.state}` }, j.state)));
     card.append(TB.el("div", { class: "prompt" }, j.prompt));
+    if (j.original_prompt) card.append(TB.el("div", { class: "meta expanded-from" }, `Expanded from: ${j.original_prompt}`));
     card.append(TB.el("div", { class: "meta" }, TB.paramsLine(j)));
     card.append(TB.el("div", { class: "meta" },
       `${j.user.platform}:${j.user.id}${j.user.name ? " (" + j.user.name + ")" : ""} · ${TB.fmtTime(j.created_at)}`,
-      j.parent_id ? TB.el("span", {}, j.lineage === "retry" ? " · retry of " : " · remix of ", TB.el("a", { href: `/jobs/${j.parent_id}` }, `#${j.parent_id}`)) : null));
+      j.parent_id ? TB.el("span", {}, ({ retry: " · retry of ", extend: " · extension of " })[j.lineage] || " · remix of ", TB.el("a", { href: `/jobs/${j.parent_id}` }, `#${j.parent_id}`)) : null));
     if (j.input_url) card.append(TB.el("img", { class: "input", src: j.input_url, alt: "input image" }));
     if (j.state === "queued") {
       const pos = j.position ? `Position in queue: #${j.position}${j.queue_length ? " of " + j.queue_length : ""}` : "Queued";
@@ -179,9 +180,11 @@ TB.jobCard = function (job, opts) {
     if (j.state === "failed") card.append(TB.el("div", { class: "error job-error" }, j.error_message || "Failed."));
     const err = TB.el("div", { class: "error", hidden: true });
     const act = async (what) => {
-      const result = await TB.api("POST", `/api/jobs/${j.id}/${what}`, what === "retry" ? { client_key: TB.newKey() } : {});
+      const makes = what === "retry" || what === "extend";
+      const result = await TB.api("POST", `/api/jobs/${j.id}/${what}`, makes ? { client_key: TB.newKey() } : {});
       if (!result.ok) return TB.showError(err, result);
-      if (what === "retry" && opts.onNewJob) opts.onNewJob(result.data.job);
+      if (makes && opts.onNewJob) opts.onNewJob(result.data.job);
+      else if (what === "extend") location.href = `/jobs/${result.data.job.id}`;
       if (what === "cancel") render(result.data.job);
       if (what === "delete") card.remove();
     };
@@ -195,6 +198,7 @@ TB.jobCard = function (job, opts) {
       });
       card.append(remixOpen);
     } }, "Remix"));
+    if (j.state === "succeeded") actions.append(TB.el("button", { type: "button", class: "btn-extend", onclick: () => act("extend") }, "Extend"));
     if (!j.terminal) actions.append(TB.el("button", { type: "button", class: "danger btn-cancel", onclick: () => act("cancel") }, "Cancel"));
     if (j.terminal && opts.allowDelete) actions.append(TB.el("button", { type: "button", class: "danger btn-delete", onclick: () => {
       if (confirm(`Delete job #${j.id} and its video?`)) act("delete");
