@@ -163,7 +163,7 @@ def params_text(job: JobView, flavor: str = "plain") -> str:
     body = "\n".join(f"{k}: {v}" for k, v in rows)
     values = {**r.params(), "seed": job.seed}
     # The parameters that shape the video's identity, as flags (the others are shown above).
-    flags = " ".join(f"--{p.flags[0]} {p.shown(values[p.name])}" for p in PARAMS if p.column and p.name != "model")
+    flags = " ".join(f"--{p.flags[0]} {p.shown(values[p.name])}" for p in PARAMS if p.identity and p.name != "model")
     return "\n".join(
         [_bold(f"Parameters of job #{job.id}", flavor), _esc(r.prompt, flavor), _code(body, flavor) if flavor != "discord" else f"```\n{body}\n```", f"Same again: {_code(flags, flavor)}"]
     )

@@ -111,6 +111,14 @@ class GenerationRequest:
             raise RequestError(unknown[0], f"Unknown setting '{unknown[0]}'.")
         return cls(**data)
 
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> GenerationRequest:
+        """A request as the jobs table holds it. Keys this version does not know (a row written by a newer
+        version, read after a downgrade) are dropped so the job stays readable; missing ones take the default."""
+        return cls(**{k: v for k, v in data.items() if k in _FIELD_NAMES})
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
 
 # Fields a user may override on a remix / through flags, with their types.
 USER_FIELDS: dict[str, type] = {"prompt": str, **{p.name: p.kind for p in PARAMS}}

@@ -11,12 +11,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import event
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from turbobot.config import Settings
+
+
+def rows_affected(result: Result[Any]) -> int:
+    """Rows an UPDATE/DELETE matched (``execute`` is typed as returning a plain ``Result``)."""
+    return int(cast("CursorResult[Any]", result).rowcount or 0)
 
 
 def is_sqlite(url: str) -> bool:

@@ -14,13 +14,9 @@ from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
+from generator.request import GenerationRequest
+from storage.db import rows_affected
 from storage.models import TERMINAL_STATES, Job, User
-
-# Columns copied from the request JSON so jobs can be queried by them.
-REQUEST_COLUMNS = (
-    "mode", "prompt", "model", "resolution", "aspect", "frames", "steps", "seed", "sla_topk", "sigma_max",
-    "sampler", "adaptive_resolution", "boundary", "attention",
-)
 
 
 def _with_relations(stmt: Any) -> Any:
@@ -45,7 +41,7 @@ async def insert_job(
     *,
     user: User,
     idempotency_key: str,
-    request: dict[str, Any],
+    request: GenerationRequest,
     platform: str,
     chat_id: str = "",
     guild_id: str = "",
@@ -55,7 +51,6 @@ async def insert_job(
     parent_id: int | None = None,
     lineage: str = "",
     input_id: int | None = None,
-    priority: int = 0,
     now: dt.datetime,
 ) -> int:
     """Insert a queued job; returns its id. (A Core insert: every submission runs it.)"""
@@ -73,9 +68,10 @@ async def insert_job(
             status_message_id=status_message_id,
             reply_to_message_id=reply_to_message_id,
             delivery=dict(delivery or {}),
-            request=dict(request),
+            request=request,  # RequestJSON: serialised once, by the column type
+            mode=request.mode,  # the queryable copies (see Job)
+            prompt=request.prompt,
             state="queued",
-            priority=priority,
             attempts=0,
             cancel_requested=False,
             progress_step=0,
@@ -87,7 +83,6 @@ async def insert_job(
             error_message="",
             created_at=now,
             timings={},
-            **{name: request[name] for name in REQUEST_COLUMNS},
         )
         .returning(Job.id)
     )
@@ -164,7 +159,7 @@ async def mark_delivered(session: AsyncSession, job_id: int, now: dt.datetime) -
         .where(Job.id == job_id, Job.delivered_at.is_(None), Job.state.in_(TERMINAL_STATES))
         .values(delivered_at=now)
     )
-    return (await session.execute(stmt)).rowcount == 1
+    return rows_affected(await session.execute(stmt)) == 1
 
 
 async def undelivered_terminal(session: AsyncSession, platforms: Sequence[str], *, limit: int = 100) -> list[int]:
@@ -197,4 +192,4 @@ async def delete_jobs(session: AsyncSession, job_ids: Sequence[int]) -> int:
     if not job_ids:
         return 0
     # Children keep existing (parent_id SET NULL); outputs go with the job (ON DELETE CASCADE).
-    return (await session.execute(delete(Job).where(Job.id.in_(list(job_ids))))).rowcount or 0
+    return rows_affected(await session.execute(delete(Job).where(Job.id.in_(list(job_ids)))))

@@ -51,7 +51,7 @@ async def test_seed_is_chosen_at_submit_and_stored(sched: Scheduler) -> None:
     assert fixed.job.seed == 1234
     async with sched.db.read() as s:
         row = await s.get(Job, res.job.id)
-    assert row.seed == res.job.seed and row.request["seed"] == res.job.seed
+    assert row.request.seed == res.job.seed and row.request == res.job.request
 
 
 async def test_same_key_is_one_job_even_concurrently(sched: Scheduler) -> None:

@@ -126,7 +126,7 @@ class Submissions:
                 )
                 await admit(s, self._core.settings, user, role, target, now)
                 job_id = await repo_jobs.insert_job(
-                    s, user=user, idempotency_key=key, request=req.to_dict(), platform=target.platform,
+                    s, user=user, idempotency_key=key, request=req, platform=target.platform,
                     chat_id=target.chat_id, guild_id=target.guild_id, status_message_id=target.status_message_id,
                     reply_to_message_id=target.reply_to_message_id, delivery=target.extra, parent_id=parent_id,
                     lineage=lineage, input_id=input_id, now=now,
@@ -176,7 +176,6 @@ class Submissions:
         if not (mine or same_chat or self._core.is_moderator(requester)):
             # Only what was posted where you are: job ids are guessable, other people's DMs are private.
             raise Refusal(RefusalCode.FORBIDDEN, f"Job #{parent_id} was not posted here, so it cannot be remixed here.")
-        base = dict(parent.request)
         changes = dict(overrides or {})
         bad = sorted(set(changes) - set(USER_FIELDS))
         if bad:
@@ -184,7 +183,7 @@ class Submissions:
         if new_seed:
             changes["seed"] = None
         try:
-            request = GenerationRequest.from_dict({**base, **changes})
+            request = parent.request.replace(**changes)
         except (RequestError, TypeError) as exc:
             raise Refusal(RefusalCode.INVALID, getattr(exc, "message", str(exc))) from None
         # A Retry is the same request with a fresh seed; anything changed makes it a remix.
