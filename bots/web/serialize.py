@@ -38,9 +38,14 @@ def job_json(job: JobView) -> dict[str, Any]:
         "prompt": r.prompt,
         "seed": job.seed,
         "params": params,
-        # The params display, from the declaration: [name, shown value] for each parameter of this mode.
-        "param_rows": [
-            [p.name, p.shown(r.effective_sigma_max if p.name == "sigma_max" else getattr(r, p.name))]
+        # The parameters of this mode, from the declaration: the scripts take names, labels and which ones
+        # make the video what it is (``identity``: the summary line and the remix form) from here.
+        "fields": [
+            {
+                "name": p.name, "label": p.label, "kind": p.kind.__name__, "identity": p.identity,
+                "value": params[p.name],
+                "shown": p.shown(r.effective_sigma_max if p.name == "sigma_max" else params[p.name]),
+            }
             for p in PARAMS if r.mode in p.modes
         ],
         "platform": job.requester.platform,
