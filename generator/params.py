@@ -88,6 +88,7 @@ class Param:
     identity: bool = False  # shapes what the video is: listed in the params display's "Same again" flags
     configurable: bool = False  # has a config [defaults] key
     option: str = ""  # the typed-option name (Discord option, short form); "" = name
+    mode_default: tuple[tuple[str, Any], ...] = ()  # (mode, value) when ``default`` None means "the mode's"
 
     @property
     def option_name(self) -> str:
@@ -177,6 +178,14 @@ class Param:
             raise RequestError(self.name, f"{self.label} must be from {lo:g} to {hi:g} (got {value:g}).")
         return float(value)
 
+    def effective(self, value: Any, mode: str) -> Any:
+        """The value a job runs with: ``value``, or the mode's default where None stands for it."""
+        return dict(self.mode_default).get(mode, value) if value is None else value
+
+    def summary(self, value: Any) -> str:
+        """The value in a one-line summary: "81 frames", "4 steps", "480p"."""
+        return f"{self.shown(value)} {self.label.lower()}" if self.kind is int else self.shown(value)
+
     def may_set(self, role: str) -> bool:
         return _RANK.get(role, 0) >= _RANK[self.who]
 
@@ -221,7 +230,7 @@ PARAMS: tuple[Param, ...] = (
     Param("sla_topk", float, 0.1, "SLA top-k", "fraction of key blocks each query block attends to",
           flags=("topk", "sla-topk"), lo_limit="min_topk", hi_limit="max_topk", configurable=True, option="topk"),
     Param("sigma_max", float, None, "sigma_max", "initial sigma (default 80 T2V, 200 I2V)",
-          flags=("sigma", "sigma-max"), lo=1.0, hi_limit="max_sigma"),
+          flags=("sigma", "sigma-max"), lo=1.0, hi_limit="max_sigma", mode_default=(("t2v", 80.0), ("i2v", 200.0))),
     Param("sampler", str, "sde", "Sampler", "sde, or ode (sharper I2V)", flags=("sampler",),
           switches=(("ode", "ode"), ("sde", "sde")), choices=SAMPLERS, configurable=True),
     Param("adaptive_resolution", bool, False, "Adaptive resolution", "I2V: keep the image's own aspect ratio",

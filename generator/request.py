@@ -18,6 +18,7 @@ from generator.params import (
     ATTENTIONS,
     MAX_SEED,
     MODES,
+    PARAM,
     PARAMS,
     RESOLUTIONS,
     SAMPLERS,
@@ -44,7 +45,7 @@ SIZES: dict[tuple[str, str], tuple[int, int]] = {
     ("720p", "9:16"): (720, 1280),
 }
 
-SIGMA_MAX_DEFAULT = {"t2v": 80.0, "i2v": 200.0}
+SIGMA_MAX_DEFAULT: dict[str, float] = dict(PARAM["sigma_max"].mode_default)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ class GenerationRequest:
 
     def replace(self, **changes: Any) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
+
+    def effective(self, name: str) -> Any:
+        """A parameter's value as the job runs with it (a mode-dependent default filled in)."""
+        return PARAM[name].effective(getattr(self, name), self.mode)
 
     def params(self) -> dict[str, Any]:
         """The declared parameters and their values, in declaration order."""

@@ -27,7 +27,6 @@ def job_json(job: JobView) -> dict[str, Any]:
     r = job.request
     params = r.params()
     params["mode"], params["prompt"], params["seed"] = r.mode, r.prompt, r.seed
-    params["sigma_max_effective"] = r.effective_sigma_max
     params["width"], params["height"] = r.size
     out = job.output
     return {
@@ -44,7 +43,7 @@ def job_json(job: JobView) -> dict[str, Any]:
             {
                 "name": p.name, "label": p.label, "kind": p.kind.__name__, "identity": p.identity,
                 "value": params[p.name],
-                "shown": p.shown(r.effective_sigma_max if p.name == "sigma_max" else params[p.name]),
+                "shown": p.shown(r.effective(p.name)),
             }
             for p in PARAMS if r.mode in p.modes
         ],
