@@ -297,7 +297,7 @@ def test_run_serves_the_console_alone_and_stops_on_sigterm(workdir: Path) -> Non
                 break
             except OSError:
                 time.sleep(0.2)
-        assert "turbobot" in page.lower(), proc.stderr.read() if proc.poll() is not None else "no page"
+        assert "turbobot" in page.lower(), proc.stderr.read() if proc.stderr and proc.poll() is not None else "no page"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

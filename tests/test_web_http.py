@@ -316,6 +316,7 @@ async def test_pixel_bomb_is_refused_before_the_rest_arrives(tmp_path: Path) -> 
             f"Cookie: turbobot_csrf={token}\r\n{CSRF_HEADER}: {token}\r\n\r\n"
         ).encode()
         t0 = time.monotonic()
+        assert port is not None
         answer = await raw_request_first_response(port, head, part)  # the rest is never sent
         assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
         assert b"too large" in answer
