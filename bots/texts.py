@@ -11,7 +11,7 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-from generator.params import PARAMS, Limits
+from generator.params import PARAM, PARAMS, Limits
 from generator.scheduler.api import JobView, QuotaView, Refusal, RefusalCode
 from generator.scheduler.disk import STORAGE_MESSAGE
 
@@ -98,10 +98,15 @@ def model_name(job: JobView) -> str:
 
 
 def params_line(job: JobView) -> str:
+    """The mode, the declared identity settings (model and seed are shown apart) and any other changed one."""
     r = job.request
-    parts = [f"{r.mode}", f"{r.resolution} {r.aspect}", f"{r.frames} frames", f"{r.steps} steps"]
-    if r.sampler != "sde":
-        parts.append(r.sampler)
+    parts = [r.mode]
+    for p in PARAMS:
+        value = getattr(r, p.name)
+        if p.name in ("model", "seed") or r.mode not in p.modes or value is None:
+            continue
+        if p.identity or value != p.default:
+            parts.append(p.summary(value) if p.kind is not bool else p.option_name)
     return " · ".join(parts)
 
 
@@ -131,7 +136,7 @@ def result_caption(job: JobView, flavor: str = "plain") -> str:
     took = job.timings.get("total")
     if took is None and job.started_at and job.finished_at:
         took = (job.finished_at - job.started_at).total_seconds()
-    head = f"Job #{job.id} · seed {job.seed} · {model_name(job)} · {job.request.steps} steps"
+    head = f"Job #{job.id} · seed {job.seed} · {model_name(job)} · {PARAM['steps'].summary(job.request.steps)}"
     if took is not None:
         head += f" · {took:.1f} s"
     lines = [_bold(head, flavor), _esc(_short_prompt(job.request.prompt, 300), flavor)]
@@ -160,12 +165,12 @@ def params_text(job: JobView, flavor: str = "plain") -> str:
     for p in PARAMS:
         if p.name in shown or r.mode not in p.modes:
             continue
-        value = r.effective_sigma_max if p.name == "sigma_max" else getattr(r, p.name)
+        value = r.effective(p.name)
         rows.append((p.option_name if p.kind is bool else p.name, p.shown(value)))
     body = "\n".join(f"{k}: {v}" for k, v in rows)
     values = {**r.params(), "seed": job.seed}
     # The parameters that shape the video's identity, as flags (the others are shown above).
-    flags = " ".join(f"--{p.flags[0]} {p.shown(values[p.name])}" for p in PARAMS if p.column and p.name != "model")
+    flags = " ".join(f"--{p.flags[0]} {p.shown(values[p.name])}" for p in PARAMS if p.identity and p.name != "model")
     return "\n".join(
         [_bold(f"Parameters of job #{job.id}", flavor), _esc(r.prompt, flavor)]
         + ([_esc(f"Expanded from: {r.original_prompt}", flavor)] if r.original_prompt else [])

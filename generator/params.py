@@ -1,9 +1,10 @@
 """The request parameters, declared once: name, type, range or choices, default, flag spellings, label, help,
-who may set it and whether it has its own queryable column.
+who may set it and whether it is part of the video's identity (the "Same again" flags).
 
 Everything user-facing about a parameter is derived from ``PARAMS``: the chat ``--flags`` (bots.flags),
 Discord options, Telegram/shared help, the console form (served as JSON), the CLI options, the config
-``[defaults]`` section, the stored columns and the params display. ``Limits`` (config ``[limits]``) holds the
+``[defaults]`` section and the params display. Jobs store the whole request in one JSON column
+(storage.models.RequestJSON), so a new parameter needs no migration. ``Limits`` (config ``[limits]``) holds the
 server-side bounds some parameters refer to by name. This module is at the bottom layer: it imports nothing
 from the rest of the project. Adding a parameter = one ``Param`` here + one field of ``GenerationRequest``
 (generator.request; a test keeps the two equal) + the engine code that uses it.
@@ -84,9 +85,10 @@ class Param:
     step: int = 1  # form/slider step for whole numbers (frames go in 4s)
     modes: tuple[str, ...] = MODES  # modes that use it (others ignore it)
     who: Who = "everyone"  # the least role that may change it from its default
-    column: bool = False  # also copied to its own queryable column of the jobs table
+    identity: bool = False  # shapes what the video is: listed in the params display's "Same again" flags
     configurable: bool = False  # has a config [defaults] key
     option: str = ""  # the typed-option name (Discord option, short form); "" = name
+    mode_default: tuple[tuple[str, Any], ...] = ()  # (mode, value) when ``default`` None means "the mode's"
 
     @property
     def option_name(self) -> str:
@@ -176,6 +178,14 @@ class Param:
             raise RequestError(self.name, f"{self.label} must be from {lo:g} to {hi:g} (got {value:g}).")
         return float(value)
 
+    def effective(self, value: Any, mode: str) -> Any:
+        """The value a job runs with: ``value``, or the mode's default where None stands for it."""
+        return dict(self.mode_default).get(mode, value) if value is None else value
+
+    def summary(self, value: Any) -> str:
+        """The value in a one-line summary: "81 frames", "4 steps", "480p"."""
+        return f"{self.shown(value)} {self.label.lower()}" if self.kind is int else self.shown(value)
+
     def may_set(self, role: str) -> bool:
         return _RANK.get(role, 0) >= _RANK[self.who]
 
@@ -206,21 +216,21 @@ class Param:
 
 PARAMS: tuple[Param, ...] = (
     Param("model", str, None, "Model", "configured model name (default: the first one for the mode)",
-          flags=("model",), choices_limit="models", column=True),
+          flags=("model",), choices_limit="models", identity=True),
     Param("resolution", str, "480p", "Resolution", "output resolution", flags=("res", "resolution"),
-          choices=RESOLUTIONS, choices_limit="resolutions", column=True, configurable=True),
+          choices=RESOLUTIONS, choices_limit="resolutions", identity=True, configurable=True),
     Param("aspect", str, "16:9", "Aspect ratio", "aspect ratio", flags=("ar", "aspect"),
-          choices=ASPECTS, choices_limit="aspects", column=True, configurable=True),
+          choices=ASPECTS, choices_limit="aspects", identity=True, configurable=True),
     Param("frames", int, 81, "Frames", "number of frames, 1 more than a multiple of 4 (81 = 5 s at 16 fps)",
-          flags=("frames",), lo_limit="min_frames", hi_limit="max_frames", step=4, column=True, configurable=True),
+          flags=("frames",), lo_limit="min_frames", hi_limit="max_frames", step=4, identity=True, configurable=True),
     Param("steps", int, 4, "Steps", "sampling steps (more = better, slower)", flags=("steps",),
-          lo=1, hi_limit="max_steps", column=True, configurable=True),
+          lo=1, hi_limit="max_steps", identity=True, configurable=True),
     Param("seed", int, None, "Seed", "seed (0 or empty = random; the seed used is shown)", flags=("seed",),
-          lo=0, hi=MAX_SEED, column=True),
+          lo=0, hi=MAX_SEED, identity=True),
     Param("sla_topk", float, 0.1, "SLA top-k", "fraction of key blocks each query block attends to",
           flags=("topk", "sla-topk"), lo_limit="min_topk", hi_limit="max_topk", configurable=True, option="topk"),
     Param("sigma_max", float, None, "sigma_max", "initial sigma (default 80 T2V, 200 I2V)",
-          flags=("sigma", "sigma-max"), lo=1.0, hi_limit="max_sigma"),
+          flags=("sigma", "sigma-max"), lo=1.0, hi_limit="max_sigma", mode_default=(("t2v", 80.0), ("i2v", 200.0))),
     Param("sampler", str, "sde", "Sampler", "sde, or ode (sharper I2V)", flags=("sampler",),
           switches=(("ode", "ode"), ("sde", "sde")), choices=SAMPLERS, configurable=True),
     Param("adaptive_resolution", bool, False, "Adaptive resolution", "I2V: keep the image's own aspect ratio",

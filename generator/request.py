@@ -18,6 +18,7 @@ from generator.params import (
     ATTENTIONS,
     MAX_SEED,
     MODES,
+    PARAM,
     PARAMS,
     RESOLUTIONS,
     SAMPLERS,
@@ -44,7 +45,7 @@ SIZES: dict[tuple[str, str], tuple[int, int]] = {
     ("720p", "9:16"): (720, 1280),
 }
 
-SIGMA_MAX_DEFAULT = {"t2v": 80.0, "i2v": 200.0}
+SIGMA_MAX_DEFAULT: dict[str, float] = dict(PARAM["sigma_max"].mode_default)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ class GenerationRequest:
     def replace(self, **changes: Any) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
 
+    def effective(self, name: str) -> Any:
+        """A parameter's value as the job runs with it (a mode-dependent default filled in)."""
+        return PARAM[name].effective(getattr(self, name), self.mode)
+
     def params(self) -> dict[str, Any]:
         """The declared parameters and their values, in declaration order."""
         return {p.name: getattr(self, p.name) for p in PARAMS}
@@ -117,6 +122,14 @@ class GenerationRequest:
             raise RequestError(unknown[0], f"Unknown setting '{unknown[0]}'.")
         return cls(**data)
 
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> GenerationRequest:
+        """A request as the jobs table holds it. Keys this version does not know (a row written by a newer
+        version, read after a downgrade) are dropped so the job stays readable; missing ones take the default."""
+        return cls(**{k: v for k, v in data.items() if k in _FIELD_NAMES})
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
 
 # Fields a user may override on a remix / through flags, with their types.
 USER_FIELDS: dict[str, type] = {"prompt": str, **{p.name: p.kind for p in PARAMS}}

@@ -26,6 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from generator.request import GenerationRequest
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -57,6 +59,20 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=dt.UTC)
         return value
+
+
+class RequestJSON(TypeDecorator[GenerationRequest]):
+    """A ``GenerationRequest`` stored as JSON: ``to_dict`` once on the way in, ``from_stored`` once on the way
+    out (the driver does the JSON text either side)."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: GenerationRequest | None, dialect: Any) -> dict[str, Any] | None:
+        return None if value is None else value.to_dict()
+
+    def process_result_value(self, value: dict[str, Any] | None, dialect: Any) -> GenerationRequest | None:
+        return None if value is None else GenerationRequest.from_stored(value)
 
 
 class Base(DeclarativeBase):
@@ -106,7 +122,7 @@ class Job(Base):
         # The scheduler's poll for terminal-but-undelivered jobs must not scan all of history.
         Index("ix_jobs_delivered_state", "delivered_at", "state"),
         # Fair claim: each user's first queued job, read from the index alone.
-        Index("ix_jobs_queue_heads", "state", "user_id", "priority", "created_at"),
+        Index("ix_jobs_queue_heads", "state", "user_id", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -126,26 +142,15 @@ class Job(Base):
     reply_to_message_id: Mapped[str] = mapped_column(String(64), default="")
     delivery: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # platform extras (interaction token...)
 
-    # The request, as fields for querying and as the full JSON for exact replay.
+    # The request: one typed JSON column (``RequestJSON``), written and read as a ``GenerationRequest``.
+    # ``mode`` and ``prompt`` are also kept as plain columns because queries filter and search on them (the
+    # console's mode filter, prompt search); no other parameter is queried, so none has its own column.
     mode: Mapped[str] = mapped_column(String(8))
     prompt: Mapped[str] = mapped_column(Text)
-    model: Mapped[str] = mapped_column(String(64))
-    resolution: Mapped[str] = mapped_column(String(8))
-    aspect: Mapped[str] = mapped_column(String(8))
-    frames: Mapped[int] = mapped_column(Integer)
-    steps: Mapped[int] = mapped_column(Integer)
-    seed: Mapped[int] = mapped_column(BigInteger)  # the seed actually used, always set
-    sla_topk: Mapped[float] = mapped_column(Float)
-    sigma_max: Mapped[float | None] = mapped_column(Float, nullable=True)
-    sampler: Mapped[str] = mapped_column(String(8))
-    adaptive_resolution: Mapped[bool] = mapped_column(Boolean, default=False)
-    boundary: Mapped[float] = mapped_column(Float)
-    attention: Mapped[str] = mapped_column(String(16))
-    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    request: Mapped[GenerationRequest] = mapped_column(RequestJSON)
 
     # Queue state.
     state: Mapped[str] = mapped_column(String(16), default="queued")
-    priority: Mapped[int] = mapped_column(Integer, default=0)  # lower runs first (0 = normal)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     worker_id: Mapped[str] = mapped_column(String(64), default="")

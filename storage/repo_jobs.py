@@ -14,14 +14,9 @@ from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
+from generator.request import GenerationRequest
 from storage.db import rows_affected
 from storage.models import TERMINAL_STATES, Job, User
-
-# Columns copied from the request JSON so jobs can be queried by them.
-REQUEST_COLUMNS = (
-    "mode", "prompt", "model", "resolution", "aspect", "frames", "steps", "seed", "sla_topk", "sigma_max",
-    "sampler", "adaptive_resolution", "boundary", "attention",
-)
 
 
 def _with_relations(stmt: Any) -> Any:
@@ -46,7 +41,7 @@ async def insert_job(
     *,
     user: User,
     idempotency_key: str,
-    request: dict[str, Any],
+    request: GenerationRequest,
     platform: str,
     chat_id: str = "",
     guild_id: str = "",
@@ -56,7 +51,6 @@ async def insert_job(
     parent_id: int | None = None,
     lineage: str = "",
     input_id: int | None = None,
-    priority: int = 0,
     now: dt.datetime,
 ) -> int:
     """Insert a queued job; returns its id. (A Core insert: every submission runs it.)"""
@@ -74,9 +68,10 @@ async def insert_job(
             status_message_id=status_message_id,
             reply_to_message_id=reply_to_message_id,
             delivery=dict(delivery or {}),
-            request=dict(request),
+            request=request,  # RequestJSON: serialised once, by the column type
+            mode=request.mode,  # the queryable copies (see Job)
+            prompt=request.prompt,
             state="queued",
-            priority=priority,
             attempts=0,
             cancel_requested=False,
             progress_step=0,
@@ -88,7 +83,6 @@ async def insert_job(
             error_message="",
             created_at=now,
             timings={},
-            **{name: request[name] for name in REQUEST_COLUMNS},
         )
         .returning(Job.id)
     )

@@ -158,7 +158,7 @@ async def active_jobs(session: AsyncSession, *, limit: int = MAX_PAGE) -> list[J
     stmt = (
         _jobs_select()
         .where(Job.state.in_(("queued", "running")))
-        .order_by((Job.state == "queued").asc(), Job.priority, Job.created_at, Job.id)
+        .order_by((Job.state == "queued").asc(), Job.created_at, Job.id)
         .limit(limit)
     )
     rows = (await session.execute(stmt)).all()

@@ -54,7 +54,9 @@ def test_generate_leaves_a_job_row_and_a_playable_mp4(workdir: Path) -> None:
     video = probe(mp4)
     assert (video.codec, video.pix_fmt, video.width, video.height, video.frames) == ("h264", "yuv420p", 832, 480, 9)
     assert video.faststart and video.fps == 16
-    ((state, seed, attempts, platform),) = db_rows(workdir, "select state, seed, attempts, platform from jobs")
+    ((state, seed, attempts, platform),) = db_rows(
+        workdir, "select state, json_extract(request, '$.seed'), attempts, platform from jobs"
+    )
     assert (state, seed, attempts, platform) == ("succeeded", 42, 1, "cli")
     ((path, size, frames),) = db_rows(workdir, "select path, bytes, frames from outputs")
     assert (Path(path), size, frames) == (mp4, mp4.stat().st_size, 9)
@@ -297,7 +299,7 @@ def test_run_serves_the_console_alone_and_stops_on_sigterm(workdir: Path) -> Non
                 break
             except OSError:
                 time.sleep(0.2)
-        assert "turbobot" in page.lower(), proc.stderr.read() if proc.poll() is not None else "no page"
+        assert "turbobot" in page.lower(), proc.stderr.read() if proc.stderr and proc.poll() is not None else "no page"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

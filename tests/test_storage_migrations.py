@@ -4,18 +4,21 @@ migrations are found from the package (any CWD, and from a built wheel), SQLite 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from alembic import command
 from sqlalchemy import Column, Integer, MetaData, String
 
+from generator.request import GenerationRequest
 from storage.migrate import (
     MigrationsNotApplied,
     alembic_config,
@@ -48,7 +51,7 @@ def index_names(db_file: Path) -> set[str]:
 
 
 def metadata_copy() -> MetaData:
-    md = MetaData(naming_convention=dict(Base.metadata.naming_convention))
+    md = MetaData(naming_convention=Base.metadata.naming_convention)
     for table in Base.metadata.sorted_tables:
         table.to_metadata(md)
     return md
@@ -108,7 +111,7 @@ def _change_type(md: MetaData) -> None:
     ],
     ids=["added-column", "dropped-table", "changed-type"],
 )
-async def test_check_detects_drift(tmp_path: Path, mutate, expected: tuple[str, str, str | None]) -> None:
+async def test_check_detects_drift(tmp_path: Path, mutate: Callable[[MetaData], object], expected: tuple[str, str, str | None]) -> None:
     url = sqlite_url(tmp_path / "app.db")
     await upgrade_database(url)
     md = metadata_copy()
@@ -294,3 +297,59 @@ async def test_0002_keeps_existing_jobs_and_gives_them_empty_lineage_and_phase(t
     with sqlite3.connect(db_file) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (2,)
         assert "lineage" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+
+
+async def test_0003_moves_the_request_into_its_json_column_and_drops_the_copies(tmp_path: Path) -> None:
+    """A 0002 database with jobs upgrades to 0003: the request reads back equal, the copies and priority go.
+
+    Job 1's JSON is the whole request (as 0002 wrote it); job 2's JSON is partial (an older writer), so the
+    migration must fill it from the copied columns."""
+    from storage.db import Database
+    from storage.models import Job
+
+    db_file = tmp_path / "app.db"
+    url = sqlite_url(db_file)
+    await upgrade_database(url, "0002")
+    full = GenerationRequest("t2v", "a fox", model="tiny-t2v", resolution="720p", aspect="9:16", frames=33, steps=2,
+                             seed=2**40 + 7, sla_topk=0.25, sigma_max=120.5, sampler="ode", boundary=0.75,
+                             attention="sla", decoder="tiny")
+    partial = full.replace(prompt="a wolf", decoder="vae")
+    partial_json = {"mode": "t2v", "prompt": "a wolf", "image": None}
+    cols = ("id, idempotency_key, user_id, platform, chat_id, guild_id, status_message_id, reply_to_message_id, "
+            "delivery, mode, prompt, model, resolution, aspect, frames, steps, seed, sla_topk, sigma_max, sampler, "
+            "adaptive_resolution, boundary, attention, request, state, priority, attempts, worker_id, "
+            "cancel_requested, progress_step, progress_total, created_at, gpu_seconds, timings, error_code, "
+            "error_message, lineage, progress_phase")
+    with sqlite3.connect(db_file) as conn:
+        conn.execute("INSERT INTO users (id, platform, platform_user_id, display_name, role, blocked, blocked_reason,"
+                     " created_at) VALUES (1, 'telegram', '5', 'a', 'user', 0, '', '2026-01-01 00:00:00')")
+        for job_id, req, stored in ((1, full, full.to_dict()), (2, partial, partial_json)):
+            conn.execute(
+                f"INSERT INTO jobs ({cols}) VALUES (?, ?, 1, 'telegram', '', '', '', '', '{{}}', ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, 0, '', 0, 0, 0, '2026-01-01 00:00:00', 0, '{}', '', '', '', '')",
+                (job_id, f"k{job_id}", req.mode, req.prompt, req.model, req.resolution, req.aspect, req.frames,
+                 req.steps, req.seed, req.sla_topk, req.sigma_max, req.sampler, req.adaptive_resolution, req.boundary,
+                 req.attention, json.dumps(stored)),
+            )
+
+    await upgrade_database(url)
+    assert await current_revisions(url) == ("0003",)
+    with sqlite3.connect(db_file) as conn:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+    assert {"mode", "prompt", "request"} <= columns
+    assert not columns & {"priority", "sla_topk", "steps", "seed", "model", "boundary", "sigma_max"}
+    assert "ix_jobs_queue_heads" in index_names(db_file)
+    assert check_migrations(url) == []
+
+    db = Database(url)
+    try:
+        async with db.read() as s:
+            assert (await s.get(Job, 1)).request == full  # type: ignore[union-attr]
+            assert (await s.get(Job, 2)).request == partial  # type: ignore[union-attr]
+    finally:
+        await db.dispose()
+
+    await downgrade_database(url, "0002")  # and back: the copies are refilled from the JSON
+    with sqlite3.connect(db_file) as conn:
+        rows = conn.execute("SELECT id, steps, seed, sla_topk, sigma_max, priority FROM jobs ORDER BY id").fetchall()
+    assert rows == [(1, 2, 2**40 + 7, 0.25, 120.5, 0), (2, 2, 2**40 + 7, 0.25, 120.5, 0)]

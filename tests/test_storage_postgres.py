@@ -27,6 +27,7 @@ from sqlalchemy import Column, MetaData, String, delete, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
+from generator.request import GenerationRequest
 from storage.db import Database
 from storage.migrate import (
     PG_MIGRATION_LOCK_ID,
@@ -141,12 +142,14 @@ async def pg_url(pg_server_url: str) -> AsyncIterator[str]:
         await _admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+LIGHTHOUSE = GenerationRequest("t2v", "a lighthouse in a storm", model="tiny-t2v", resolution="720p",
+                               aspect="9:16", steps=2, seed=2**40 + 7, sigma_max=120.5)
+
+
 def job_row(user_id: int, key: str, **extra: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "idempotency_key": key, "user_id": user_id, "platform": "telegram", "mode": "t2v",
-        "prompt": "a lighthouse in a storm", "model": "tiny-t2v", "resolution": "720p", "aspect": "9:16",
-        "frames": 81, "steps": 2, "seed": 2**40 + 7, "sla_topk": 0.1, "sampler": "sde", "boundary": 0.9,
-        "attention": "sdpa", "request": {"prompt": "a lighthouse in a storm", "ar": "9:16", "nested": [1, 2]},
+        "prompt": "a lighthouse in a storm", "request": LIGHTHOUSE,
     }
     row.update(extra)
     return row
@@ -166,7 +169,7 @@ async def test_pg_migrations_upgrade_check_and_downgrade(pg_url: str) -> None:
     assert tables == set(Base.metadata.tables) | {"alembic_version"}
 
     assert check_migrations(pg_url) == []  # the drift check holds on PostgreSQL too (types differ there)
-    drifted = MetaData(naming_convention=dict(Base.metadata.naming_convention))
+    drifted = MetaData(naming_convention=Base.metadata.naming_convention)
     for table in Base.metadata.sorted_tables:
         table.to_metadata(drifted)
     drifted.tables["outputs"].append_column(Column("codec", String(16), nullable=True))
@@ -217,8 +220,8 @@ async def test_pg_orm_round_trips(pg_url: str) -> None:
         async with db.read() as s:
             job = await s.get(Job, parent_id)
             assert job is not None
-            assert job.request == {"prompt": "a lighthouse in a storm", "ar": "9:16", "nested": [1, 2]}
-            assert job.seed == 2**40 + 7 and job.delivery == {} and job.adaptive_resolution is False
+            assert job.request == LIGHTHOUSE  # the typed JSON column reads back the request it was given
+            assert job.request.seed == 2**40 + 7 and job.delivery == {}
             assert job.created_at.tzinfo is not None and job.created_at.utcoffset() == dt.timedelta(0)
             out = (await s.scalars(select(Output).where(Output.job_id == parent_id))).one()
             assert out.bytes == 5_000_000_000
@@ -250,5 +253,37 @@ async def test_pg_orm_round_trips(pg_url: str) -> None:
         async with db.read() as s:
             assert await s.scalar(select(func.count()).select_from(Job)) == 0
         assert await db.integrity_ok()
+    finally:
+        await db.dispose()
+
+
+async def test_pg_0003_moves_a_partial_request_into_the_json_column(pg_url: str) -> None:
+    """The data step of 0003 on PostgreSQL: a 0002 row whose JSON lacks keys is filled from its copies."""
+    await upgrade_database(pg_url, "0002")
+    u = make_url(pg_url)
+    conn = await asyncpg.connect(host=u.host, port=u.port, user=u.username, database=u.database)
+    try:
+        await conn.execute("INSERT INTO users (id, platform, platform_user_id, display_name, role, blocked, "
+                           "blocked_reason, created_at) VALUES (1, 'telegram', '5', 'a', 'user', false, '', now())")
+        await conn.execute(
+            "INSERT INTO jobs (id, idempotency_key, user_id, platform, chat_id, guild_id, status_message_id, "
+            "reply_to_message_id, delivery, mode, prompt, model, resolution, aspect, frames, steps, seed, sla_topk, "
+            "sigma_max, sampler, adaptive_resolution, boundary, attention, request, state, priority, attempts, "
+            "worker_id, cancel_requested, progress_step, progress_total, created_at, gpu_seconds, timings, "
+            "error_code, error_message) VALUES (1, 'k1', 1, 'telegram', '', '', '', '', '{}', 't2v', "
+            "'a lighthouse in a storm', 'tiny-t2v', '720p', '9:16', 81, 2, $1, 0.1, 120.5, 'sde', false, 0.9, "
+            "'auto', '{\"mode\": \"t2v\", \"prompt\": \"a lighthouse in a storm\"}', 'queued', 0, 0, '', false, "
+            "0, 0, now(), 0, '{}', '', '')",
+            2**40 + 7,
+        )
+    finally:
+        await conn.close()
+    await upgrade_database(pg_url)
+    assert check_migrations(pg_url) == []
+    db = Database(pg_url)
+    try:
+        async with db.read() as s:
+            job = await s.get(Job, 1)
+            assert job is not None and job.request == LIGHTHOUSE
     finally:
         await db.dispose()

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from generator.request import GenerationRequest
 from storage.db import Database
 from storage.migrate import upgrade_database
 from storage.models import AuditLog, InputImage, Job, Output, QuotaUsage, User, WorkerState
@@ -40,9 +41,8 @@ async def db(db_url: str) -> AsyncIterator[Database]:
 def job_row(user_id: int, key: str, **extra: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "idempotency_key": key, "user_id": user_id, "platform": "discord", "mode": "t2v",
-        "prompt": "a red fox running through snow", "model": "tiny-t2v", "resolution": "480p",
-        "aspect": "16:9", "frames": 81, "steps": 4, "seed": 42, "sla_topk": 0.1, "sampler": "ode",
-        "boundary": 0.9, "attention": "sdpa", "request": {"prompt": "a red fox running through snow"},
+        "prompt": "a red fox running through snow",
+        "request": GenerationRequest("t2v", "a red fox running through snow", model="tiny-t2v", seed=42, sampler="ode"),
     }
     row.update(extra)
     return row

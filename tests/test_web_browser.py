@@ -17,6 +17,7 @@ from scheduler_support import ENGINE_SPEC
 from web_support import TOKEN, TOKEN_ENV, console_settings, make_db, mp4_env, png_bytes
 
 from bots.web import create_web_app, start_web
+from generator.params import PARAMS
 from generator.scheduler.service import Scheduler
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -203,6 +204,8 @@ def test_console_in_a_real_browser(tmp_path: Path, browser: Any, monkeypatch: py
         # Remix: same seed, new prompt, linked to its parent.
         click("#current-job .btn-remix")
         prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#current-job .remix-prompt"))
+        remix_inputs = js("return [...document.querySelectorAll('#current-job .remix-form input')].map(i => i.name)")
+        assert remix_inputs == [p.name for p in PARAMS if p.identity]  # the server's fields, not a list in the script
         prompt.clear()
         prompt.send_keys("a red fox running through rain")
         click("#current-job .btn-remix-submit")

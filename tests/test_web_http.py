@@ -17,6 +17,7 @@ from web_support import OPERATOR, TOKEN, TOKEN_ENV, console, console_settings, m
 
 from bots.web import WebConfigError, create_web_app
 from bots.web.security import CSRF_HEADER, is_loopback_host
+from generator.params import PARAM, PARAMS
 from generator.request import GenerationRequest
 from generator.scheduler.api import DeliveryTarget, Requester
 from storage.models import Output, User
@@ -315,6 +316,7 @@ async def test_pixel_bomb_is_refused_before_the_rest_arrives(tmp_path: Path) -> 
             f"Cookie: turbobot_csrf={token}\r\n{CSRF_HEADER}: {token}\r\n\r\n"
         ).encode()
         t0 = time.monotonic()
+        assert port is not None
         answer = await raw_request_first_response(port, head, part)  # the rest is never sent
         assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
         assert b"too large" in answer
@@ -347,6 +349,11 @@ async def test_playground_submit_makes_a_job(tmp_path: Path) -> None:
             2, 9, "1:1", "ode", 0.15, "dense",
         )
         assert (p["width"], p["height"]) == (640, 640)
+        # The scripts take parameter names and labels from here (the declaration), never their own list.
+        fields = {f["name"]: f for f in job["fields"]}
+        assert list(fields) == [q.name for q in PARAMS if "t2v" in q.modes]
+        assert fields["sla_topk"]["label"] == PARAM["sla_topk"].label and fields["sla_topk"]["shown"] == "0.15"
+        assert [f for f in fields if fields[f]["identity"]] == [q.name for q in PARAMS if q.identity]
         assert job["position"] == 1 and "Position in queue: #1" in job["status_text"]
 
         # The scheduler stored exactly this job.

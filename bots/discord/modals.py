@@ -9,6 +9,7 @@ import discord
 from bots.commands import parse_remix
 from bots.discord.attachments import submit_image
 from bots.discord.respond import guarded, idempotency_key, requester_of, respond_with_job
+from generator.params import PARAMS
 from generator.request import RequestError
 from generator.scheduler.api import JobView, Refusal
 
@@ -19,13 +20,22 @@ MODAL_TIMEOUT_S = 15 * 60  # an abandoned form is forgotten after the interactio
 
 
 def settings_flags(job: JobView) -> str:
-    """The job's settings as the same --flags users type (the seed is kept by a remix unless changed)."""
+    """The job's settings as the same --flags users type: the parameters that make the video what it is, and
+    any other one changed from its default (the seed is kept by a remix unless --seed is added)."""
     r = job.request
-    parts = [f"--ar {r.aspect}", f"--res {r.resolution}", f"--steps {r.steps}", f"--frames {r.frames}"]
-    if r.model:
-        parts.append(f"--model {r.model}")
-    if r.sampler != "sde":
-        parts.append(f"--{r.sampler}")
+    parts = []
+    for p in PARAMS:
+        value = getattr(r, p.name)
+        if p.name == "seed" or r.mode not in p.modes or value is None:
+            continue
+        if not p.identity and value == p.default:
+            continue
+        if p.flags:
+            parts.append(f"--{p.flags[0]} {p.shown(value)}")
+        else:  # a switch-only parameter: the spelling that sets this value
+            spelling = next((sp for sp, v in p.switches if v == value), None)
+            if spelling:
+                parts.append(f"--{spelling}")
     return " ".join(parts)
 
 

@@ -1,13 +1,17 @@
 """Slash commands, the "Animate this image" context menu and the owner-only /admin group.
 
-Choices and ranges come from the settings so Discord's client shows what the server accepts; they are
-only a convenience (crafted payloads skip them) and everything is validated again by the command layer.
+The generation options (names, types, choices, ranges from the configured ``Limits``, descriptions) are
+derived from the parameter declaration (generator.params.PARAMS): ``_with_params`` gives each command's
+callback a signature discord.py reads. Ranges and choices are only a convenience for Discord's client
+(crafted payloads skip them): the scheduler validates every request once, at submit.
 No ``from __future__ import annotations`` here: discord.py reads the option annotations at runtime and
 they use values from the settings.
 """
 
+import inspect
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import discord
 from discord import app_commands
@@ -20,6 +24,7 @@ from bots.discord.modals import AnimateModal
 from bots.discord.respond import idempotency_key, refuse, requester_of, respond_with_job, send_private
 from bots.images import ImageRejected
 from bots.texts import help_text, jobs_text, queue_text
+from generator.params import MODES, PARAMS, Limits, Param
 from generator.request import RequestError
 from generator.scheduler.api import Refusal
 from generator.scheduler.moderation import POLICIES
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_DISCORD_INT = 2**53 - 1  # Discord integer options stop here
+MAX_OPTIONS = 25  # per command (discord.py 2.7 / the Discord API)
+MAX_DESCRIPTION = 100
 ACTIVE = ("queued", "running")
 DISCORD_HELP = (
     "\nOn Discord: right-click (or long-press) a message with an image → Apps → **Animate this image**. "
@@ -58,16 +65,62 @@ def _options(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _annotation(p: Param, limits: Limits) -> Any:
+    """The option type discord.py registers for a parameter: its kind, and its range where it has one."""
+    if p.kind is bool:
+        return bool | None
+    if p.kind is str:
+        return str | None
+    bounds = p.bounds(limits)
+    assert bounds is not None, p.name
+    lo, hi = bounds
+    if p.kind is int:
+        return app_commands.Range[int, int(lo), int(min(hi, MAX_DISCORD_INT))] | None
+    return app_commands.Range[float, float(lo), float(hi)] | None
+
+
+def _description(p: Param) -> str:
+    text = p.help
+    return text if len(text) <= MAX_DESCRIPTION else text[: MAX_DESCRIPTION - 1] + "…"
+
+
+def params_for(mode: str | None) -> tuple[Param, ...]:
+    """The parameters a command offers: those its mode uses (a remix, of either mode: all of them)."""
+    return tuple(p for p in PARAMS if mode is None or mode in p.modes)
+
+
+Callback = TypeVar("Callback", bound=Callable[..., Coroutine[Any, Any, None]])
+
+
+def _with_params(callback: Callback, leading: list[inspect.Parameter], described: dict[str, str],
+                 params: tuple[Param, ...], limits: Limits, mode: str | None) -> Callback:
+    """Give ``callback`` (which takes ``interaction``, the ``leading`` options and ``**options``) the
+    signature discord.py reads: ``leading`` then one optional option per parameter, with its description
+    and choices. Option values reach ``**options`` under the parameter's option name."""
+    first = inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction)
+    options = [inspect.Parameter(p.option_name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=_annotation(p, limits)) for p in params]
+    assert len(leading) + len(options) <= MAX_OPTIONS, f"{callback.__name__}: too many options for Discord"
+    choices: dict[str, list[app_commands.Choice[str]]] = {}
+    for p in params:
+        if p.kind is str:
+            allowed = p.allowed(limits, mode) if mode is not None else tuple(
+                dict.fromkeys(v for m in MODES for v in p.allowed(limits, m)))
+            choices[p.option_name] = _choices(allowed)
+    callback.__signature__ = inspect.Signature([first, *leading, *options])  # type: ignore[attr-defined]
+    callback.__discord_app_commands_param_description__ = {  # type: ignore[attr-defined]
+        **described, **{p.option_name: _description(p) for p in params}}
+    callback.__discord_app_commands_param_choices__ = {k: v for k, v in choices.items() if v}  # type: ignore[attr-defined]
+    return callback
+
+
+def _option(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
 def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] | app_commands.ContextMenu | app_commands.Group]:
     settings = bot.settings
-    lim = settings.limits
-    aspects = _choices(lim.aspects)
-    resolutions = _choices(lim.resolutions)
-    t2v_models = _choices(settings.model_names("t2v"))
-    i2v_models = _choices(settings.model_names("i2v"))
-    Steps = app_commands.Range[int, 1, lim.max_steps]
-    Frames = app_commands.Range[int, lim.min_frames, lim.max_frames]
-    Seed = app_commands.Range[int, 0, MAX_DISCORD_INT]
+    limits = settings.request_limits
 
     async def recent_jobs(interaction: discord.Interaction[Any], current: str) -> list[app_commands.Choice[str]]:
         jobs = await bot.scheduler.views.jobs_for(requester_of(interaction), limit=25, query=current.strip().lstrip("#"))
@@ -78,45 +131,35 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
                                             query=current.strip().lstrip("#"))
         return [_job_choice(j) for j in jobs]
 
-    # --- generation ---------------------------------------------------------------------------
-    @app_commands.command(name="t2v", description="Make a short video from a text prompt")
-    @app_commands.describe(
-        prompt="What should happen? Inline --flags (--ar 9:16 --seed 42 ...) work too",
-        aspect="Aspect ratio", resolution="Resolution", steps="Sampling steps (more = better, slower)",
-        seed="Seed (0 or empty = random)", frames="Number of frames (1 more than a multiple of 4)",
-        model="Model",
-    )
-    @app_commands.choices(aspect=aspects, resolution=resolutions, model=t2v_models)
-    async def t2v(interaction: discord.Interaction[Any], prompt: str, aspect: str | None = None,
-                  resolution: str | None = None, steps: Steps | None = None, seed: Seed | None = None,
-                  frames: Frames | None = None, model: str | None = None) -> None:
+    # --- generation: options derived from the parameter declaration ---------------------------
+    async def t2v_callback(interaction: discord.Interaction[Any], prompt: str, **options: Any) -> None:
         requester, key = requester_of(interaction), idempotency_key(interaction)
-        opts = _options(aspect=aspect, resolution=resolution, steps=steps, seed=seed, frames=frames, model=model)
+        opts = _options(**options)
         await respond_with_job(bot, interaction, lambda target: submit_text(
             bot.scheduler, settings, requester, target, key, "t2v", prompt, options=opts))
 
-    @app_commands.command(name="i2v", description="Animate an image")
-    @app_commands.describe(
-        image="The image to animate (PNG, JPEG or WebP)",
-        prompt="How should it move? Empty = a gentle default motion. Inline --flags work too",
-        aspect="Aspect ratio", resolution="Resolution", steps="Sampling steps", seed="Seed (0 = random)",
-        frames="Number of frames", model="Model", adaptive="Keep the image's own aspect ratio",
-    )
-    @app_commands.choices(aspect=aspects, resolution=resolutions, model=i2v_models)
-    async def i2v(interaction: discord.Interaction[Any], image: discord.Attachment, prompt: str | None = None,
-                  aspect: str | None = None, resolution: str | None = None, steps: Steps | None = None,
-                  seed: Seed | None = None, frames: Frames | None = None, model: str | None = None,
-                  adaptive: bool | None = None) -> None:
+    t2v: app_commands.Command[Any, ..., None] = app_commands.command(name="t2v", description="Make a short video from a text prompt")(_with_params(
+        t2v_callback, [_option("prompt", str)],
+        {"prompt": "What should happen? Inline --flags (--ar 9:16 --seed 42 ...) work too"},
+        params_for("t2v"), limits, "t2v"))
+
+    async def i2v_callback(interaction: discord.Interaction[Any], image: discord.Attachment,
+                           prompt: str | None = None, **options: Any) -> None:
         try:
             precheck(image, bot)
         except ImageRejected as exc:
             await send_private(interaction, exc.message)
             return
         requester, key = requester_of(interaction), idempotency_key(interaction)
-        opts = _options(aspect=aspect, resolution=resolution, steps=steps, seed=seed, frames=frames, model=model,
-                        adaptive_resolution=adaptive)
+        opts = _options(**options)
         await respond_with_job(bot, interaction, lambda target: submit_image(
             bot, requester, target, key, image, prompt or "", opts))
+
+    i2v: app_commands.Command[Any, ..., None] = app_commands.command(name="i2v", description="Animate an image")(_with_params(
+        i2v_callback, [_option("image", discord.Attachment), _option("prompt", str | None, None)],
+        {"image": "The image to animate (PNG, JPEG or WebP)",
+         "prompt": "How should it move? Empty = a gentle default motion. Inline --flags work too"},
+        params_for("i2v"), limits, "i2v"))
 
     @app_commands.context_menu(name="Animate this image")
     async def animate(interaction: discord.Interaction[Any], message: discord.Message) -> None:
@@ -132,26 +175,24 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
             return
         await interaction.response.send_modal(AnimateModal(att, settings.defaults.i2v_prompt))
 
-    @app_commands.command(name="remix", description="Run one of your jobs again: same seed, changed prompt or settings")
-    @app_commands.describe(
-        job="The job to remix", prompt="New prompt (empty = keep it); inline --flags work too",
-        aspect="Aspect ratio", resolution="Resolution", steps="Sampling steps", seed="A different seed",
-        frames="Number of frames",
-    )
-    @app_commands.choices(aspect=aspects, resolution=resolutions)
-    @app_commands.autocomplete(job=recent_jobs)
-    async def remix(interaction: discord.Interaction[Any], job: str, prompt: str | None = None,
-                    aspect: str | None = None, resolution: str | None = None, steps: Steps | None = None,
-                    seed: Seed | None = None, frames: Frames | None = None) -> None:
+    async def remix_callback(interaction: discord.Interaction[Any], job: str, prompt: str | None = None,
+                             **options: Any) -> None:
         requester, key = requester_of(interaction), idempotency_key(interaction)
         parent = parse_job_id(job)
         try:
-            overrides = parse_remix(prompt or "", _options(aspect=aspect, resolution=resolution, steps=steps,
-                                                            seed=seed, frames=frames))
+            overrides = parse_remix(prompt or "", _options(**options))
         except RequestError as exc:
             raise Refusal("invalid", exc.message) from None
         await respond_with_job(bot, interaction, lambda target: bot.scheduler.jobs.remix(
             parent, requester, target, key, overrides=overrides))
+
+    remix: app_commands.Command[Any, ..., None] = app_commands.command(
+        name="remix", description="Run one of your jobs again: same seed, changed prompt or settings",
+    )(_with_params(
+        remix_callback, [_option("job", str), _option("prompt", str | None, None)],
+        {"job": "The job to remix", "prompt": "New prompt (empty = keep it); inline --flags work too"},
+        params_for(None), limits, None))
+    remix.autocomplete("job")(recent_jobs)
 
     @app_commands.command(name="extend", description="Continue a video from its last frame (one video of both)")
     @app_commands.describe(job="The job whose video to continue", prompt="Prompt for the continuation (empty = the same)")

@@ -19,7 +19,7 @@ from bots.web.forms import FormRejected, coerce_options, read_job_form
 from bots.web.security import json_error
 from bots.web.serialize import job_json, quota_json
 from generator.params import MODES, PARAMS
-from generator.request import SIGMA_MAX_DEFAULT, SIZES, RequestError
+from generator.request import SIZES, RequestError
 from generator.scheduler.api import Refusal, RefusalCode
 from generator.scheduler.disk import STORAGE_MESSAGE
 from generator.scheduler.filestore import is_remote, local_copy
@@ -76,7 +76,8 @@ def options_payload(settings: Settings) -> dict[str, Any]:
         "params": [{**p.as_json(lim), "default": getattr(d, p.name) if p.configurable else p.default} for p in PARAMS],
         "modes": list(MODES),
         "sizes": {f"{res} {asp}": list(SIZES[(res, asp)]) for res in lim.resolutions for asp in lim.aspects},
-        "mode_defaults": {"sigma_max": SIGMA_MAX_DEFAULT},  # optional fields whose default depends on the mode
+        # Optional fields whose default depends on the mode.
+        "mode_defaults": {p.name: dict(p.mode_default) for p in PARAMS if p.mode_default},
         "i2v_prompt": d.i2v_prompt,
         "max_prompt_chars": lim.max_prompt_chars,
         "image": {

@@ -27,7 +27,6 @@ def job_json(job: JobView) -> dict[str, Any]:
     r = job.request
     params = r.params()
     params["mode"], params["prompt"], params["seed"] = r.mode, r.prompt, r.seed
-    params["sigma_max_effective"] = r.effective_sigma_max
     params["width"], params["height"] = r.size
     out = job.output
     return {
@@ -39,9 +38,14 @@ def job_json(job: JobView) -> dict[str, Any]:
         "original_prompt": r.original_prompt,  # what the user typed, when prompt expansion rewrote it
         "seed": job.seed,
         "params": params,
-        # The params display, from the declaration: [name, shown value] for each parameter of this mode.
-        "param_rows": [
-            [p.name, p.shown(r.effective_sigma_max if p.name == "sigma_max" else getattr(r, p.name))]
+        # The parameters of this mode, from the declaration: the scripts take names, labels and which ones
+        # make the video what it is (``identity``: the summary line and the remix form) from here.
+        "fields": [
+            {
+                "name": p.name, "label": p.label, "kind": p.kind.__name__, "identity": p.identity,
+                "value": params[p.name],
+                "shown": p.shown(r.effective(p.name)),
+            }
             for p in PARAMS if r.mode in p.modes
         ],
         "platform": job.requester.platform,

@@ -73,7 +73,7 @@ class ViewCache:
             running = [j for j in jobs if j.state == "running"]
             snap = queue.QueueSnapshot(
                 running=[j.id for j in running],
-                shapes={j.id: Shape.of(j.model, j.resolution, j.aspect, j.frames, j.steps) for j in running},
+                shapes={j.id: Shape.from_request(j.request) for j in running},
                 steps_done={j.id: j.progress_step for j in running},
             )
         stats, n_workers = await self.step_stats()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from generator.request import SIZES
+from generator.request import SIZES, GenerationRequest
 
 ALPHA = 0.3  # weight of the newest measurement
 
@@ -38,11 +38,8 @@ class Shape:
         return cls(model or "", width, height, int(frames), int(steps))
 
     @classmethod
-    def from_request(cls, request: dict[str, Any]) -> Shape:
-        return cls.of(
-            str(request.get("model") or ""), str(request.get("resolution", "480p")),
-            str(request.get("aspect", "16:9")), int(request.get("frames", 81)), int(request.get("steps", 4)),
-        )
+    def from_request(cls, request: GenerationRequest) -> Shape:
+        return cls.of(request.model or "", request.resolution, request.aspect, request.frames, request.steps)
 
 
 def _ema(old: float | None, new: float) -> float:

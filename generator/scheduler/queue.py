@@ -6,7 +6,7 @@ and the caller must discard its result. Each accepted terminal transition writes
 same transaction (the kill -9 harness counts them to prove there is never a second completion).
 
 Fair order (docs/scheduler.md): next job = min over queued jobs of
-    (priority, user's running count, user's GPU-seconds today, created_at, id)
+    (user's running count, user's GPU-seconds today, created_at, id)
 skipping users already at their running cap (owners/unlimited are not capped). Queue positions use the
 same key with each user's k-th queued job counted as k more running jobs, which is the order repeated
 claims produce.
@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from generator.request import GenerationRequest
 from generator.scheduler.estimate import Shape
 from storage.db import rows_affected
 from storage.models import InputImage, Job, Output, QuotaUsage, User
@@ -50,7 +51,7 @@ class Claimed:
 
     job_id: int
     attempt: int
-    request: dict[str, Any]
+    request: GenerationRequest
     input_path: str | None
     created_at: dt.datetime
     lease_until: dt.datetime
@@ -107,7 +108,7 @@ async def claim(
 ) -> Claimed | None:
     """Lease the next job in fair order, or None when nothing is claimable.
 
-    Two cheap steps instead of sorting every queued job: pick the (user, priority) group whose first job
+    Two cheap steps instead of sorting every queued job: pick the user whose first queued job
     has the smallest fair key (an index-only pass over the queued jobs), then that group's oldest job.
     """
     excluded: list[int] = []
@@ -115,7 +116,7 @@ async def claim(
         head = await _pick_head(session, now, max_running_per_user, excluded)
         if head is None:
             return None
-        user_id, priority, role = head
+        user_id, role = head
         if postgres and role not in EXEMPT_ROLES:
             # Concurrent claimers on PostgreSQL each see the others' claims only after commit: lock the
             # user row and recount so the running cap holds. (SQLite's BEGIN IMMEDIATE serialises claims.)
@@ -128,7 +129,7 @@ async def claim(
                 continue
         oldest = (
             select(Job.id)
-            .where(Job.state == "queued", Job.user_id == user_id, Job.priority == priority)
+            .where(Job.state == "queued", Job.user_id == user_id)
             .order_by(Job.created_at, Job.id)
             .limit(1)
         )
@@ -163,7 +164,7 @@ async def claim(
         return Claimed(
             job_id=int(job_id),
             attempt=int(attempt),
-            request=dict(request),
+            request=request,
             input_path=input_path,
             created_at=created_at,
             lease_until=lease_until,
@@ -173,14 +174,14 @@ async def claim(
 
 async def _pick_head(
     session: AsyncSession, now: dt.datetime, cap: int, excluded: list[int]
-) -> tuple[int, int, str] | None:
-    """(user_id, priority, role) of the queued group that goes next."""
-    heads_q = select(
-        Job.user_id.label("user_id"), Job.priority.label("priority"), func.min(Job.created_at).label("first_at")
-    ).where(Job.state == "queued")
+) -> tuple[int, str] | None:
+    """(user_id, role) of the user whose queued jobs go next."""
+    heads_q = select(Job.user_id.label("user_id"), func.min(Job.created_at).label("first_at")).where(
+        Job.state == "queued"
+    )
     if excluded:
         heads_q = heads_q.where(Job.user_id.not_in(excluded))
-    heads = heads_q.group_by(Job.user_id, Job.priority).subquery("heads")
+    heads = heads_q.group_by(Job.user_id).subquery("heads")
     running = _running_counts()
     usage = (
         select(QuotaUsage.user_id.label("user_id"), QuotaUsage.gpu_seconds.label("gpu"))
@@ -189,16 +190,16 @@ async def _pick_head(
     )
     n_running = func.coalesce(running.c.n, 0)
     stmt = (
-        select(heads.c.user_id, heads.c.priority, User.role)
+        select(heads.c.user_id, User.role)
         .join(User, User.id == heads.c.user_id)
         .outerjoin(running, running.c.user_id == heads.c.user_id)
         .outerjoin(usage, usage.c.user_id == heads.c.user_id)
         .where(or_(n_running < cap, User.role.in_(EXEMPT_ROLES)))
-        .order_by(heads.c.priority, n_running, func.coalesce(usage.c.gpu, 0.0), heads.c.first_at, heads.c.user_id)
+        .order_by(n_running, func.coalesce(usage.c.gpu, 0.0), heads.c.first_at, heads.c.user_id)
         .limit(1)
     )
     row = (await session.execute(stmt)).first()
-    return (int(row[0]), int(row[1]), str(row[2])) if row else None
+    return (int(row[0]), str(row[1])) if row else None
 
 
 async def lease_status(session: AsyncSession, job_id: int, attempt: int) -> LeaseStatus:
@@ -404,7 +405,7 @@ async def hand_back(session: AsyncSession, job_id: int, attempt: int, *, now: dt
         state="queued", attempts=attempt - 1, lease_until=None, worker_id="", started_at=None,
         progress_step=0, progress_total=0, progress_phase="",
     )
-    return bool((await session.execute(stmt)).rowcount == 1)
+    return await rows_affected(session, stmt) == 1
 
 
 async def has_expired(session: AsyncSession, *, now: dt.datetime) -> bool:
@@ -482,18 +483,15 @@ class QueueSnapshot:
         return len(self.order)
 
 
-_SHAPE_COLUMNS = (Job.model, Job.resolution, Job.aspect, Job.frames, Job.steps)
-
-
 async def snapshot(session: AsyncSession, *, now: dt.datetime) -> QueueSnapshot:
     queued = (
         await session.execute(
-            select(Job.id, Job.user_id, Job.priority, Job.created_at, *_SHAPE_COLUMNS).where(Job.state == "queued")
+            select(Job.id, Job.user_id, Job.created_at, Job.request).where(Job.state == "queued")
         )
     ).tuples().all()
     running_rows = (
         await session.execute(
-            select(Job.id, Job.user_id, Job.progress_step, *_SHAPE_COLUMNS)
+            select(Job.id, Job.user_id, Job.progress_step, Job.request)
             .where(Job.state == "running")
             .order_by(Job.started_at)
         )
@@ -501,12 +499,12 @@ async def snapshot(session: AsyncSession, *, now: dt.datetime) -> QueueSnapshot:
     running_per_user: dict[int, int] = defaultdict(int)
     shapes: dict[int, Shape] = {}
     steps_done: dict[int, int] = {}
-    for job_id, uid, step, *shape in running_rows:
+    for job_id, uid, step, request in running_rows:
         running_per_user[uid] += 1
-        shapes[job_id] = Shape.of(*shape)
+        shapes[job_id] = Shape.from_request(request)
         steps_done[job_id] = int(step)
-    for job_id, _uid, _prio, _created, *shape in queued:
-        shapes[job_id] = Shape.of(*shape)
+    for job_id, _uid, _created, request in queued:
+        shapes[job_id] = Shape.from_request(request)
     users = {row[1] for row in queued}
     gpu: dict[int, float] = {}
     if users:
@@ -514,25 +512,25 @@ async def snapshot(session: AsyncSession, *, now: dt.datetime) -> QueueSnapshot:
             QuotaUsage.day == utc_day(now), QuotaUsage.user_id.in_(list(users))
         )
         gpu = {int(u): float(g) for u, g in (await session.execute(stmt)).tuples()}
-    order = fair_order([row[:4] for row in queued], running_per_user, gpu)
+    order = fair_order([row[:3] for row in queued], running_per_user, gpu)
     return QueueSnapshot(order=order, running=[r[0] for r in running_rows], shapes=shapes, steps_done=steps_done)
 
 
 def fair_order(
-    queued: list[tuple[int, int, int, dt.datetime]] | Any,
+    queued: list[tuple[int, int, dt.datetime]] | Any,
     running_per_user: dict[int, int],
     gpu_today: dict[int, float],
 ) -> list[int]:
-    """Queued (id, user_id, priority, created_at) rows -> ids in the order repeated claims take them."""
-    per_user: dict[int, list[tuple[int, dt.datetime, int]]] = defaultdict(list)
-    for job_id, user_id, priority, created_at in queued:
-        per_user[user_id].append((priority, created_at, job_id))
+    """Queued (id, user_id, created_at) rows -> ids in the order repeated claims take them."""
+    per_user: dict[int, list[tuple[dt.datetime, int]]] = defaultdict(list)
+    for job_id, user_id, created_at in queued:
+        per_user[user_id].append((created_at, job_id))
     keyed = []
     for user_id, jobs in per_user.items():
         jobs.sort()
         base = running_per_user.get(user_id, 0)
         g = gpu_today.get(user_id, 0.0)
-        for rank, (priority, created_at, job_id) in enumerate(jobs):
-            keyed.append(((priority, base + rank, g, created_at, job_id), job_id))
+        for rank, (created_at, job_id) in enumerate(jobs):
+            keyed.append(((base + rank, g, created_at, job_id), job_id))
     keyed.sort()
     return [job_id for _, job_id in keyed]

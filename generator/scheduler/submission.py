@@ -187,7 +187,7 @@ class Submissions:
                 await admit(s, self._core.settings, user, role, target, now,
                             community=(community_of(target), member_limit))
                 job_id = await repo_jobs.insert_job(
-                    s, user=user, idempotency_key=key, request=req.to_dict(), platform=target.platform,
+                    s, user=user, idempotency_key=key, request=req, platform=target.platform,
                     chat_id=target.chat_id, guild_id=target.guild_id, status_message_id=target.status_message_id,
                     reply_to_message_id=target.reply_to_message_id, delivery=target.extra, parent_id=parent_id,
                     lineage=lineage, input_id=input_id, now=now,
@@ -249,17 +249,16 @@ class Submissions:
         if parent is None:
             raise Refusal(RefusalCode.NOT_FOUND, f"Job #{parent_id} does not exist (any more).")
         self._may_use(parent, requester, target, "remixed")
-        base = dict(parent.request)
         changes = dict(overrides or {})
         bad = sorted(set(changes) - set(USER_FIELDS))
         if bad:
             raise Refusal(RefusalCode.INVALID, f"'{bad[0]}' cannot be changed in a remix.")
         if new_seed:
             changes["seed"] = None
-        if "prompt" in changes and changes["prompt"] != base.get("prompt"):
-            base["original_prompt"] = None  # a new prompt: whatever expansion does next starts from it
+        if "prompt" in changes and changes["prompt"] != parent.request.prompt:
+            changes["original_prompt"] = None  # a new prompt: whatever expansion does next starts from it
         try:
-            request = GenerationRequest.from_dict({**base, **changes})
+            request = parent.request.replace(**changes)
         except (RequestError, TypeError) as exc:
             raise Refusal(RefusalCode.INVALID, getattr(exc, "message", str(exc))) from None
         # A Retry is the same request with a fresh seed; anything changed makes it a remix.
@@ -303,10 +302,10 @@ class Submissions:
             log.warning("cannot take the last frame of job %s (%s): %s", parent_id, video, exc)
             raise Refusal(RefusalCode.NOT_FOUND, f"The video of job #{parent_id} is no longer stored.") from None
         image = await self.save_input(requester, png, width, height)
-        base = GenerationRequest.from_dict(dict(parent.request))
+        base = parent.request
         text = clean_prompt(prompt or "")
         request = base.replace(
-            mode="i2v", image=image, model=None, seed=parent.seed, adaptive_resolution=True, extends=parent_id,
+            mode="i2v", image=image, model=None, seed=base.seed, adaptive_resolution=True, extends=parent_id,
             sigma_max=None if base.mode != "i2v" else base.sigma_max,
             boundary=base.boundary if base.mode == "i2v" else self._core.settings.defaults.boundary,
             **({"prompt": text, "original_prompt": None} if text else {}),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-from generator.request import GenerationRequest, RequestError
 from generator.scheduler.api import PHASES, DeliveryTarget, JobView, OutputView, Requester
 from generator.scheduler.estimate import StepStats
 from generator.scheduler.queue import QueueSnapshot
@@ -39,19 +38,6 @@ def eta_for(
     return now + dt.timedelta(seconds=total / max(1, n_workers))
 
 
-def request_of(job: Job) -> GenerationRequest:
-    """The stored request; one written by another version is rebuilt from the queryable columns."""
-    try:
-        return GenerationRequest.from_dict(dict(job.request or {}))
-    except (RequestError, TypeError):
-        return GenerationRequest(
-            mode=job.mode, prompt=job.prompt, model=job.model, resolution=job.resolution, aspect=job.aspect,
-            frames=job.frames, steps=job.steps, seed=job.seed, sla_topk=job.sla_topk, sigma_max=job.sigma_max,
-            sampler=job.sampler, adaptive_resolution=job.adaptive_resolution, boundary=job.boundary,
-            attention=job.attention,
-        )
-
-
 def job_view(
     job: Job,
     *,
@@ -73,7 +59,7 @@ def job_view(
     return JobView(
         id=job.id,
         state=job.state,
-        request=request_of(job),
+        request=job.request,
         requester=Requester(platform=user.platform, user_id=user.platform_user_id, display_name=user.display_name),
         target=DeliveryTarget(
             platform=job.platform,

@@ -471,8 +471,8 @@ class Worker:
     async def _run(self, claimed: queue.Claimed) -> None:
         assert self.loop is not None
         try:
-            request = GenerationRequest.from_dict(claimed.request)
-            shape = Shape.from_request(claimed.request)
+            request = claimed.request
+            shape = Shape.from_request(request)
         except Exception:  # a stored request this version cannot read: fail it rather than crash-loop
             log.error("worker %s: job %s has an unreadable request:\n%s", self.worker_id, claimed.job_id,
                       traceback.format_exc())

@@ -3,7 +3,7 @@
 A new table only: nothing to backfill (a community without a row uses the global config).
 
 Revision ID: 0004
-Revises: 0002 (to be rebased onto 0003 when merged after it)
+Revises: 0003
 Create Date: 2026-12-10 09:00:00.000000+00:00
 """
 
@@ -16,7 +16,7 @@ from alembic import op
 
 # Revision identifiers, used by Alembic.
 revision: str = '0004'
-down_revision: str | Sequence[str] | None = '0002'
+down_revision: str | Sequence[str] | None = '0003'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

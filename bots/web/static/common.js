@@ -75,10 +75,12 @@ TB.fmtBytes = function (n) {
   return Math.round(n / 1024) + " KB";
 };
 
+// The job's main settings in one line: the fields the server marks as the video's identity (not the seed,
+// shown apart), with the labels it sends.
 TB.paramsLine = function (job) {
   const p = job.params;
-  const parts = [job.mode, `${p.resolution} ${p.aspect} (${p.width}x${p.height})`, `${p.frames} frames`,
-    `${p.steps} steps`, p.sampler, `model ${p.model}`];
+  const parts = [job.mode, `${p.width}x${p.height}`];
+  for (const f of job.fields) if (f.identity && f.name !== "seed") parts.push(`${f.label} ${f.shown}`);
   return parts.join(" · ");
 };
 
@@ -97,30 +99,31 @@ TB.watchJob = function (jobId, onJob) {
   return stop;
 };
 
-// The remix form of a job: its prompt and main settings, pre-filled; only what changes matters.
+// The remix form of a job: its prompt and main settings (the server's identity fields), pre-filled; only
+// what changes is sent.
 TB.remixForm = function (job, onDone) {
-  const p = job.params;
   const err = TB.el("div", { class: "error", hidden: true });
   const prompt = TB.el("textarea", { class: "remix-prompt", name: "prompt" });
   prompt.value = job.prompt;
-  const field = (name, value, attrs) => {
-    const input = TB.el("input", Object.assign({ type: "text", name, class: "remix-" + name }, attrs || {}));
-    input.value = value === null || value === undefined ? "" : value;
-    return TB.el("label", {}, name, input);
+  const shown = job.fields.filter((f) => f.identity);
+  const field = (f) => {
+    const numeric = f.kind === "int" || f.kind === "float";
+    const input = TB.el("input", { type: numeric ? "number" : "text", name: f.name, class: "remix-" + f.name,
+      step: f.kind === "float" ? "any" : undefined });
+    input.value = f.value === null || f.value === undefined ? "" : f.value;
+    return TB.el("label", {}, f.label, input);
   };
+  const rows = [];
+  for (let i = 0; i < shown.length; i += 2) rows.push(TB.el("div", { class: "row" }, ...shown.slice(i, i + 2).map(field)));
   const form = TB.el("form", { class: "remix-form params" },
-    TB.el("label", {}, "Prompt (same seed unless you change it)"), prompt,
-    TB.el("div", { class: "row" }, field("seed", job.seed, { type: "number", min: 0 }), field("steps", p.steps, { type: "number", min: 1 })),
-    TB.el("div", { class: "row" }, field("aspect", p.aspect), field("resolution", p.resolution)),
-    TB.el("div", { class: "row" }, field("frames", p.frames, { type: "number" }), field("sampler", p.sampler)),
-    err,
+    TB.el("label", {}, "Prompt (same seed unless you change it)"), prompt, ...rows, err,
     TB.el("button", { class: "primary btn-remix-submit", type: "submit" }, "Remix"));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const options = {};
-    for (const name of ["seed", "steps", "aspect", "resolution", "frames", "sampler"]) {
-      const v = form.elements[name].value.trim();
-      if (v !== "" && String(v) !== String(name === "seed" ? job.seed : p[name])) options[name] = v;
+    for (const f of shown) {
+      const v = form.elements[f.name].value.trim();
+      if (v !== "" && String(v) !== String(f.value)) options[f.name] = v;
     }
     const result = await TB.api("POST", `/api/jobs/${job.id}/remix`, { prompt: prompt.value, options, client_key: TB.newKey() });
     if (!result.ok) return TB.showError(err, result);

@@ -6,7 +6,7 @@ function paramsTable(job) {
   const rows = [
     ["job", `#${job.id}`], ["state", job.state], ["platform / user", `${job.user.key}${job.user.name ? " (" + job.user.name + ")" : ""}`],
     ["mode", job.mode], ["size", `${p.width}x${p.height}, ${(p.frames / 16).toFixed(2)} s`],
-    ...job.param_rows,
+    ...job.fields.map((f) => [f.name, f.shown]),
   ];
   rows.push(["created", TB.fmtTime(job.created_at)], ["started", TB.fmtTime(job.started_at)], ["finished", TB.fmtTime(job.finished_at)],
     ["attempts", String(job.attempts)]);
