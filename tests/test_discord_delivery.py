@@ -31,8 +31,8 @@ async def _check_bot_token_delivery(env, alice: dict, iid: str) -> dict:  # type
     assert reply["content"].startswith(f"<@{alice['id']}> ") and f"Job #{job_id}" in reply["content"]
     assert [u["id"] for u in reply["mentions"]] == [alice["id"]]
     assert srv.file_bytes(reply["attachments"][0]) == file_bytes(job.output.path)
-    assert buttons(reply) == [f"tb:retry:{job_id}", f"tb:remix:{job_id}", f"tb:params:{job_id}",
-                              f"tb:delete:{job_id}"]
+    assert buttons(reply) == [f"tb:retry:{job_id}", f"tb:remix:{job_id}", f"tb:extend:{job_id}",
+                              f"tb:params:{job_id}", f"tb:delete:{job_id}"]
     # The status message itself is marked done with the bot token and loses its Cancel button.
     await srv.wait_for(lambda: srv.messages[status["id"]]["content"].startswith(f"**Done · job #{job_id}"))
     assert srv.messages[status["id"]]["components"] == []

@@ -236,7 +236,7 @@ async def test_two_worker_hosts_share_the_queue_and_the_store(
             holder.extend(h for h in hosts if job.worker_id.startswith(h.prefix))
             return bool(holder)
 
-        await until(running_somewhere, limit=30, what="slow job running")
+        await until(running_somewhere, limit=90, what="slow job running")
         victim = holder[0]
         survivor = next(h for h in hosts if h is not victim)
         victim.kill9()
@@ -254,7 +254,7 @@ async def test_two_worker_hosts_share_the_queue_and_the_store(
         async def reports_outage() -> bool:
             return any(w.id.startswith(survivor.prefix) and (w.info or {}).get("storage_error") for w in await rows())
 
-        await until(reports_outage, limit=30, what="worker reports the store outage")
+        await until(reports_outage, limit=90, what="worker reports the store outage")
         waiting = (await sched.jobs.submit(t2v("during outage", steps=2), who(40), where(), "out")).job.id
         async with db.read() as s:
             assert (await s.get(Job, waiting)).state == "queued"  # type: ignore[union-attr]
