@@ -27,7 +27,7 @@ __all__ = [
 
 
 # Audit actions the console's moderation page lists.
-MODERATION_ACTIONS = ("blocked_prompt", "nsfw_prompt", "community_settings")
+MODERATION_ACTIONS = ("blocked_prompt", "nsfw_prompt", "blocked_image", "blocked_output", "community_settings")
 
 class JobViews:
     """What one requester (or the operator) may look at; every answer is a ``JobView`` with position/ETA."""
