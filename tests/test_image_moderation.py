@@ -165,3 +165,14 @@ async def test_other_labels_block_even_in_nsfw_channels(
         assert done.state == "failed" and done.error_code == "blocked_output"
         (row,) = await moderation_rows(sched, "blocked_output")
         assert row["entry"] == "gore"
+
+
+def test_config_thresholds_are_checked(tmp_path: Path) -> None:
+    from turbobot.config import ConfigError
+
+    settings = make_settings(tmp_path, moderation={"image_thresholds": {"nsfw": 0.8}, "nsfw_labels": ["nsfw"]})
+    assert settings.moderation.image_thresholds == {"nsfw": 0.8} and settings.moderation.image_model == ""
+    with pytest.raises(ConfigError, match=r"image_thresholds\.nsfw must be more than 0"):
+        make_settings(tmp_path, moderation={"image_thresholds": {"nsfw": 1.5}})
+    with pytest.raises(ConfigError, match="must be a number"):
+        make_settings(tmp_path, moderation={"image_thresholds": {"nsfw": "high"}})
