@@ -17,7 +17,7 @@ from scheduler_support import ENGINE_SPEC, Recorder, make_db, make_settings, ses
 from sqlalchemy import text
 
 from generator.request import GenerationRequest
-from generator.scheduler.api import DeliveryTarget, Refusal
+from generator.scheduler.api import DeliveryTarget, Refusal, Requester
 from generator.scheduler.image_moderation import BLOCKED_IMAGE_MESSAGE, BLOCKED_OUTPUT_MESSAGE, ImageModerator
 from generator.scheduler.service import Scheduler
 from storage import repo_audit
@@ -176,3 +176,29 @@ def test_config_thresholds_are_checked(tmp_path: Path) -> None:
         make_settings(tmp_path, moderation={"image_thresholds": {"nsfw": 1.5}})
     with pytest.raises(ConfigError, match="must be a number"):
         make_settings(tmp_path, moderation={"image_thresholds": {"nsfw": "high"}})
+
+
+async def test_discord_held_video_is_never_uploaded(tmp_path: Path, models: dict[str, Path]) -> None:
+    """Through the real discord.py client and the fake Discord: the held video is not uploaded anywhere and the
+    user is told; in an NSFW channel of a community whose policy allows it, the same video is delivered."""
+    from fakes.discord_harness import discord_env
+    from fakes.discord_server import ADMIN_PERMISSIONS
+
+    async with discord_env(tmp_path, moderation=moderation(models["nsfw"])) as env:
+        srv = env.server
+        alice, boss = srv.new_user("alice"), srv.new_user("boss")
+        iid = await srv.slash("t2v", alice, prompt="a red fox", steps=2)
+
+        def told() -> bool:
+            msg = srv.original(iid)
+            return msg is not None and BLOCKED_OUTPUT_MESSAGE in msg["content"]
+
+        await srv.wait_for(told, 60)
+        assert not [m for m in srv.messages.values() if m["attachments"]]  # nothing was ever uploaded
+        jobs = await env.sched.views.jobs_for(Requester("discord", alice["id"]))
+        assert [(j.state, j.error_code) for j in jobs] == [("failed", "blocked_output")]
+
+        await env.private_answer(await srv.slash("settings", boss, permissions=ADMIN_PERMISSIONS,
+                                                 policy="nsfw_channels"))
+        msg = await env.delivered(await srv.slash("t2v", alice, nsfw=True, prompt="a red fox", steps=2), within=60)
+        assert msg["attachments"]
