@@ -246,6 +246,7 @@ REFUSAL_TEXTS: dict[RefusalCode, str] = {
     RefusalCode.BLOCKED: "Sorry, you are not allowed to make videos with this bot.",
     RefusalCode.BLOCKED_WORDS: "Your prompt was blocked by this bot's content rules. Please rephrase it.",
     RefusalCode.NSFW_BLOCKED: "Age-restricted prompts are not allowed here.",
+    RefusalCode.BLOCKED_IMAGE: "This image can't be used here: it was held by the moderation filter.",
     RefusalCode.COMMUNITY_OFF: "The video bot is switched off here by this community's admins.",
     RefusalCode.CHANNEL_NOT_ALLOWED: "Videos cannot be made in this channel.",
     RefusalCode.MODEL_NOT_CONFIGURED: "That model is not configured on this server.",

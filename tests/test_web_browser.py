@@ -57,7 +57,7 @@ class ConsoleThread:
         self.loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         env = mp4_env(self.tmp / "mp4", TURBOBOT_TEST_STEP_SECONDS="0.3")
-        settings = console_settings(self.tmp / "app")
+        settings = console_settings(self.tmp / "app", admin={"blocked_words": ["forbiddenword"]})
         db = await make_db(settings)
         scheduler = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env=env)
         await scheduler.start(run_workers=True)
@@ -259,6 +259,22 @@ def test_console_in_a_real_browser(tmp_path: Path, browser: Any, monkeypatch: py
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, row))
         wait.until(lambda d: "web:operator" in d.find_element(By.ID, "users").text)
 
+        # Moderation page, linked from the admin page: a blocked prompt and a community's settings are listed.
+        browser.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const form = new FormData(); form.append("mode", "t2v"); form.append("prompt", "a forbiddenword fox");
+            Promise.all([TB.api("POST", "/api/jobs", form), TB.api("POST", "/api/admin/communities",
+              {platform: "discord", community: "42", changes: {policy: "nsfw_channels"}})]).then(done);
+            """)
+        click("#moderation-link")
+        blocked = '#moderation-queue .moderation-row[data-action="blocked_prompt"]'
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, blocked))
+        assert "a forbiddenword fox" in browser.find_element(By.CSS_SELECTOR, blocked).text
+        assert "web:operator" in browser.find_element(By.CSS_SELECTOR, blocked).text
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#communities .community-row[data-community="discord:42"]'))
+        policy = Select(browser.find_element(By.CSS_SELECTOR, '#communities .community-row .policy-select'))
+        assert policy.first_selected_option.get_attribute("value") == "nsfw_channels"
+
         # The job page shows the lineage of the remix.
         browser.get(f"{base}/jobs/{first}")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#children .job-card[data-job-id="{remix}"]'))
@@ -270,7 +286,8 @@ def test_console_in_a_real_browser(tmp_path: Path, browser: Any, monkeypatch: py
         assert not browser.find_elements(By.ID, "queue-table")
 
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-        # The only expected errors: the login attempt with a wrong token (401) and the 401s of the
-        # pages' API calls after the cookies were deleted.
-        unexpected = [e for e in errors if "401" not in e["message"]]
+        # The only expected errors: the login attempt with a wrong token (401), the 401s of the
+        # pages' API calls after the cookies were deleted; and the blocked prompt's 400 (moderation page).
+        unexpected = [e for e in errors if "401" not in e["message"]
+                      and not ("400" in e["message"] and "/api/jobs" in e["message"])]
         assert not unexpected, unexpected

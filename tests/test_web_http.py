@@ -129,6 +129,8 @@ async def test_token_gates_every_page_and_api(tmp_path: Path, monkeypatch: pytes
             assert (await c.client.get(path)).status in (200, 503), path
         resp = await c.client.get("/admin", allow_redirects=False)
         assert resp.status == 302 and resp.headers["Location"] == "/login?next=/admin"
+        resp = await c.client.get("/admin/moderation", allow_redirects=False)
+        assert resp.status == 302 and resp.headers["Location"] == "/login?next=/admin/moderation"
         for path in ("/api/admin/overview", "/api/jobs", "/media/jobs/1/video.mp4"):
             assert (await c.client.get(path)).status == 401, path
 
@@ -532,3 +534,10 @@ async def test_console_moderation_queue_and_community_settings(tmp_path: Path) -
         assert blocked[0]["who"] == "web:operator" and blocked[0]["entry"] == "forbiddenword"
         assert blocked[0]["prompt"] == "a f0rbiddenword fox" and blocked[0]["where"].startswith("web:")
         assert [e["where"] for e in events if e["action"] == "community_settings"] == ["discord:42"]
+        # The console's moderation page (linked from the admin page) renders this queue with its script.
+        page = await c.client.get("/admin/moderation")
+        html = await page.text()
+        assert page.status == 200 and 'id="moderation-queue"' in html and "/static/moderation.js" in html
+        assert 'href="/admin/moderation"' in await (await c.client.get("/admin")).text()
+        script = await c.client.get("/static/moderation.js")
+        assert script.status == 200 and "/api/admin/moderation" in await script.text()

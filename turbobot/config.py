@@ -156,6 +156,11 @@ class ModerationSettings:
     nsfw_words_file: str = ""  # age-restricted words: gated by each community's policy (block by default)
     default_policy: str = "block"  # age-restricted content where a community chose nothing: block, nsfw_channels, allow
     max_policy: str = "allow"  # the most permissive policy a community's admins may choose
+    # Image/video moderation (optional): a local folder of a transformers image classifier (nothing is fetched).
+    image_model: str = ""  # "" = off; checks I2V input images and sampled frames of every output
+    image_thresholds: dict[str, float] = field(default_factory=dict)  # label -> probability that blocks
+    image_device: str = "cpu"  # cpu, or "worker" for the worker's own GPU (outputs; inputs use cpu)
+    nsfw_labels: tuple[str, ...] = ()  # labels allowed where the community's age-restricted policy allows them
 
 
 @dataclass(frozen=True)
@@ -341,6 +346,11 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
         return tuple(_convert(key, inner, v) for v in value)
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: unsupported type")  # pragma: no cover - no such settings
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table (got {value!r}).")
+        inner = typing.get_args(tp)[1]
+        return {str(k): _convert(f"{key}.{k}", inner, v) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false (got {value!r}).")
@@ -481,6 +491,10 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"web.{key} must be more than 0 (got {getattr(settings.web, key)}).")
     if settings.store.backend == "s3" and not settings.store.bucket:
         raise ConfigError("store.bucket must be set when store.backend = \"s3\".")
+    for label, threshold in settings.moderation.image_thresholds.items():
+        if not 0 < threshold <= 1:
+            raise ConfigError(f"moderation.image_thresholds.{label} must be more than 0 and at most 1 "
+                              f"(got {threshold:g}).")
     if not 0 < settings.web.port < 65536:
         raise ConfigError(f"web.port must be from 1 to 65535 (got {settings.web.port}).")
 

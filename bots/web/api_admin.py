@@ -201,7 +201,8 @@ async def unblock(request: web.Request) -> web.Response:
 
 
 async def moderation(request: web.Request) -> web.Response:
-    """The moderation queue: blocked prompts (with who, where and the prompt) and community settings changes."""
+    """The moderation queue: blocked prompts, input images and held videos (with who, where and the prompt) and
+    community settings changes."""
     c = console_of(request)
     return web.json_response({"events": await c.scheduler.listings.moderation_events()})
 

@@ -38,7 +38,8 @@ from turbobot.config import Settings, WebSettings
 
 log = logging.getLogger(__name__)
 
-PAGES = {"/": "playground.html", "/gallery": "gallery.html", "/admin": "admin.html", "/login": "login.html"}
+PAGES = {"/": "playground.html", "/gallery": "gallery.html", "/admin": "admin.html",
+         "/admin/moderation": "moderation.html", "/login": "login.html"}
 LOGIN_FAILURE_DELAY_S = 0.25  # slows guessing a little; the token itself must be long
 
 

@@ -67,6 +67,7 @@ class RefusalCode(StrEnum):
     BLOCKED = "blocked"  # the user is denied or blocked
     BLOCKED_WORDS = "blocked_words"
     NSFW_BLOCKED = "nsfw_blocked"  # age-restricted content where the community's policy does not allow it
+    BLOCKED_IMAGE = "blocked_image"  # the input image was flagged by the image moderation model
     COMMUNITY_OFF = "community_off"  # the community's admins switched the bot off
     CHANNEL_NOT_ALLOWED = "channel_not_allowed"  # not one of the community's allowed channels
     MODEL_NOT_CONFIGURED = "model_not_configured"
@@ -97,6 +98,7 @@ _HTTP_STATUS: dict[RefusalCode, int] = {
     RefusalCode.INVALID: 400,
     RefusalCode.BLOCKED_WORDS: 400,
     RefusalCode.NSFW_BLOCKED: 403,
+    RefusalCode.BLOCKED_IMAGE: 400,
     RefusalCode.COMMUNITY_OFF: 403,
     RefusalCode.CHANNEL_NOT_ALLOWED: 403,
     RefusalCode.MODEL_NOT_CONFIGURED: 400,

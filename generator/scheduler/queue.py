@@ -22,6 +22,7 @@ size the user picked, an input image the engine cannot read.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,9 @@ from storage.repo_files import add_output
 from storage.repo_quotas import add_usage, refund_job, utc_day
 from storage.repo_users import EXEMPT_ROLES
 
-USER_FAILURES = frozenset({"out_of_memory", "bad_image"})  # failures that still count against the quota
+# In a job's delivery extras: the place it goes allowed age-restricted content when it was submitted.
+AGE_OK_KEY = "age_restricted_ok"
+USER_FAILURES = frozenset({"out_of_memory", "bad_image", "blocked_output"})  # failures that still count against the quota
 
 
 def users_fault(code: str) -> bool:
@@ -55,6 +58,7 @@ class Claimed:
     input_path: str | None
     created_at: dt.datetime
     lease_until: dt.datetime
+    age_restricted_ok: bool = False  # the place it goes allows age-restricted content (output moderation)
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,13 @@ async def claim(
                 progress_total=0,
                 progress_phase="",
             )
-            .returning(Job.id, Job.attempts, Job.request, Job.created_at, Job.input_id)
+            .returning(Job.id, Job.attempts, Job.request, Job.created_at, Job.input_id, Job.delivery)
         )
         row = (await session.execute(stmt)).first()
         if row is None:  # PostgreSQL: all of them locked by other claimers right now
             excluded.append(user_id)
             continue
-        job_id, attempt, request, created_at, input_id = row
+        job_id, attempt, request, created_at, input_id, delivery = row
         input_path = None
         if input_id is not None:
             input_path = (
@@ -168,6 +172,7 @@ async def claim(
             input_path=input_path,
             created_at=created_at,
             lease_until=lease_until,
+            age_restricted_ok=bool((delivery or {}).get(AGE_OK_KEY)),
         )
     return None
 
@@ -324,6 +329,30 @@ async def finish(
     else:
         await _charge(session, user_id, gpu_seconds, now)
     await add_audit(session, state, job_id=job_id, detail=f"attempt {attempt}: {code}", now=now)
+    return True
+
+
+async def block_output(
+    session: AsyncSession, job_id: int, attempt: int, *, labels: list[str], message: str, gpu_seconds: float,
+    now: dt.datetime,
+) -> bool:
+    """Fail a job whose output the moderation model held, with an audit row for the console's queue (who,
+    where, which labels). Fenced like ``finish``; False when the lease was lost."""
+    ok = await finish(session, job_id, attempt, state="failed", code="blocked_output", message=message,
+                      gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=now)
+    if not ok:
+        return False
+    job = await session.get(Job, job_id)
+    if job is not None:
+        user = await session.get(User, job.user_id)
+        where = f"{job.platform}:{job.guild_id}/{job.chat_id}" if job.guild_id else f"{job.platform}:{job.chat_id}"
+        detail = {
+            "who": f"{user.platform}:{user.platform_user_id}" if user else "", "name": user.display_name if user else "",
+            "where": where, "platform": job.platform, "guild": job.guild_id, "chat": job.chat_id,
+            "entry": ",".join(labels), "prompt": str((job.request or {}).get("prompt", "")), "job": job_id,
+        }
+        await add_audit(session, "blocked_output", user_id=job.user_id, job_id=job_id, detail=json.dumps(detail),
+                        now=now)
     return True
 
 

@@ -27,7 +27,7 @@ __all__ = [
 
 
 # Audit actions the console's moderation page lists.
-MODERATION_ACTIONS = ("blocked_prompt", "nsfw_prompt", "community_settings")
+MODERATION_ACTIONS = ("blocked_prompt", "nsfw_prompt", "blocked_image", "blocked_output", "community_settings")
 
 class JobViews:
     """What one requester (or the operator) may look at; every answer is a ``JobView`` with position/ETA."""
@@ -174,7 +174,7 @@ class Listings:
             return await repo_listings.recent_timings(s, limit=limit)
 
     async def moderation_events(self, *, limit: int = 100) -> list[dict[str, Any]]:
-        """Blocked prompts and settings changes, newest first: who, where, what matched, and when."""
+        """Blocked prompts, images and held videos, and settings changes, newest first: who, where, what matched, when."""
         async with self._db.read() as s:
             rows = await repo_audit.with_actions(s, MODERATION_ACTIONS, limit=limit)
         out = []

@@ -35,6 +35,9 @@ from generator.scheduler.community import Communities, CommunityView, channel_li
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.disk import STORAGE_MESSAGE
 from generator.scheduler.expand import expand_prompt
+from generator.scheduler.filestore import local_copy
+from generator.scheduler.image_moderation import BLOCKED_IMAGE_MESSAGE, image_moderator
+from generator.scheduler.queue import AGE_OK_KEY
 from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users
 from storage.models import Job, utcnow
 
@@ -49,12 +52,50 @@ def where_of(target: DeliveryTarget) -> str:
         f"{target.platform}:{target.chat_id}")
 
 
+def delivery_of(target: DeliveryTarget, age_ok: bool) -> dict[str, Any]:
+    """The stored delivery extras; ``AGE_OK_KEY`` tells the worker's output check that this place allows
+    age-restricted content (the policy at submission time)."""
+    return {**target.extra, AGE_OK_KEY: True} if age_ok else dict(target.extra)
+
+
 class Submissions:
     """Submit, remix/retry, save an input image, remember a job's status message."""
 
     def __init__(self, core: SchedulerCore) -> None:
         self._core = core
         self._communities = Communities(core)
+        # Input images are checked here, in the scheduler's process, always on the CPU.
+        self._images = image_moderator(core.settings, "cpu")
+
+    def _age_restricted_ok(self, target: DeliveryTarget, community: CommunityView | None) -> bool:
+        """Whether the community's policy allows age-restricted content where ``target`` is."""
+        policy = community.policy if community is not None else self._core.settings.moderation.default_policy
+        nsfw_place = target.nsfw or (community is not None and community.nsfw_chat)
+        return policy == "allow" or (policy == "nsfw_channels" and nsfw_place)
+
+    async def _check_input_image(
+        self, sha: str, requester: Requester, target: DeliveryTarget, age_ok: bool
+    ) -> None:
+        """Refuse an I2V input image the classifier flags (the message does not describe it)."""
+        if self._images is None:
+            return
+        async with self._core.db.read() as s:
+            row = await repo_files.get_input(s, sha)
+        if row is None:
+            return  # _enqueue refuses it with its own message
+        path = await asyncio.to_thread(local_copy, self._core.settings, row.path)
+        if path is None:
+            return
+        try:
+            labels = await asyncio.to_thread(self._images.blocked_file, path, age_restricted_ok=age_ok)
+        except Exception:
+            # A broken model must not let images through unchecked, nor crash the request with a traceback.
+            log.exception("image moderation failed on input %s; refusing it", sha)
+            raise Refusal(RefusalCode.BLOCKED_IMAGE, "Images cannot be checked right now; please try again later.") \
+                from None
+        if labels:
+            await self._audit_moderation("blocked_image", requester, target, "", ",".join(labels), image=sha)
+            raise Refusal(RefusalCode.BLOCKED_IMAGE, BLOCKED_IMAGE_MESSAGE)
 
     async def _check_age_restricted(
         self, prompt: str, requester: Requester, target: DeliveryTarget, community: CommunityView | None
@@ -63,10 +104,9 @@ class Submissions:
         entry = self._core.nsfw_words.match(prompt)
         if entry is None:
             return
-        policy = community.policy if community is not None else self._core.settings.moderation.default_policy
-        nsfw_place = target.nsfw or (community is not None and community.nsfw_chat)
-        if policy == "allow" or (policy == "nsfw_channels" and nsfw_place):
+        if self._age_restricted_ok(target, community):
             return
+        policy = community.policy if community is not None else self._core.settings.moderation.default_policy
         await self._audit_moderation("nsfw_prompt", requester, target, prompt, entry)
         where = " outside age-restricted channels" if policy == "nsfw_channels" else ""
         raise Refusal(RefusalCode.NSFW_BLOCKED, f"Age-restricted prompts are not allowed here{where}.")
@@ -125,6 +165,9 @@ class Submissions:
                     raise Refusal(RefusalCode.CHANNEL_NOT_ALLOWED,
                                   f"Videos can only be made in {channel_list(community.channels)} here.")
             await self._check_age_restricted(req.prompt, requester, target, community)
+            age_ok = self._age_restricted_ok(target, community)
+            if req.mode == "i2v" and req.image:
+                await self._check_input_image(req.image, requester, target, age_ok)
             if req.seed is None:
                 req = req.with_seed(new_seed())
             await self._core.require_storage()
@@ -132,7 +175,8 @@ class Submissions:
                 req = req.replace(original_prompt=None)
             req = await self._expanded(req, key)
             member_limit = community.daily_limit if community is not None else 0
-            job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id, lineage, member_limit)
+            job_id, duplicate = await self._enqueue(req, requester, target, key, parent_id, lineage, member_limit,
+                                                    age_ok=age_ok)
         except Refusal as refusal:
             await self._audit_refusal(requester, refusal, request)
             raise
@@ -164,7 +208,7 @@ class Submissions:
 
     async def _enqueue(
         self, req: GenerationRequest, requester: Requester, target: DeliveryTarget, key: str, parent_id: int | None,
-        lineage: Lineage = "", member_limit: int = 0,
+        lineage: Lineage = "", member_limit: int = 0, *, age_ok: bool = False,
     ) -> tuple[int, bool]:
         now = utcnow()
         role = role_of(self._core.settings, requester.key)
@@ -189,7 +233,7 @@ class Submissions:
                 job_id = await repo_jobs.insert_job(
                     s, user=user, idempotency_key=key, request=req, platform=target.platform,
                     chat_id=target.chat_id, guild_id=target.guild_id, status_message_id=target.status_message_id,
-                    reply_to_message_id=target.reply_to_message_id, delivery=target.extra, parent_id=parent_id,
+                    reply_to_message_id=target.reply_to_message_id, delivery=delivery_of(target, age_ok), parent_id=parent_id,
                     lineage=lineage, input_id=input_id, now=now,
                 )
                 await repo_quotas.add_usage(s, user.id, repo_quotas.utc_day(now), jobs=1)
@@ -219,13 +263,13 @@ class Submissions:
             log.exception("could not write the refusal to the audit log")
 
     async def _audit_moderation(
-        self, action: str, requester: Requester, target: DeliveryTarget, prompt: str, entry: str
+        self, action: str, requester: Requester, target: DeliveryTarget, prompt: str, entry: str, **extra: Any
     ) -> None:
         """A moderation event for the console's queue: who, where, what matched and the prompt (moderators only)."""
         detail = json.dumps({
             "who": requester.key, "name": requester.display_name, "where": where_of(target),
             "platform": target.platform, "guild": target.guild_id, "chat": target.chat_id,
-            "entry": entry, "prompt": prompt,
+            "entry": entry, "prompt": prompt, **extra,
         })
         try:
             async with self._core.db.write() as s:

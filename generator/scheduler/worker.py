@@ -54,6 +54,7 @@ from generator.scheduler.disk import storage_problem
 from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.filestore import make_store
 from generator.scheduler.health import fresh_seconds
+from generator.scheduler.image_moderation import BLOCKED_OUTPUT_MESSAGE, ImageModerator, image_moderator
 from storage.db import Database
 from storage.models import utcnow
 from storage.repo_workers import register_worker, update_worker
@@ -204,6 +205,7 @@ class RunningJob:
     last_step_end: float | None = None
     step_seconds: list[float] = field(default_factory=list)
     last_step_at: float | None = None
+    age_restricted_ok: bool = False  # the place it goes allows age-restricted content (output moderation)
 
 
 class Worker:
@@ -230,6 +232,8 @@ class Worker:
         # Inputs and outputs: the local folders, or an object store shared with hosts elsewhere (then
         # ``self.outputs`` is only the scratch folder where videos are rendered before the upload).
         self.store = make_store(settings)
+        # Output moderation ([moderation] image_model): loaded on the first finished render.
+        self.images: ImageModerator | None = image_moderator(settings, device)
 
     # Called from the stdin thread.
     def command(self, line: str) -> None:
@@ -482,7 +486,7 @@ class Worker:
             )
             self.send(protocol.JobChanged(claimed.job_id, "done"))
             return
-        job = RunningJob(claimed.job_id, claimed.attempt, shape, request)
+        job = RunningJob(claimed.job_id, claimed.attempt, shape, request, age_restricted_ok=claimed.age_restricted_ok)
         self.current = job
         self.state = "busy"
         self.send(protocol.JobChanged(job.job_id, "started"))
@@ -590,6 +594,25 @@ class Worker:
             ))
         result: RenderResult = payload
         produced = Path(result.path)
+        labels = await self._moderate(job, produced)
+        if labels is None or labels:
+            # Never delivered: the file is removed before anything could serve it.
+            unlink_quietly(produced)
+            unlink_quietly(tmp)
+            if job.lost:
+                return False
+            if labels is None:
+                return bool(await self._write(
+                    queue.finish, job.job_id, job.attempt, state="failed", code="moderation_error",
+                    message="The finished video could not be checked by the moderation filter, so it was not "
+                            "delivered. Please try again later.",
+                    gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=utcnow(),
+                ))
+            log.info("worker %s: job %s output held by moderation (%s)", self.worker_id, job.job_id, ", ".join(labels))
+            return bool(await self._write(
+                queue.block_output, job.job_id, job.attempt, labels=labels, message=BLOCKED_OUTPUT_MESSAGE,
+                gpu_seconds=gpu_seconds, now=utcnow(),
+            ))
         final = self.outputs / attempt_file_name(job.job_id, job.attempt, job.request)
         sha, size = await asyncio.to_thread(fsync_and_hash, produced)
         stored = str(final)
@@ -639,6 +662,22 @@ class Worker:
             self.stats.record(job.shape, pre_s=pre, step_s=job.step_seconds, post_s=post)
         return verdict != "lost"
 
+
+    async def _moderate(self, job: RunningJob, video: Path) -> list[str] | None:
+        """The labels that hold this output ([] = deliver it); None when the check itself failed (the
+        output is then not delivered either: an unchecked video must not reach a community)."""
+        if self.images is None:
+            return []
+        assert self.loop is not None
+        try:
+            # On the render thread: the classifier may share the GPU with the engine.
+            return await self.loop.run_in_executor(
+                self.executor, lambda: self.images.blocked_video(video, age_restricted_ok=job.age_restricted_ok)
+                if self.images is not None else [])
+        except Exception:
+            log.error("worker %s: output moderation of job %s failed:\n%s", self.worker_id, job.job_id,
+                      traceback.format_exc())
+            return None
 
     async def _discard(self, stored: str) -> None:
         if self.store.kind == "local":
