@@ -349,7 +349,7 @@ async def block_output(
         detail = {
             "who": f"{user.platform}:{user.platform_user_id}" if user else "", "name": user.display_name if user else "",
             "where": where, "platform": job.platform, "guild": job.guild_id, "chat": job.chat_id,
-            "entry": ",".join(labels), "prompt": str((job.request or {}).get("prompt", "")), "job": job_id,
+            "entry": ",".join(labels), "prompt": job.prompt, "job": job_id,
         }
         await add_audit(session, "blocked_output", user_id=job.user_id, job_id=job_id, detail=json.dumps(detail),
                         now=now)
