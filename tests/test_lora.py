@@ -3,6 +3,7 @@ restore, the fp8 side branch, and the refusals (corrupt file, file for another s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,10 @@ from torch import nn
 
 from generator.engine import fp8
 from generator.engine import lora as lo
+from bots.flags import parse_flags
 from generator.engine.transformer import build_transformer
+from generator.params import Limits, RequestError
+from generator.request import GenerationRequest, validate
 from tests.test_checkpoints_synth import BLOCK_KEYS, TINY
 
 # Our diffusers linears -> the original Wan name (from the independent test table) minus ".weight".
@@ -204,3 +208,57 @@ def test_description_discovery_and_cache(model: nn.Module, tmp_path: Path) -> No
     assert cache.get(found["ink"]) is a
     cache.get(found["neon"])
     assert cache.get(found["ink"]) is not a  # evicted (size 1), read again
+
+
+# --- request parameter and submission checks ---------------------------------------------------------------
+
+def _limits(**kw: object) -> Limits:
+    return Limits(t2v_models=("tiny-t2v",), loras=("ink_wash", "neon_city", "pastel"), **kw)  # type: ignore[arg-type]
+
+
+def test_lora_parameter_normalises_and_refuses() -> None:
+    req = GenerationRequest(mode="t2v", prompt="x", loras=" Ink_Wash:0.5 , neon_city")
+    assert validate(req, _limits()).loras == "ink_wash:0.5,neon_city:1"
+    with pytest.raises(RequestError, match=r"Unknown LoRA style 'ink_wsh'\. Did you mean ink_wash\?"):
+        validate(req.replace(loras="ink_wsh"), _limits())
+    with pytest.raises(RequestError, match=r"At most 2 LoRA styles"):
+        validate(req.replace(loras="ink_wash,neon_city,pastel"), _limits(max_loras=2))
+    with pytest.raises(RequestError, match=r"from -2 to 2 \(got pastel:2\.5\)"):
+        validate(req.replace(loras="pastel:2.5"), _limits())
+    with pytest.raises(RequestError, match="scale must be a number"):
+        validate(req.replace(loras="pastel:strong"), _limits())
+    assert parse_flags("a cat --lora ink_wash:0.5 --lora pastel").options == {"loras": "ink_wash:0.5,pastel"}
+
+
+# --- end to end: turbobot generate on the embedded demo model -------------------------------------------
+
+
+def test_cli_generate_with_a_lora(tmp_path: Path) -> None:
+    from generator.engine.tiny import tiny_transformer_config
+    from tests.test_cli import FAST, ROOT, db_rows, turbobot
+
+    (tmp_path / "config.toml").write_text((ROOT / "config.toml").read_text())
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    torch.manual_seed(0)
+    tiny_model = build_transformer(tiny_transformer_config("tiny-t2v"), attention="dense")
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for name, m in tiny_model.named_modules():
+        if name.startswith("blocks.") and name.endswith(("attn1.to_v", "ffn.net.2")):
+            layers[name] = (torch.randn(4, m.in_features, generator=g), torch.randn(m.out_features, 4, generator=g))
+    write_lora(folder / "Bold.safetensors", layers, "wan", alpha=4.0)
+    (folder / "broken.safetensors").write_bytes(b"garbage")
+
+    plain = turbobot(tmp_path, "generate", "a fox", "--seed", "5", "--json", *FAST)
+    styled = turbobot(tmp_path, "generate", "a fox", "--seed", "5", "--lora", "bold:1.5", "--json", *FAST)
+    assert plain.returncode == 0 and styled.returncode == 0, (plain.stderr, styled.stderr)
+    a, b = (json.loads(o.stdout.strip().splitlines()[-1]) for o in (plain, styled))
+    assert Path(a["output"]).read_bytes() != Path(b["output"]).read_bytes()
+    stored = [json.loads(r[0]) for r in db_rows(tmp_path, "select request from jobs order by id")]
+    assert [s.get("loras") for s in stored] == ["", "bold:1.5"]
+
+    unknown = turbobot(tmp_path, "generate", "a fox", "--lora", "bld", *FAST)
+    assert unknown.returncode != 0 and "Did you mean bold?" in unknown.stdout + unknown.stderr
+    bad = turbobot(tmp_path, "generate", "a fox", "--lora", "broken", *FAST)
+    assert bad.returncode != 0 and "broken.safetensors is not a readable safetensors file" in bad.stdout + bad.stderr

@@ -118,6 +118,15 @@ class ExpandSettings:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """Style LoRAs: ``*.safetensors`` files in ``folder`` (name = file stem; description from ``NAME.txt``)."""
+
+    folder: str = "loras"
+    max_per_job: int = 3
+    max_scale: float = 2.0
+
+
+@dataclass(frozen=True)
 class QuotaSettings:
     max_running_per_user: int = 1
     max_queued_per_user: int = 3
@@ -221,6 +230,7 @@ class Settings:
     models: dict[str, ModelSettings] = field(default_factory=dict)
     defaults: DefaultsSettings = field(default_factory=DefaultsSettings)
     expand: ExpandSettings = field(default_factory=ExpandSettings)
+    loras: LoraSettings = field(default_factory=LoraSettings)
     limits: Limits = field(default_factory=Limits)
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -257,7 +267,17 @@ class Settings:
     @property
     def request_limits(self) -> Limits:
         """``[limits]`` with the model names each mode offers (from ``[models]``)."""
-        return dataclasses.replace(self.limits, t2v_models=self.model_names("t2v"), i2v_models=self.model_names("i2v"))
+        return dataclasses.replace(
+            self.limits, t2v_models=self.model_names("t2v"), i2v_models=self.model_names("i2v"),
+            loras=tuple(self.lora_files()), max_loras=self.loras.max_per_job, max_lora_scale=self.loras.max_scale,
+        )
+
+    def lora_files(self) -> dict[str, Path]:
+        """The LoRA files in ``[loras] folder`` by name (lower-cased file stem), file names only."""
+        folder = self.path(self.loras.folder)
+        if not folder.is_dir():
+            return {}
+        return {p.stem.lower(): p for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
 
     def default_request(self, mode: str, prompt: str, image: str | None = None) -> GenerationRequest:
         """A request with every setting at its ``[defaults]`` value (not validated)."""
@@ -459,6 +479,10 @@ def _validate(settings: Settings) -> None:
                 f"configured: {', '.join(settings.model_names(mode)) or 'none'}."
             )
     _validate_defaults(settings)
+    lr = settings.loras
+    if lr.max_per_job < 0 or lr.max_scale <= 0:
+        raise ConfigError(f"loras.max_per_job must be at least 0 and loras.max_scale more than 0 "
+                          f"(got {lr.max_per_job}, {lr.max_scale:g}).")
     ex = settings.expand
     if ex.url and not ex.url.startswith(("http://", "https://")):
         raise ConfigError(f"expand.url must start with http:// or https:// (got {ex.url!r}).")

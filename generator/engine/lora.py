@@ -201,8 +201,8 @@ class Applied:
 
     def restore(self) -> None:
         with torch.no_grad():
-            for lin, original in self.weights:
-                lin.weight.data = original
+            for lin, original in self.weights:  # .to: an offloaded model may have moved meanwhile
+                lin.weight.data = original.to(lin.weight.device)
         for h in self.hooks:
             h.remove()
         self.weights.clear()
@@ -288,4 +288,4 @@ def discover(folder: Path) -> dict[str, Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.glob("*" + SUFFIX)) if p.is_file()}
+    return {p.stem.lower(): p for p in sorted(folder.glob("*" + SUFFIX)) if p.is_file()}
