@@ -400,8 +400,8 @@ def _build_section(cls: type, section: str, data: Any, pattern: str | None = Non
     derived = {f.name for f in dataclasses.fields(cls)} - names
     for key, value in data.items():
         full = f"{section}.{key}"
-        if key in derived and value in ([], ()):
-            continue  # filled from other sections (Limits' model lists); a round trip writes them empty
+        if key in derived:
+            continue  # filled from other sections (Limits' model lists, [loras]); a round trip writes them
         if key not in names:
             raise ConfigError(f"Unknown setting {full}; known keys in [{section}]: {', '.join(sorted(names))}.")
         if isinstance(value, str) and value and any(h in key.lower() for h in _SECRET_HINTS) and not key.endswith("_env") \
