@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from bots.flags import parse_flags
 from generator.engine import fp8
 from generator.engine import lora as lo
-from bots.flags import parse_flags
 from generator.engine.transformer import build_transformer
 from generator.params import Limits, RequestError
 from generator.request import GenerationRequest, validate
@@ -262,3 +262,23 @@ def test_cli_generate_with_a_lora(tmp_path: Path) -> None:
     assert unknown.returncode != 0 and "Did you mean bold?" in unknown.stdout + unknown.stderr
     bad = turbobot(tmp_path, "generate", "a fox", "--lora", "broken", *FAST)
     assert bad.returncode != 0 and "broken.safetensors is not a readable safetensors file" in bad.stdout + bad.stderr
+
+
+def test_loras_listing_from_the_configured_folder(model: nn.Module, tmp_path: Path) -> None:
+    from bots.texts import help_text, loras_text
+    from turbobot.config import settings_from_dict
+
+    settings = settings_from_dict({"loras": {"folder": "styles", "max_per_job": 2, "max_scale": 1.5}},
+                                  base_dir=str(tmp_path))
+    assert loras_text(settings.lora_catalog(), settings.request_limits) == "This server offers no LoRA styles."
+    (tmp_path / "styles").mkdir()
+    layers = synth_layers(model)
+    write_lora(tmp_path / "styles" / "Ink.safetensors", layers, "wan", metadata={"description": "Ink <wash>"})
+    write_lora(tmp_path / "styles" / "neon.safetensors", layers, "diffusers")
+    (tmp_path / "styles" / "neon.txt").write_text("Neon glow\n")
+    assert settings.lora_catalog() == [("ink", "Ink <wash>"), ("neon", "Neon glow")]
+    limits = settings.request_limits
+    assert (limits.loras, limits.max_loras, limits.max_lora_scale) == (("ink", "neon"), 2, 1.5)
+    text = loras_text(settings.lora_catalog(), limits, "telegram")
+    assert "<code>ink</code>: Ink &lt;wash&gt;" in text and "up to 2, scale -1.5 to 1.5" in text
+    assert "/loras" in help_text("discord") and "--lora" in help_text("plain")

@@ -8,6 +8,7 @@ naming the key (``ConfigError``), so a typo fails at start instead of silently d
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import types
@@ -279,6 +280,10 @@ class Settings:
             return {}
         return {p.stem.lower(): p for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
 
+    def lora_catalog(self) -> list[tuple[str, str]]:
+        """(name, description) of each LoRA file, for /loras (the worker checks the files themselves)."""
+        return [(name, lora_description(path)) for name, path in self.lora_files().items()]
+
     def default_request(self, mode: str, prompt: str, image: str | None = None) -> GenerationRequest:
         """A request with every setting at its ``[defaults]`` value (not validated)."""
         d = self.defaults
@@ -299,6 +304,24 @@ class Settings:
     def secret(self, env_name: str) -> str | None:
         """A secret from ``$NAME`` or from the file named by ``$NAME_FILE``; None when unset."""
         return read_secret(env_name)
+
+
+def lora_description(path: Path) -> str:
+    """First line of the sidecar ``NAME.txt``, else the safetensors header's metadata ``description``."""
+    side = path.with_suffix(".txt")
+    try:
+        if side.is_file():
+            lines = side.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            return lines[0].strip()[:200] if lines else ""
+        with path.open("rb") as f:  # safetensors: 8-byte little-endian header length, then the JSON header
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 16 * 2**20:
+                return ""
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        text = str(meta.get("description", "")).strip()
+        return text.splitlines()[0][:200] if text else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def read_secret(env_name: str) -> str | None:
