@@ -33,7 +33,7 @@ def synth_layers(model: nn.Module, rank: int = 4, seed: int = 0) -> dict[str, tu
     g = torch.Generator().manual_seed(seed)
     mods = dict(model.named_modules())
     out = {}
-    for i in range(TINY["num_layers"]):
+    for i in range(len(model.blocks)):  # type: ignore[arg-type]
         for t in TARGETS:
             m = mods[f"blocks.{i}.{t}"]
             out[f"blocks.{i}.{t}"] = (torch.randn(rank, m.in_features, generator=g) * 0.1,
@@ -282,3 +282,23 @@ def test_loras_listing_from_the_configured_folder(model: nn.Module, tmp_path: Pa
     text = loras_text(settings.lora_catalog(), limits, "telegram")
     assert "<code>ink</code>: Ink &lt;wash&gt;" in text and "up to 2, scale -1.5 to 1.5" in text
     assert "/loras" in help_text("discord") and "--lora" in help_text("plain")
+
+
+def test_engine_start_lists_bad_files_as_unavailable(tmp_path: Path) -> None:
+    from generator.engine.options import EngineOptions
+    from generator.engine.runtime import TurboEngine
+    from generator.engine.tiny import tiny_transformer_config
+
+    torch.manual_seed(0)
+    tiny_model = build_transformer(tiny_transformer_config("tiny-t2v"), attention="dense")
+    write_lora(tmp_path / "good.safetensors", synth_layers(tiny_model), "kohya")
+    g = torch.Generator().manual_seed(0)
+    big = {"blocks.0.attn1.to_q": (torch.randn(4, 128, generator=g), torch.randn(128, 4, generator=g))}
+    write_lora(tmp_path / "big.safetensors", big, "wan")
+    (tmp_path / "junk.safetensors").write_bytes(b"nope")
+    engine = TurboEngine(EngineOptions(device="cpu", compile=False, lora_folder=tmp_path), device="cpu")
+    engine.load()  # no crash: the bad files are only marked
+    status = engine.info["loras"]
+    assert isinstance(status, dict) and status["good"] == ""
+    assert "big.safetensors is for another model size" in status["big"]
+    assert "junk.safetensors is not a readable safetensors file" in status["junk"]
