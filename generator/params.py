@@ -206,7 +206,9 @@ class Param:
         b = self.bounds(limits)
         if b is not None:
             out.update(min=b[0], max=b[1], step=self.step if self.kind is int else "any")
-        if self.kind is str and self.choices_limit != "loras":
+        if self.choices_limit == "loras":  # free text, with the names on offer for the form's hint
+            out.update(free_text=True, available=list(limits.loras))
+        elif self.kind is str:
             out["choices"] = (
                 {m: list(limits.models_for(m)) for m in MODES} if self.choices_limit == "models"
                 else list(self.allowed(limits))
