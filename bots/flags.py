@@ -66,7 +66,8 @@ def parse_flags(text: str) -> ParsedText:
         if key not in FLAGS:
             raise RequestError("flags", f"Unknown option --{name}. Known options: {known_flags()}.")
         field_name, kind = FLAGS[key]
-        if field_name in seen:
+        repeat = field_name in seen and PARAM[field_name].repeatable
+        if field_name in seen and not repeat:
             also = "" if seen[field_name].lower() == key else f" (also as --{seen[field_name]})"
             raise RequestError(field_name, f"--{name} is given twice{also}; keep one.")
         seen[field_name] = name
@@ -85,5 +86,6 @@ def parse_flags(text: str) -> ParsedText:
             i += 1
         if raw_value == "":
             raise RequestError(field_name, f"--{name} needs a value.")
-        options[field_name] = coerce(field_name, name, raw_value)
+        value = coerce(field_name, name, raw_value)
+        options[field_name] = f"{options[field_name]},{value}" if repeat else value
     return ParsedText(prompt=" ".join(prompt_words), options=options)

@@ -230,6 +230,7 @@ def help_text(flavor: str = "plain") -> str:
             + ")",
             f"{c('/remix <job> [new prompt] [--flags]')}: same seed, changed prompt or settings",
             f"{c('/extend <job> [prompt]')}: continue a video from its last frame (or press Extend under it)",
+            f"{c('/loras')}: the style LoRAs this server offers (use them with {c('--lora NAME[:SCALE]')})",
             f"{c('/queue')} your place and quota · {c('/jobs')} your results · {c('/cancel [job]')} · {c('/forget')} delete your data",
             "",
             _bold("Options (add them to the prompt)", flavor),
@@ -238,6 +239,19 @@ def help_text(flavor: str = "plain") -> str:
             "Tip: describe subject + action + setting + light/mood + style, with concrete motion verbs.",
         ]
     )
+
+
+def loras_text(catalog: Sequence[tuple[str, str]], limits: Limits, flavor: str = "plain") -> str:
+    """The /loras answer: each style's name and description, and how to use them."""
+    if not catalog:
+        return "This server offers no LoRA styles."
+    lines = [_bold("LoRA styles", flavor)]
+    for name, description in catalog:
+        lines.append(f"{_code(name, flavor)}" + (f": {_esc(description, flavor)}" if description else ""))
+    lines.append("")
+    lines.append(f"Add {_code('--lora NAME[:SCALE]', flavor)} to a prompt (up to {limits.max_loras}, scale "
+                 f"-{limits.max_lora_scale:g} to {limits.max_lora_scale:g}, default 1).")
+    return "\n".join(lines)
 
 
 # The wording for each refusal code when the refusal carries no message of its own (every code has one).

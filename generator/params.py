@@ -13,6 +13,7 @@ from the rest of the project. Adding a parameter = one ``Param`` here + one fiel
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -60,6 +61,10 @@ class Limits:
     max_image_side: int = 8192
     t2v_models: tuple[str, ...] = field(default=(), metadata={"config": False})
     i2v_models: tuple[str, ...] = field(default=(), metadata={"config": False})
+    # From ``[loras]`` (Settings.request_limits): the LoRA names on offer, how many per job, the largest |scale|.
+    loras: tuple[str, ...] = field(default=(), metadata={"config": False})
+    max_loras: int = field(default=3, metadata={"config": False})
+    max_lora_scale: float = field(default=2.0, metadata={"config": False})
 
     def models_for(self, mode: str) -> tuple[str, ...]:
         return self.t2v_models if mode == "t2v" else self.i2v_models
@@ -89,6 +94,7 @@ class Param:
     configurable: bool = False  # has a config [defaults] key
     option: str = ""  # the typed-option name (Discord option, short form); "" = name
     mode_default: tuple[tuple[str, Any], ...] = ()  # (mode, value) when ``default`` None means "the mode's"
+    repeatable: bool = False  # the flag may be given more than once; the values are joined with ","
 
     @property
     def option_name(self) -> str:
@@ -125,6 +131,8 @@ class Param:
             if self.step > 1:
                 return f"{b[0]:g} to {b[1]:g} in steps of {self.step}"
             return f"{b[0]:g}-{b[1]:g}"
+        if self.choices_limit == "loras":
+            return "NAME[:SCALE]"
         allowed = self.allowed(limits)
         return "/".join(allowed) if allowed and self.choices_limit != "models" else "NAME"
 
@@ -159,6 +167,8 @@ class Param:
             if not isinstance(value, bool):
                 raise RequestError(self.name, f"{self.label} must be on or off.")
             return value
+        if self.choices_limit == "loras":
+            return format_loras(check_loras(value, limits))
         if self.kind is str:
             allowed = self.allowed(limits, mode)
             v = str(value).strip().lower()
@@ -206,7 +216,9 @@ class Param:
         b = self.bounds(limits)
         if b is not None:
             out.update(min=b[0], max=b[1], step=self.step if self.kind is int else "any")
-        if self.kind is str:
+        if self.choices_limit == "loras":  # free text, with the names on offer for the form's hint
+            out.update(free_text=True, available=list(limits.loras))
+        elif self.kind is str:
             out["choices"] = (
                 {m: list(limits.models_for(m)) for m in MODES} if self.choices_limit == "models"
                 else list(self.allowed(limits))
@@ -241,6 +253,9 @@ PARAMS: tuple[Param, ...] = (
           choices=ATTENTIONS, configurable=True),
     Param("decoder", str, "vae", "Decoder", "tiny = fast draft decode", flags=("decoder",),
           switches=(("draft", "tiny"),), choices=DECODERS),
+    Param("loras", str, "", "LoRA styles",
+          "style LoRAs, NAME or NAME:SCALE, comma-separated or repeated (see /loras)",
+          flags=("lora", "loras"), choices_limit="loras", repeatable=True, option="lora"),
     Param("expand", bool, False, "Prompt expansion",
           "rewrite a short or non-English prompt into a detailed English one (when the server offers it)",
           switches=(("expand", True), ("no-expand", False)), configurable=True),
@@ -265,3 +280,54 @@ def by_option(name: str) -> tuple[Param, Any] | None:
             if key in (spelling, spelling.replace("-", "_")):
                 return p, value
     return None
+
+
+def parse_loras(value: str) -> list[tuple[str, float]]:
+    """``"ink:0.8, neon"`` -> [("ink", 0.8), ("neon", 1.0)] (syntax only; ``check_loras`` checks names)."""
+    out: list[tuple[str, float]] = []
+    for part in str(value).replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, raw = part.partition(":")
+        name = name.strip().lower()
+        scale = 1.0
+        if raw.strip():
+            try:
+                scale = float(raw)
+            except ValueError:
+                scale = math.nan
+            if not math.isfinite(scale):
+                raise RequestError("loras", f"LoRA scale must be a number, as in {name}:0.8 (got '{raw.strip()}').")
+        out.append((name, scale))
+    return out
+
+
+def check_loras(value: Any, limits: Limits) -> list[tuple[str, float]]:
+    """Parsed, checked LoRA choices: known names (close matches offered), count and scale within limits."""
+    if value is None or value == "":
+        return []
+    if not isinstance(value, str):
+        raise RequestError("loras", "LoRA styles must be given as text, e.g. ink:0.8,neon.")
+    chosen = parse_loras(value)
+    if len(chosen) > limits.max_loras:
+        raise RequestError("loras", f"At most {limits.max_loras} LoRA styles per video (got {len(chosen)}).")
+    names = [n for n, _ in chosen]
+    if len(set(names)) != len(names):
+        raise RequestError("loras", "Each LoRA style may be given once.")
+    for name, scale in chosen:
+        if name not in limits.loras:
+            if not limits.loras:
+                raise RequestError("loras", f"Unknown LoRA style '{name}': this server offers none.")
+            close = difflib.get_close_matches(name, limits.loras, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else f" Available: {', '.join(limits.loras)}."
+            raise RequestError("loras", f"Unknown LoRA style '{name}'.{hint} (/loras lists them)")
+        if abs(scale) > limits.max_lora_scale:
+            raise RequestError("loras", f"LoRA scale must be from -{limits.max_lora_scale:g} to "
+                                        f"{limits.max_lora_scale:g} (got {name}:{scale:g}).")
+    return chosen
+
+
+def format_loras(chosen: list[tuple[str, float]]) -> str:
+    """The stored canonical form: ``name:scale`` joined with ``,``."""
+    return ",".join(f"{n}:{s:g}" for n, s in chosen)

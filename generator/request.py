@@ -74,6 +74,7 @@ class GenerationRequest:
     boundary: float = 0.9
     attention: str = "auto"
     decoder: str = "vae"
+    loras: str = ""  # canonical "name:scale,..." (generator.params.format_loras); "" = none
     expand: bool = False
     # Set by the scheduler when prompt expansion rewrote ``prompt``: what the user typed (shown with the video).
     original_prompt: str | None = None

@@ -155,7 +155,7 @@ async def test_information_commands_forget_and_admin(tmp_path: Path) -> None:
                                                                      max_queued=5))
         puts = len([r for r in srv.requests if r.method == "PUT"])
         synced = await env.private_answer(await srv.slash("admin sync", owner, scope="here"))
-        assert "Synced 12 command(s) to this server" in synced
+        assert "Synced 13 command(s) to this server" in synced
         assert len([r for r in srv.requests if r.method == "PUT"]) == puts + 1
 
         # /forget asks first; only the asker can confirm; then everything of theirs is gone.

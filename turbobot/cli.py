@@ -46,6 +46,7 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
         if prm.flags:
             # Ranges as the documented [limits] state them; the configured ones are enforced at submit.
             g.add_argument(*(f"--{f}" for f in prm.flags), dest=prm.name, type=prm.kind,
+                           action="append" if prm.repeatable else "store",
                            help=f"{prm.help}: {prm.describe(Limits())}")
         for spelling, value in prm.switches:
             g.add_argument(f"--{spelling}", dest=prm.name, action="store_const", const=value, default=None,
@@ -125,7 +126,8 @@ def _devices(text: str) -> tuple[str, ...]:
 
 
 def _request_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {p.name: getattr(args, p.name) for p in PARAMS if getattr(args, p.name, None) is not None}
+    return {p.name: ",".join(v) if isinstance(v := getattr(args, p.name, None), list) else v
+            for p in PARAMS if getattr(args, p.name, None) is not None}
 
 
 def _local_requester() -> Any:

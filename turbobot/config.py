@@ -8,6 +8,7 @@ naming the key (``ConfigError``), so a typo fails at start instead of silently d
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import types
@@ -115,6 +116,15 @@ class ExpandSettings:
     timeout_seconds: float = 8.0
     short_words: int = 25  # prompts with fewer words (or non-English letters) are rewritten
     system_prompt: str = EXPAND_SYSTEM_PROMPT
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Style LoRAs: ``*.safetensors`` files in ``folder`` (name = file stem; description from ``NAME.txt``)."""
+
+    folder: str = "loras"
+    max_per_job: int = 3
+    max_scale: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,7 @@ class Settings:
     models: dict[str, ModelSettings] = field(default_factory=dict)
     defaults: DefaultsSettings = field(default_factory=DefaultsSettings)
     expand: ExpandSettings = field(default_factory=ExpandSettings)
+    loras: LoraSettings = field(default_factory=LoraSettings)
     limits: Limits = field(default_factory=Limits)
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -262,7 +273,21 @@ class Settings:
     @property
     def request_limits(self) -> Limits:
         """``[limits]`` with the model names each mode offers (from ``[models]``)."""
-        return dataclasses.replace(self.limits, t2v_models=self.model_names("t2v"), i2v_models=self.model_names("i2v"))
+        return dataclasses.replace(
+            self.limits, t2v_models=self.model_names("t2v"), i2v_models=self.model_names("i2v"),
+            loras=tuple(self.lora_files()), max_loras=self.loras.max_per_job, max_lora_scale=self.loras.max_scale,
+        )
+
+    def lora_files(self) -> dict[str, Path]:
+        """The LoRA files in ``[loras] folder`` by name (lower-cased file stem), file names only."""
+        folder = self.path(self.loras.folder)
+        if not folder.is_dir():
+            return {}
+        return {p.stem.lower(): p for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
+
+    def lora_catalog(self) -> list[tuple[str, str]]:
+        """(name, description) of each LoRA file, for /loras (the worker checks the files themselves)."""
+        return [(name, lora_description(path)) for name, path in self.lora_files().items()]
 
     def default_request(self, mode: str, prompt: str, image: str | None = None) -> GenerationRequest:
         """A request with every setting at its ``[defaults]`` value (not validated)."""
@@ -284,6 +309,24 @@ class Settings:
     def secret(self, env_name: str) -> str | None:
         """A secret from ``$NAME`` or from the file named by ``$NAME_FILE``; None when unset."""
         return read_secret(env_name)
+
+
+def lora_description(path: Path) -> str:
+    """First line of the sidecar ``NAME.txt``, else the safetensors header's metadata ``description``."""
+    side = path.with_suffix(".txt")
+    try:
+        if side.is_file():
+            lines = side.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            return lines[0].strip()[:200] if lines else ""
+        with path.open("rb") as f:  # safetensors: 8-byte little-endian header length, then the JSON header
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 16 * 2**20:
+                return ""
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        text = str(meta.get("description", "")).strip()
+        return text.splitlines()[0][:200] if text else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def read_secret(env_name: str) -> str | None:
@@ -390,8 +433,8 @@ def _build_section(cls: type, section: str, data: Any, pattern: str | None = Non
     derived = {f.name for f in dataclasses.fields(cls)} - names
     for key, value in data.items():
         full = f"{section}.{key}"
-        if key in derived and value in ([], ()):
-            continue  # filled from other sections (Limits' model lists); a round trip writes them empty
+        if key in derived:
+            continue  # filled from other sections (Limits' model lists, [loras]); a round trip writes them
         if key not in names:
             raise ConfigError(f"Unknown setting {full}; known keys in [{section}]: {', '.join(sorted(names))}.")
         if isinstance(value, str) and value and any(h in key.lower() for h in _SECRET_HINTS) and not key.endswith("_env") \
@@ -469,6 +512,10 @@ def _validate(settings: Settings) -> None:
                 f"configured: {', '.join(settings.model_names(mode)) or 'none'}."
             )
     _validate_defaults(settings)
+    lr = settings.loras
+    if lr.max_per_job < 0 or lr.max_scale <= 0:
+        raise ConfigError(f"loras.max_per_job must be at least 0 and loras.max_scale more than 0 "
+                          f"(got {lr.max_per_job}, {lr.max_scale:g}).")
     ex = settings.expand
     if ex.url and not ex.url.startswith(("http://", "https://")):
         raise ConfigError(f"expand.url must start with http:// or https:// (got {ex.url!r}).")

@@ -23,7 +23,7 @@ from bots.discord.buttons import cancel_text, forget_view
 from bots.discord.modals import AnimateModal
 from bots.discord.respond import idempotency_key, refuse, requester_of, respond_with_job, send_private
 from bots.images import ImageRejected
-from bots.texts import help_text, jobs_text, queue_text
+from bots.texts import help_text, jobs_text, loras_text, queue_text
 from generator.params import MODES, PARAMS, Limits, Param
 from generator.request import RequestError
 from generator.scheduler.api import Refusal
@@ -242,7 +242,12 @@ def build_commands(bot: "TurboBot") -> list[app_commands.Command[Any, ..., Any] 
     async def help_(interaction: discord.Interaction[Any]) -> None:
         await send_private(interaction, help_text("discord") + DISCORD_HELP)
 
-    return [t2v, i2v, animate, remix, extend, queue, jobs, cancel, forget, help_, build_settings(bot), build_admin(bot)]
+    @app_commands.command(name="loras", description="The style LoRAs this server offers")
+    async def loras_(interaction: discord.Interaction[Any]) -> None:
+        await send_private(interaction, loras_text(bot.settings.lora_catalog(), bot.settings.request_limits,
+                                                   "discord"))
+
+    return [t2v, i2v, animate, remix, extend, queue, jobs, cancel, forget, help_, loras_, build_settings(bot), build_admin(bot)]
 
 
 def build_settings(bot: "TurboBot") -> app_commands.Command[Any, ..., Any]:

@@ -21,7 +21,7 @@ from bots.telegram import media
 from bots.telegram.front import INTERNAL_ERROR, TelegramFront, mention, refusal_html, requester_of
 from bots.telegram.keyboards import forget_keyboard, job_id_of
 from bots.telegram.parsing import addressed_bot, command_args, split_job_arg, user_key
-from bots.texts import help_text, jobs_text, queue_text
+from bots.texts import help_text, jobs_text, loras_text, queue_text
 from generator.request import RequestError
 from generator.scheduler.api import Refusal
 from turbobot.config import Settings
@@ -222,6 +222,11 @@ class Handlers:
     async def help(self, update: Update, context: Context) -> None:
         if update.message is not None:
             await self._answer(update.message, help_text("telegram"))
+
+    async def loras(self, update: Update, context: Context) -> None:
+        if update.message is not None:
+            settings = self.front.settings
+            await self._answer(update.message, loras_text(settings.lora_catalog(), settings.request_limits, "telegram"))
 
     async def queue(self, update: Update, context: Context) -> None:
         message = update.message

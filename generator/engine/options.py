@@ -56,6 +56,8 @@ class EngineOptions:
     warm_up_aspect: str = "16:9"
     warm_up_frames: int = 81
     models: Mapping[str, ModelOptions] = field(default_factory=tiny_models)
+    lora_folder: Path | None = None  # style LoRAs (*.safetensors, name = lower-cased stem); None = none
+    lora_cache_size: int = 4  # LoRA files kept loaded
 
     def model_names(self, mode: str) -> tuple[str, ...]:
         """Models of ``mode`` ("t2v" / "i2v"), the preferred default first."""

@@ -30,6 +30,7 @@ from torch import nn  # noqa: E402
 
 from generator import media  # noqa: E402
 from generator.engine import i2v, rcm, taehv, tiny  # noqa: E402
+from generator.engine import lora as lora_ops  # noqa: E402
 from generator.engine import vae as vae_ops  # noqa: E402
 from generator.engine.api import (  # noqa: E402
     CheckpointError,
@@ -127,6 +128,8 @@ class TurboEngine:
         self._bundles: dict[str, Bundle] = {}
         self._lock = threading.RLock()
         self.last_attention: str | None = None
+        self._lora_cache = lora_ops.LoraCache(options.lora_cache_size)
+        self.lora_status: dict[str, str] = {}  # name -> "" (usable) or why it is not, from the start-up check
 
     # --- Engine protocol ----------------------------------------------------------------------------
     @property
@@ -153,6 +156,7 @@ class TurboEngine:
             "default_t2v": self.default_model("t2v"),
             "default_i2v": self.default_model("i2v"),
             "demo": all(tiny.is_tiny(m.kind) for m in self.models.values()),
+            "loras": dict(self.lora_status),
         }
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
@@ -169,6 +173,49 @@ class TurboEngine:
             names = [n for n in names if n not in real[1:]]
         for name in names:
             self._bundle(name)
+        self.check_loras()
+
+    def check_loras(self) -> dict[str, str]:
+        """Read every LoRA file of the folder and check it against the loaded models: a bad file is logged and
+        listed as unavailable (with the reason) instead of failing the worker."""
+        status: dict[str, str] = {}
+        folder = self.options.lora_folder
+        for name, path in (lora_ops.discover(folder) if folder else {}).items():
+            try:
+                lora = self._lora_cache.get(path, name)
+                problems = []
+                for b in self._bundles.values():
+                    try:
+                        lora_ops.check_lora(lora, b.experts[0], b.label)
+                        break
+                    except lora_ops.LoraError as e:
+                        problems.append(e.user_message)
+                else:
+                    if problems:
+                        raise lora_ops.LoraError(problems[0])
+                status[name] = ""
+            except lora_ops.LoraError as e:
+                status[name] = e.user_message
+                log.warning("LoRA %s is unavailable: %s", name, e.user_message)
+        self.lora_status = status
+        return status
+
+    def _job_loras(self, req: GenerationRequest, b: Bundle) -> list[tuple[lora_ops.LoraFile, float]]:
+        from generator.params import parse_loras
+
+        chosen = parse_loras(req.loras) if req.loras else []
+        if not chosen:
+            return []
+        files = lora_ops.discover(self.options.lora_folder) if self.options.lora_folder else {}
+        out = []
+        for name, scale in chosen:
+            if name not in files:
+                raise lora_ops.LoraError(f"The LoRA style '{name}' is not on this server (any more).")
+            lora = self._lora_cache.get(files[name], name)
+            for m in b.experts:
+                lora_ops.check_lora(lora, m, b.label)
+            out.append((lora, scale))
+        return out
 
     def render(
         self,
@@ -510,6 +557,7 @@ class TurboEngine:
         lat_t, lat_h, lat_w = 1 + (req.frames - 1) // t_fac, height // s_fac, width // s_fac
         if width % (s_fac * patch[2]) or height % (s_fac * patch[1]):
             raise EngineError(f"{width}x{height} is not a multiple of {s_fac * patch[2]} pixels.", code="bad_request")
+        loras = self._job_loras(req, b)  # read and checked before any GPU time is spent
         channels = int(b.experts[0].config.out_channels)
         shape = (1, channels, lat_t, lat_h, lat_w)
 
@@ -548,10 +596,18 @@ class TurboEngine:
 
         progress(Progress("denoise", 0, steps))
         t0 = time.perf_counter()
-        with torch.no_grad():
-            latents = rcm.sample(model_fn, shape, t_steps=t_steps, generator=generator, dtype=b.dtype,
-                                 sde=req.sampler == "sde", experts=plan, before_step=lambda _i: check_cancel(),
-                                 after_step=after_step)
+        # LoRAs live in the weights (or fp8 side branches) for this job only; restored however sampling ends.
+        applied = [lora_ops.apply_loras(m, loras) for m in b.experts] if loras else []
+        if loras:
+            timings["lora"] = time.perf_counter() - t0
+        try:
+            with torch.no_grad():
+                latents = rcm.sample(model_fn, shape, t_steps=t_steps, generator=generator, dtype=b.dtype,
+                                     sde=req.sampler == "sde", experts=plan, before_step=lambda _i: check_cancel(),
+                                     after_step=after_step)
+        finally:
+            for a in applied:
+                a.restore()
         timings["denoise"] = time.perf_counter() - t0
         cond.clear()
         check_cancel()

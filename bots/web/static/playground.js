@@ -18,6 +18,9 @@ function paramField(p) {
   if (p.kind === "bool") {
     input = TB.el("select", {});
     fillSelect(input, ["off", "on"], p.default ? "on" : "off");
+  } else if (p.free_text) {  // LoRA styles: "name:scale, ..." typed, the names on offer as the hint
+    input = TB.el("input", { type: "text", value: p.default || "" });
+    input.placeholder = p.available.length ? p.available.join(", ") : "none on this server";
   } else if (p.kind === "str") {
     input = TB.el("select", {});
     if (Array.isArray(p.choices)) fillSelect(input, p.choices, p.default);
@@ -52,7 +55,7 @@ function paramField(p) {
 function applyMode() {
   const m = mode();
   for (const p of OPTIONS.params) {
-    if (p.kind === "str" && !Array.isArray(p.choices)) fillSelect(document.getElementById(p.name), p.choices[m], p.choices[m][0]);
+    if (p.kind === "str" && !p.free_text && !Array.isArray(p.choices)) fillSelect(document.getElementById(p.name), p.choices[m], p.choices[m][0]);
   }
   for (const box of document.querySelectorAll("#param-fields .param")) box.hidden = !box.dataset.modes.split(" ").includes(m);
   for (const [name, byMode] of Object.entries(OPTIONS.mode_defaults)) document.getElementById(name).placeholder = `default ${byMode[m]}`;
