@@ -100,6 +100,7 @@ async def test_skewed_hosts_agree_on_leases(
         assert await _state(sched.db, claimed.job_id) == "running"
         async with sched.db.read() as s:
             lease_until = (await s.execute(select(Job.lease_until).where(Job.id == claimed.job_id))).scalar_one()
+        assert lease_until is not None
         assert abs((lease_until - REAL_UTCNOW()).total_seconds() - 30.0) < 20.0  # set by the server's clock
     finally:
         await sched.stop()
