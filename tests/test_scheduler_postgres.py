@@ -89,7 +89,7 @@ async def test_pg_many_claimers_never_deadlock(tmp_path: Path, pg_url: str) -> N
     """Claimers that find a user capped move on to the next user while still holding the first one's row:
     if they waited for a row another claimer holds, two of them could each wait for the other (PostgreSQL
     aborts one with "deadlock detected"). Each claim must go through or find nothing, never fail."""
-    sched = await _scheduler(tmp_path, pg_url, max_queued_per_user=100)
+    sched = await _scheduler(tmp_path, pg_url, max_queued_per_user=100, global_queue_cap=1000, daily_jobs_per_user=0)
     try:
         n_jobs = 160
         for i in range(n_jobs):
