@@ -9,20 +9,37 @@ PostgreSQL: plain transactions; claims use FOR UPDATE SKIP LOCKED (see the repos
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import CursorResult, Executable, event
+from sqlalchemy import CursorResult, Executable, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from storage import models
 from turbobot.config import Settings
+
+# Pass as ``now=`` to a write helper that resolves it with ``db_now`` inside its transaction (the worker's).
+DB_NOW: Any = object()
 
 
 async def rows_affected(session: AsyncSession, stmt: Executable) -> int:
     """Run an UPDATE/DELETE and return how many rows it changed (0 when the driver cannot tell)."""
     result: CursorResult[Any] = await session.execute(stmt)  # type: ignore[assignment]  # DML gives a cursor result
     return result.rowcount or 0
+
+
+async def db_now(session: AsyncSession) -> dt.datetime:
+    """"Now" by the database's clock, as an aware UTC datetime, so that hosts with skewed clocks agree on
+    lease expiry, worker freshness and the quota day. On PostgreSQL the time the transaction began (call
+    it first thing in a write transaction); on SQLite the database lives on this host, so its clock is ours
+    and no query is needed."""
+    if session.get_bind().dialect.name == "sqlite":
+        return models.utcnow()
+    value = (await session.execute(text("SELECT CURRENT_TIMESTAMP"))).scalar_one()
+    assert isinstance(value, dt.datetime) and value.tzinfo is not None  # timestamptz from the driver
+    return value.astimezone(dt.UTC)
 
 
 def is_sqlite(url: str) -> bool:

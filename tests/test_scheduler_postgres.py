@@ -83,3 +83,39 @@ async def test_pg_concurrent_claims_skip_locked_and_keep_the_running_cap(tmp_pat
     finally:
         await sched.stop()
         await sched.db.dispose()
+
+
+async def test_pg_many_claimers_never_deadlock(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    """Claimers that find a user capped move on to the next user while still holding the first one's row:
+    if they waited for a row another claimer holds, two of them could each wait for the other (PostgreSQL
+    aborts one with "deadlock detected"). Each claim must go through or find nothing, never fail."""
+    sched = await _scheduler(tmp_path, pg_url, max_queued_per_user=100, global_queue_cap=1000, daily_jobs_per_user=0)
+    try:
+        n_jobs = 160
+        for i in range(n_jobs):
+            await sched.jobs.submit(t2v(f"job {i}"), who(i % 16), where(), f"k{i}")
+        db = sched.db
+        claimed: list[int] = []
+
+        async def claimer(worker: str) -> None:
+            while True:
+                async with db.write() as s:
+                    c = await queue.claim(s, worker_id=worker, now=utcnow(), lease_seconds=30,
+                                          max_running_per_user=1, postgres=True)
+                if c is None:
+                    async with db.read() as s:
+                        left = (await s.execute(select(Job.id).where(Job.state == "queued").limit(1))).first()
+                    if left is None:
+                        return
+                    await asyncio.sleep(0.01)
+                    continue
+                claimed.append(c.job_id)
+                async with db.write() as s:
+                    assert await queue.finish(s, c.job_id, c.attempt, state="failed", code="t", message="t",
+                                              now=utcnow())
+
+        await asyncio.wait_for(asyncio.gather(*(claimer(f"w{i}") for i in range(8))), timeout=120)
+        assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == n_jobs
+    finally:
+        await sched.stop()
+        await sched.db.dispose()

@@ -15,7 +15,7 @@ from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.health import fresh_window
 from generator.scheduler.views import job_view
 from storage import repo_workers
-from storage.db import Database
+from storage.db import Database, db_now
 from storage.models import Job, utcnow
 from turbobot.config import SchedulerSettings
 
@@ -41,7 +41,7 @@ class ViewCache:
         if self._snap is not None and now_m - self._snap[0] < SNAPSHOT_TTL:
             return self._snap[1]
         async with self._db.read() as s:
-            snap = await queue.snapshot(s, now=utcnow())
+            snap = await queue.snapshot(s, now=await db_now(s))
         self._snap = (now_m, snap)
         return snap
 
@@ -51,9 +51,9 @@ class ViewCache:
         if self._stats is not None and now_m - self._stats[0] < STATS_TTL:
             return self._stats[1], self._stats[2]
         async with self._db.read() as s:
+            now = await db_now(s)  # heartbeats are stamped by the database's clock
             rows = await repo_workers.list_workers(s)
         fresh = fresh_window(self._cfg)
-        now = utcnow()
         live = [w for w in rows if w.state in ("idle", "busy") and now - w.heartbeat_at < fresh]
         stats = StepStats.merge([StepStats.from_dict((w.info or {}).get("ema")) for w in rows])
         n = max(1, len(live))

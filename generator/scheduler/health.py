@@ -18,7 +18,7 @@ from typing import Any
 
 from generator.scheduler.disk import storage_problem
 from storage import repo_workers
-from storage.db import Database
+from storage.db import Database, db_now
 from turbobot.config import SchedulerSettings, Settings
 
 DB_CHECK_TIMEOUT_S = 3.0
@@ -107,9 +107,9 @@ async def readiness(settings: Settings, db: Database) -> Readiness:
     """Ready = the database takes a write, some worker is live (fresh and serving) and storage is usable;
     when no worker is live, ``detail["worker"]["reason"]`` says why (starting, warming up, none)."""
     cfg = settings.scheduler
-    now = dt.datetime.now(dt.UTC)
     try:
         async with db.read() as session:
+            now = await db_now(session)  # heartbeats are stamped by the database's clock (hosts may be skewed)
             rows = await repo_workers.list_workers(session)
     except Exception as exc:
         worker_detail: dict[str, Any] = {"ok": False, "reason": f"cannot read workers: {type(exc).__name__}"}

@@ -124,7 +124,14 @@ async def claim(
         if postgres and role not in EXEMPT_ROLES:
             # Concurrent claimers on PostgreSQL each see the others' claims only after commit: lock the
             # user row and recount so the running cap holds. (SQLite's BEGIN IMMEDIATE serialises claims.)
-            await session.execute(select(User.id).where(User.id == user_id).with_for_update())
+            # SKIP LOCKED: another claimer is deciding for this user right now; waiting for it while holding
+            # the rows of users tried before would let two claimers deadlock (each holds what the other wants).
+            mine = (
+                await session.execute(select(User.id).where(User.id == user_id).with_for_update(skip_locked=True))
+            ).first()
+            if mine is None:
+                excluded.append(user_id)
+                continue
             running = (
                 await session.execute(select(func.count()).where(Job.user_id == user_id, Job.state == "running"))
             ).scalar_one()

@@ -18,7 +18,8 @@ from generator.scheduler.core import SchedulerCore
 from generator.scheduler.health import Readiness, readiness
 from generator.scheduler.views import job_view
 from storage import repo_audit, repo_jobs, repo_listings, repo_users
-from storage.models import JOB_STATES, utcnow
+from storage.db import db_now
+from storage.models import JOB_STATES
 from storage.repo_listings import MAX_PAGE, FinishedRow, JobFilters, UserSummary, WorkerRow
 
 __all__ = [
@@ -79,9 +80,9 @@ class JobViews:
 
     async def queue_info(self, requester: Requester) -> tuple[list[JobView], QuotaView, int]:
         core = self._core
-        now = utcnow()
         role = role_of(core.settings, requester.key)
         async with core.db.read() as s:
+            now = await db_now(s)  # the quota day and its reset by the database's clock
             user = await repo_users.find_user(s, requester.platform, requester.user_id)
             quota = await quota_view(s, core.settings, user, role, now)
             jobs = (

@@ -39,7 +39,8 @@ from generator.scheduler.filestore import local_copy
 from generator.scheduler.image_moderation import BLOCKED_IMAGE_MESSAGE, image_moderator
 from generator.scheduler.queue import AGE_OK_KEY
 from storage import repo_audit, repo_files, repo_jobs, repo_quotas, repo_users
-from storage.models import Job, utcnow
+from storage.db import db_now
+from storage.models import Job
 
 log = logging.getLogger("turbobot.scheduler")
 
@@ -210,10 +211,10 @@ class Submissions:
         self, req: GenerationRequest, requester: Requester, target: DeliveryTarget, key: str, parent_id: int | None,
         lineage: Lineage = "", member_limit: int = 0, *, age_ok: bool = False,
     ) -> tuple[int, bool]:
-        now = utcnow()
         role = role_of(self._core.settings, requester.key)
         try:
             async with self._core.db.write() as s:
+                now = await db_now(s)  # the quota day is the database's, whichever host submits
                 existing = await repo_jobs.id_for_key(s, key)
                 if existing is not None:
                     return existing, True

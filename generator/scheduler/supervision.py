@@ -24,6 +24,7 @@ from generator.scheduler.protocol import Fatal, JobChanged, Ready, StatsUpdated,
 from generator.scheduler.supervisor import Supervisor, WorkerHandle
 from generator.scheduler.worker import EXIT_CUDA_FATAL
 from storage import repo_files, repo_jobs, repo_workers
+from storage.db import db_now
 from storage.models import WorkerState, utcnow
 
 log = logging.getLogger("turbobot.scheduler")
@@ -180,13 +181,13 @@ class WorkerEvents:
     async def _release(self, ids: list[str], *, hand_back: bool = False) -> None:
         async with self._core.db.write() as s:
             moved = await queue.release_worker(
-                s, ids, now=utcnow(), max_attempts=self._core.cfg.max_attempts, hand_back=hand_back
+                s, ids, now=await db_now(s), max_attempts=self._core.cfg.max_attempts, hand_back=hand_back
             )
         self._after_transitions(moved)
 
     async def _release_gone_workers(self) -> None:
-        now = utcnow()
         async with self._core.db.read() as s:
+            now = await db_now(s)  # heartbeats carry the database's time, so age them by it
             holders = await queue.running_worker_ids(s)
             rows = {w.id: w for w in await repo_workers.list_workers(s)} if holders else {}
         fresh = fresh_window(self._core.cfg)
@@ -196,12 +197,13 @@ class WorkerEvents:
             await self._release(gone)
 
     async def _requeue_expired(self) -> None:
-        now = utcnow()
+        # Leases were set by the database's clock (whatever the workers' hosts say): expire them by it too.
         async with self._core.db.read() as s:
-            expired = await queue.has_expired(s, now=now)
+            expired = await queue.has_expired(s, now=await db_now(s))
         if not expired:
             return
         async with self._core.db.write() as s:
+            now = await db_now(s)
             moved = await queue.requeue_expired(s, now=now, max_attempts=self._core.cfg.max_attempts)
         self._after_transitions(moved)
 

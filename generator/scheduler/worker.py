@@ -55,7 +55,7 @@ from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.filestore import make_store
 from generator.scheduler.health import fresh_seconds
 from generator.scheduler.image_moderation import BLOCKED_OUTPUT_MESSAGE, ImageModerator, image_moderator
-from storage.db import Database
+from storage.db import DB_NOW, Database, db_now
 from storage.models import utcnow
 from storage.repo_workers import register_worker, update_worker
 from turbobot.config import Settings, settings_from_dict
@@ -260,7 +260,7 @@ class Worker:
         async with self.db.write() as s:
             row = await register_worker(
                 s, self.worker_id, pid=os.getpid(), device=self.device,
-                info={"host": socket.gethostname(), "pid": os.getpid()}, now=utcnow(), restarts=self.restarts,
+                info={"host": socket.gethostname(), "pid": os.getpid()}, now=await db_now(s), restarts=self.restarts,
             )
             self.stats = StepStats.from_dict((row.info or {}).get("ema"))
         hb = asyncio.create_task(self._heartbeat_loop())
@@ -312,7 +312,7 @@ class Worker:
         self.send(protocol.Fatal(error=message[:500]))
         with contextlib.suppress(Exception):
             await self._write(
-                update_worker, self.worker_id, now=utcnow(), state="failed", info={"error": message[:500]}
+                update_worker, self.worker_id, now=DB_NOW, state="failed", info={"error": message[:500]}
             )
         sys.stderr.flush()
         os._exit(EXIT_LOAD_FAILED)
@@ -346,6 +346,8 @@ class Worker:
         for attempt in range(6):
             try:
                 async with begin() as s:
+                    if kwargs.get("now") is DB_NOW:  # the database's clock, not this host's (skew)
+                        kwargs = {**kwargs, "now": await db_now(s)}
                     return await fn(s, *args, **kwargs)
             except DBAPIError as exc:
                 if attempt == 5:
@@ -366,14 +368,14 @@ class Worker:
         }
         if self.storage_error:
             info["storage_error"] = self.storage_error
-        await self._write_each(update_worker, self.worker_id, now=utcnow(), state=self.state, info=info)
+        await self._write_each(update_worker, self.worker_id, now=DB_NOW, state=self.state, info=info)
 
     async def _claim(self) -> queue.Claimed | None:
         try:
             return await self._write(
                 queue.claim,
                 worker_id=self.worker_id,
-                now=utcnow(),
+                now=DB_NOW,
                 lease_seconds=self.cfg.lease_seconds,
                 max_running_per_user=self.settings.quotas.max_running_per_user,
                 postgres=not self.db.sqlite if self.db else False,
@@ -397,7 +399,7 @@ class Worker:
             if now_m - last_row >= row_heartbeat_seconds(self.settings):
                 last_row = now_m
                 try:
-                    await self._write_each(update_worker, self.worker_id, now=utcnow(), state=self.state)
+                    await self._write_each(update_worker, self.worker_id, now=DB_NOW, state=self.state)
                 except DBAPIError:
                     log.exception("worker %s: heartbeat write failed", self.worker_id)
             await asyncio.sleep(self.cfg.heartbeat_seconds)
@@ -413,7 +415,7 @@ class Worker:
                     status = await self._read(queue.lease_status, job.job_id, job.attempt)
                 else:
                     status = await self._write_each(
-                        queue.heartbeat, job.job_id, job.attempt, now=utcnow(), lease_seconds=self.cfg.lease_seconds
+                        queue.heartbeat, job.job_id, job.attempt, now=DB_NOW, lease_seconds=self.cfg.lease_seconds
                     )
             except DBAPIError:
                 log.exception("worker %s: job %s heartbeat failed", self.worker_id, job.job_id)
@@ -432,7 +434,7 @@ class Worker:
                 return
             try:
                 status = await self._write_each(
-                    queue.progress, job.job_id, job.attempt, item.step, item.total, now=utcnow(),
+                    queue.progress, job.job_id, job.attempt, item.step, item.total, now=DB_NOW,
                     lease_seconds=self.cfg.lease_seconds, phase=PHASE_OF_STAGE.get(item.stage, "sampling"),
                 )
             except DBAPIError:
@@ -482,7 +484,7 @@ class Worker:
                       traceback.format_exc())
             await self._write(
                 queue.finish, claimed.job_id, claimed.attempt, state="failed", code="bad_request",
-                message=INTERNAL_MESSAGE, now=utcnow(),
+                message=INTERNAL_MESSAGE, now=DB_NOW,
             )
             self.send(protocol.JobChanged(claimed.job_id, "done"))
             return
@@ -502,7 +504,7 @@ class Worker:
                 # The store is down: give the job back (the attempt not counted) instead of failing it.
                 log.warning("worker %s: job %s input could not be downloaded; handed back: %s",
                             self.worker_id, job.job_id, exc)
-                await self._write(queue.hand_back, job.job_id, job.attempt, now=utcnow())
+                await self._write(queue.hand_back, job.job_id, job.attempt, now=DB_NOW)
                 self.current = None
                 self.state = "idle"
                 self.send(protocol.JobChanged(job.job_id, "done", fenced=True))
@@ -590,7 +592,7 @@ class Worker:
             state, code, msg = ("cancelled", "cancelled", "Cancelled.") if kind == "cancel" else ("failed", *payload)
             return bool(await self._write(
                 queue.finish, job.job_id, job.attempt, state=state, code=code, message=msg,
-                gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=utcnow(),
+                gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=DB_NOW,
             ))
         result: RenderResult = payload
         produced = Path(result.path)
@@ -606,12 +608,12 @@ class Worker:
                     queue.finish, job.job_id, job.attempt, state="failed", code="moderation_error",
                     message="The finished video could not be checked by the moderation filter, so it was not "
                             "delivered. Please try again later.",
-                    gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=utcnow(),
+                    gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=DB_NOW,
                 ))
             log.info("worker %s: job %s output held by moderation (%s)", self.worker_id, job.job_id, ", ".join(labels))
             return bool(await self._write(
                 queue.block_output, job.job_id, job.attempt, labels=labels, message=BLOCKED_OUTPUT_MESSAGE,
-                gpu_seconds=gpu_seconds, now=utcnow(),
+                gpu_seconds=gpu_seconds, now=DB_NOW,
             ))
         final = self.outputs / attempt_file_name(job.job_id, job.attempt, job.request)
         sha, size = await asyncio.to_thread(fsync_and_hash, produced)
@@ -629,7 +631,7 @@ class Worker:
                 log.warning("worker %s: job %s output could not be uploaded; handed back: %s",
                             self.worker_id, job.job_id, exc)
                 self.store.invalidate()  # re-checked (and reported) before the next claim
-                await self._write(queue.hand_back, job.job_id, job.attempt, now=utcnow())
+                await self._write(queue.hand_back, job.job_id, job.attempt, now=DB_NOW)
                 return False
             finally:
                 unlink_quietly(produced)
@@ -648,7 +650,7 @@ class Worker:
         )
         try:
             verdict = await self._write(
-                queue.complete, job.job_id, job.attempt, info, gpu_seconds=gpu_seconds, timings=timings, now=utcnow()
+                queue.complete, job.job_id, job.attempt, info, gpu_seconds=gpu_seconds, timings=timings, now=DB_NOW
             )
         except BaseException:
             await self._discard(stored)  # not accepted; the lease will requeue the job
