@@ -56,7 +56,6 @@ from generator.scheduler.filestore import make_store
 from generator.scheduler.health import fresh_seconds
 from generator.scheduler.image_moderation import BLOCKED_OUTPUT_MESSAGE, ImageModerator, image_moderator
 from storage.db import DB_NOW, Database, db_now
-from storage.models import utcnow
 from storage.repo_workers import register_worker, update_worker
 from turbobot.config import Settings, settings_from_dict
 from turbobot.logs import setup_logging
