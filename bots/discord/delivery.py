@@ -9,6 +9,7 @@ the scheduler offers them again (also after a restart); permanent ones (no acces
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import tempfile
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FINISHED_KEPT = 1000  # recently finished jobs whose late progress edits are dropped
 GATE_TIMEOUT_S = 30.0  # how long a terminal event waits for the first answer to its interaction
 _TOKEN_DEAD_CODES = (50027, 10015)  # invalid webhook token, unknown webhook
 
@@ -48,6 +50,10 @@ class Delivery:
         self._latest: dict[int, JobView] = {}
         self._pending: dict[int, asyncio.Task[None]] = {}
         self._dead_tokens: set[str] = set()
+        # One edit of a job's message at a time, and none after its result: a progress edit still in flight
+        # when the job ends would otherwise land after the result and put "Rendering" back on it.
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._finished: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     # --- bookkeeping shared with the interaction handlers -------------------------------------
     def open_gate(self, interaction_id: str) -> asyncio.Event:
@@ -76,7 +82,16 @@ class Delivery:
             await asyncio.wait_for(gate.wait(), GATE_TIMEOUT_S)
         return True
 
+    def _lock(self, job_id: int) -> asyncio.Lock:
+        return self._locks.setdefault(job_id, asyncio.Lock())
+
+    def _mark_finished(self, job_id: int) -> None:
+        self._finished[job_id] = None
+        while len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)
+
     def _forget(self, job_id: int) -> None:
+        self._locks.pop(job_id, None)  # waiters keep their reference; they find the job finished
         task = self._pending.pop(job_id, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -117,15 +132,19 @@ class Delivery:
             if fresh is not None and fresh.state == job.state:
                 job = fresh
         try:
-            if event.kind == "succeeded" and job.output is not None:
-                await self._deliver_result(job)
-            else:
-                await self._deliver_end(job)
+            async with self._lock(job.id):
+                self._mark_finished(job.id)
+                if event.kind == "succeeded" and job.output is not None:
+                    await self._deliver_result(job)
+                else:
+                    await self._deliver_end(job)
         finally:
             self._forget(job.id)
 
     # --- status edits -------------------------------------------------------------------------
     async def _status(self, job: JobView) -> None:
+        if job.id in self._finished:
+            return
         self._latest[job.id] = job
         if job.id in self._pending:
             return  # a scheduled edit will show the newest snapshot
@@ -146,6 +165,11 @@ class Delivery:
         await self._edit_status(job_id)
 
     async def _edit_status(self, job_id: int) -> None:
+        async with self._lock(job_id):
+            if job_id not in self._finished:
+                await self._edit_status_now(job_id)
+
+    async def _edit_status_now(self, job_id: int) -> None:
         job = self._latest.get(job_id)
         mid = self._status_id(job) if job else None
         if job is None or mid is None:
