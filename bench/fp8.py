@@ -28,35 +28,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generator.engine.offline import ensure_offline
 
 ensure_offline()
 
+from engine import BF16, DEV, cuda_ms, gib  # noqa: E402  (bench/engine.py: the same timing helpers)
+
 from generator.engine import fp8  # noqa: E402
 from generator.engine.transformer import build_transformer  # noqa: E402
 from generator.engine.wan_configs import wan_config  # noqa: E402
-
-DEV = torch.device("cuda")
-BF16 = torch.bfloat16
-
-
-def gib(n: int) -> float:
-    return round(n / 2**30, 2)
-
-
-def cuda_ms(fn: Any, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
