@@ -60,6 +60,11 @@ async def update_worker(
     await session.execute(update(WorkerState).where(WorkerState.id == worker_id).values(**values))
 
 
+async def mark_stopped(session: AsyncSession, worker_id: str) -> None:
+    """The worker's process has exited: its row says so (its last heartbeat stays as it was)."""
+    await session.execute(update(WorkerState).where(WorkerState.id == worker_id).values(state="stopped"))
+
+
 async def list_workers(session: AsyncSession) -> list[WorkerState]:
     return list((await session.execute(select(WorkerState).order_by(WorkerState.id))).scalars())
 

@@ -317,3 +317,22 @@ async def test_restarts_count_real_restarts_only_not_fresh_starts(tmp_path: Path
         os.kill(first, signal.SIGKILL)
         await until(lambda: worker_pid(sched) not in (None, first), limit=60, what="worker respawned")
         await until(lambda: registered(sched, worker_pid(sched), 1), limit=60, what="restart recorded")
+
+
+async def test_a_worker_that_exited_is_not_counted_as_ready(tmp_path: Path, base_mp4: Path) -> None:
+    # A `turbobot generate` ends with a clean stop: its worker row used to read "idle" with a fresh heartbeat,
+    # so /readyz and `turbobot ready` said "ready" for minutes with no worker running.
+    from generator.scheduler.health import readiness
+
+    async with running(tmp_path, base_mp4) as (sched, _rec):
+        async def ready() -> bool:
+            return (await sched.views.readiness()).ready
+
+        await until(ready, limit=60, what="ready")
+        settings, db = sched.settings, sched.db
+        await sched.stop()
+        async with db.read() as s:
+            states = {w.state for w in await repo_workers.list_workers(s)}
+        assert states == {"stopped"}
+        r = await readiness(settings, db)
+        assert not r.ready and not r.worker_ok

@@ -154,6 +154,10 @@ class WorkerEvents:
         # failure that happened to coincide is still a failed attempt.
         clean = core.supervisor is not None and core.supervisor.stopping and returncode != EXIT_CUDA_FATAL
         await self._release([handle.worker_id], hand_back=clean)
+        # Its row would otherwise read "idle" with a fresh heartbeat for a while: /readyz and `turbobot ready`
+        # must not count a worker that has exited.
+        async with core.db.write() as s:
+            await repo_workers.mark_stopped(s, handle.worker_id)
         await self.sweep()
 
     def _schedule_position_updates(self) -> None:
