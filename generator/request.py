@@ -31,7 +31,7 @@ __all__ = [
     "GenerationRequest", "Limits", "RequestError", "clean_prompt", "new_seed", "validate",
 ]
 
-# (resolution, aspect) -> (width, height), engine.md section 6.
+# (resolution, aspect) -> (width, height), docs/engine.md section 6.
 SIZES: dict[tuple[str, str], tuple[int, int]] = {
     ("480p", "1:1"): (640, 640),
     ("480p", "4:3"): (640, 480),

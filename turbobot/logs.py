@@ -1,6 +1,6 @@
 """Logging for the whole process: one format, secrets redacted at every level.
 
-PTB puts the bot token in request URLs and httpx logs every URL at INFO, so (chat.md) the httpx logger
+PTB puts the bot token in request URLs and httpx logs every URL at INFO, so the httpx logger
 stays at WARNING and a filter on every handler replaces any registered secret, and anything shaped like a
 Telegram or Discord token, with "[redacted]" — verbose logging stays safe.
 """
