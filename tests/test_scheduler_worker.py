@@ -142,7 +142,8 @@ async def test_cancel_running_between_steps(tmp_path: Path, base_mp4: Path) -> N
         job = (await sched.jobs.submit(t2v("hold this", steps=4), who(1), where(), "k")).job
         await until(lambda: "progress" in rec.kinds(job.id), what="first step")
         view = await sched.admin.cancel(job.id, who(1))
-        assert view.state == "running" and view.cancel_requested
+        # The answer is read after the request was pushed: a quick worker may have stopped the job already.
+        assert (view.state == "running" and view.cancel_requested) or view.state == "cancelled", view
         done = await finished(sched, job.id, limit=3.0)
         assert done.state == "cancelled" and done.output is None and done.progress_step < 4
         await until(lambda: rec.kinds(job.id)[-1:] == ["cancelled"], what="cancelled event")
