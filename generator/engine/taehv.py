@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from generator.engine.host_copy import pipelined_to_host
 from generator.engine.offline import ensure_offline
 
 ensure_offline()
@@ -333,28 +334,8 @@ def _chunk_to_uint8(video: torch.Tensor) -> torch.Tensor:
 def iter_uint8_chunks(model: TinyDecoder, latents: torch.Tensor, *, chunk_frames: int = 4) -> Iterator[np.ndarray]:
     """``iter_decoded`` as uint8 [f, H, W, 3] CPU chunks (what ``vae.iter_uint8_chunks`` gives for the full VAE).
     On CUDA each chunk is copied to pinned memory asynchronously and handed out once the next one is queued."""
-    pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
-    for chunk in iter_decoded(model, latents, chunk_frames=chunk_frames):
-        u8 = _chunk_to_uint8(chunk)
-        event: torch.cuda.Event | None = None
-        host = u8
-        if u8.is_cuda:
-            host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(u8, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        if pending is not None:
-            yield _ready(pending)
-        pending = (host, event)
-    if pending is not None:
-        yield _ready(pending)
+    yield from pipelined_to_host(_chunk_to_uint8(chunk) for chunk in iter_decoded(model, latents, chunk_frames=chunk_frames))
 
-
-def _ready(item: tuple[torch.Tensor, torch.cuda.Event | None]) -> np.ndarray:
-    host, event = item
-    if event is not None:
-        event.synchronize()
-    return host.numpy()
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from generator.engine.host_copy import pipelined_to_host
 from generator.engine.offline import ensure_offline
 
 ensure_offline()
@@ -326,26 +327,5 @@ def iter_uint8_chunks(vae: AutoencoderKLWan, latents: torch.Tensor) -> Iterator[
     whole. On CUDA the copy to (pinned) host memory is asynchronous and a chunk is handed out only once the
     next one is queued, so the GPU keeps decoding while the caller (the mp4 encoder) consumes.
     """
-    pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
-    for chunk in _decoded_chunks(vae, latents):
-        u8 = _chunk_to_uint8(chunk)
-        event: torch.cuda.Event | None = None
-        if u8.is_cuda:
-            host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(u8, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = u8
-        if pending is not None:
-            yield _ready(pending)
-        pending = (host, event)
-    if pending is not None:
-        yield _ready(pending)
+    yield from pipelined_to_host(_chunk_to_uint8(chunk) for chunk in _decoded_chunks(vae, latents))
 
-
-def _ready(item: tuple[torch.Tensor, torch.cuda.Event | None]) -> np.ndarray:
-    host, event = item
-    if event is not None:
-        event.synchronize()
-    return host.numpy()
