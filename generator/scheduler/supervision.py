@@ -153,11 +153,9 @@ class WorkerEvents:
         # Stopped by us (Ctrl+C, SIGTERM, stop()): hand its job back without counting the attempt. A CUDA
         # failure that happened to coincide is still a failed attempt.
         clean = core.supervisor is not None and core.supervisor.stopping and returncode != EXIT_CUDA_FATAL
-        await self._release([handle.worker_id], hand_back=clean)
-        # Its row would otherwise read "idle" with a fresh heartbeat for a while: /readyz and `turbobot ready`
-        # must not count a worker that has exited.
-        async with core.db.write() as s:
-            await repo_workers.mark_stopped(s, handle.worker_id)
+        # Its row is marked stopped in the same transaction: it would otherwise read "idle" with a fresh
+        # heartbeat for a while, and /readyz and `turbobot ready` must not count a worker that has exited.
+        await self._release([handle.worker_id], hand_back=clean, exited=True)
         await self.sweep()
 
     def _schedule_position_updates(self) -> None:
@@ -182,11 +180,14 @@ class WorkerEvents:
                 self._core.hub.wake(job_id)
 
     # --- maintenance ----------------------------------------------------------------------------
-    async def _release(self, ids: list[str], *, hand_back: bool = False) -> None:
+    async def _release(self, ids: list[str], *, hand_back: bool = False, exited: bool = False) -> None:
         async with self._core.db.write() as s:
             moved = await queue.release_worker(
                 s, ids, now=await db_now(s), max_attempts=self._core.cfg.max_attempts, hand_back=hand_back
             )
+            if exited:
+                for worker_id in ids:
+                    await repo_workers.mark_stopped(s, worker_id)
         self._after_transitions(moved)
 
     async def _release_gone_workers(self) -> None:
