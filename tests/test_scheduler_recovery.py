@@ -203,3 +203,37 @@ def test_gone_worker_rule() -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert worker_gone(row(int(dead.stdout)), now=now, fresh=fresh)  # this host, process gone
     assert not worker_gone(row(int(dead.stdout), host="elsewhere"), now=now, fresh=fresh)  # cannot tell: wait
+
+
+async def test_stop_lets_a_maintenance_pass_in_a_transaction_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() used to cancel the maintenance loop wherever it was; a cancel landing in a transaction's
+    rollback left the pool logging a traceback (seen in `turbobot generate` refusing a request)."""
+    settings = make_settings(tmp_path)
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db)
+    await sched.start(run_workers=False)
+    entered, gate = asyncio.Event(), asyncio.Event()
+    finished: list[bool] = []
+    real = queue.has_expired
+
+    async def slow_has_expired(*args: object, **kwargs: object) -> bool:
+        entered.set()
+        await gate.wait()  # inside the pass's read transaction
+        result = await real(*args, **kwargs)  # type: ignore[arg-type]
+        finished.append(True)
+        return result
+
+    monkeypatch.setattr(queue, "has_expired", slow_has_expired)
+    try:
+        await asyncio.wait_for(entered.wait(), timeout=20)
+        stopping = asyncio.create_task(sched.stop())
+        await until(lambda: not sched._core.started, what="stop() began")
+        gate.set()
+        await asyncio.wait_for(stopping, timeout=20)
+        assert finished == [True]  # the pass ran to its end instead of being cancelled inside the transaction
+    finally:
+        gate.set()
+        await sched.stop()
+        await db.dispose()

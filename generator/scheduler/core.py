@@ -46,6 +46,9 @@ class SchedulerCore:
     workers_failed: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     started: bool = False
+    # Set by stop(): background loops finish the pass they are in and return. Cancelling them instead
+    # can land inside a transaction's rollback and leave the pool resetting a connection mid-cancel.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def cfg(self) -> SchedulerSettings:

@@ -30,6 +30,7 @@ from storage.models import WorkerState, utcnow
 log = logging.getLogger("turbobot.scheduler")
 
 MAINTENANCE_MIN_SECONDS = 0.2  # local workers push hints; this poll is the safety net
+STOP_GRACE_SECONDS = 10.0  # a pass waits at most the busy timeout per statement; past this it is stuck
 POSITION_UPDATES = 20  # queued jobs told their new place after a claim...
 POSITION_UPDATE_SECONDS = 2.0  # ...at most this often (chat front ends edit status messages slower still)
 
@@ -49,6 +50,7 @@ class WorkerEvents:
         if core.started:
             return
         core.started = True
+        core.stopping.clear()
         # An unusable folder must not stop the service: it reports not-ready and refuses jobs until fixed.
         problem = await core.storage_problem()
         if problem:
@@ -75,15 +77,20 @@ class WorkerEvents:
         if not core.started:
             return
         core.started = False
-        tasks = list(core.tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        core.tasks.clear()
+        core.stopping.set()
         if self._positions_timer is not None:
             self._positions_timer.cancel()
+            self._positions_timer = None
+        tasks = list(core.tasks)
+        if tasks:
+            # Let each finish its current database pass; cancel only what is stuck past the grace.
+            _done, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
+            for task in stuck:
+                task.cancel()
+            for task in stuck:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        core.tasks.clear()
         if core.supervisor is not None:
             await core.supervisor.stop()
             core.supervisor = None
@@ -290,7 +297,7 @@ class WorkerEvents:
         lost hints are covered by this poll)."""
         core = self._core
         interval = max(MAINTENANCE_MIN_SECONDS, core.cfg.poll_seconds)
-        while True:
+        while not core.stopping.is_set():
             try:
                 await self._requeue_expired()
                 async with core.db.read() as s:
@@ -304,7 +311,8 @@ class WorkerEvents:
                 raise
             except Exception:
                 log.exception("scheduler maintenance pass failed")
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(core.stopping.wait(), timeout=interval)
 
 
 def pid_exists(pid: int) -> bool:
