@@ -41,6 +41,9 @@ from storage.repo_users import EXEMPT_ROLES
 
 # In a job's delivery extras: the place it goes allowed age-restricted content when it was submitted.
 AGE_OK_KEY = "age_restricted_ok"
+# A claim tries at most this many users (each a row lock on PostgreSQL), fetched this many per fair-order pass.
+CLAIM_TRIES = 32
+HEADS_PER_PASS = 8
 USER_FAILURES = frozenset({"out_of_memory", "bad_image", "blocked_output"})  # failures that still count against the quota
 
 
@@ -116,11 +119,15 @@ async def claim(
     has the smallest fair key (an index-only pass over the queued jobs), then that group's oldest job.
     """
     excluded: list[int] = []
-    for _ in range(8):
-        head = await _pick_head(session, now, max_running_per_user, excluded)
-        if head is None:
-            return None
-        user_id, role = head
+    candidates: list[tuple[int, str]] = []
+    for _ in range(CLAIM_TRIES):
+        if not candidates:
+            # Concurrent claimers compute the same fair order: each pass yields the next few heads, so a claimer
+            # that finds the first taken by another tries the runner-up instead of recomputing the aggregate.
+            candidates = await _pick_heads(session, now, max_running_per_user, excluded, HEADS_PER_PASS)
+            if not candidates:
+                return None
+        user_id, role = candidates.pop(0)
         if postgres and role not in EXEMPT_ROLES:
             # Concurrent claimers on PostgreSQL each see the others' claims only after commit: lock the
             # user row and recount so the running cap holds. (SQLite's BEGIN IMMEDIATE serialises claims.)
@@ -184,10 +191,10 @@ async def claim(
     return None
 
 
-async def _pick_head(
-    session: AsyncSession, now: dt.datetime, cap: int, excluded: list[int]
-) -> tuple[int, str] | None:
-    """(user_id, role) of the user whose queued jobs go next."""
+async def _pick_heads(
+    session: AsyncSession, now: dt.datetime, cap: int, excluded: list[int], limit: int
+) -> list[tuple[int, str]]:
+    """(user_id, role) of the users whose queued jobs go next, in fair order, at most ``limit``."""
     heads_q = select(Job.user_id.label("user_id"), func.min(Job.created_at).label("first_at")).where(
         Job.state == "queued"
     )
@@ -208,10 +215,9 @@ async def _pick_head(
         .outerjoin(usage, usage.c.user_id == heads.c.user_id)
         .where(or_(n_running < cap, User.role.in_(EXEMPT_ROLES)))
         .order_by(n_running, func.coalesce(usage.c.gpu, 0.0), heads.c.first_at, heads.c.user_id)
-        .limit(1)
+        .limit(limit)
     )
-    row = (await session.execute(stmt)).first()
-    return (int(row[0]), str(row[1])) if row else None
+    return [(int(u), str(r)) for u, r in (await session.execute(stmt)).tuples()]
 
 
 async def lease_status(session: AsyncSession, job_id: int, attempt: int) -> LeaseStatus:
