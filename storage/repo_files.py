@@ -15,6 +15,14 @@ async def get_input(session: AsyncSession, sha256: str) -> InputImage | None:
     return (await session.execute(select(InputImage).where(InputImage.sha256 == sha256))).scalar_one_or_none()
 
 
+async def known_input_shas(session: AsyncSession, shas: Sequence[str]) -> set[str]:
+    """Which of ``shas`` have an input row (the orphan sweep deletes stored images that have none)."""
+    if not shas:
+        return set()
+    stmt = select(InputImage.sha256).where(InputImage.sha256.in_(list(shas)))
+    return set((await session.execute(stmt)).scalars())
+
+
 async def add_input(
     session: AsyncSession,
     *,

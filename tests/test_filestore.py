@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from scheduler_support import (
 )
 
 from generator.request import GenerationRequest
+from generator.scheduler import upkeep
 from generator.scheduler.filestore import TEMP_PREFIX, LocalStore, S3Store, local_copy, make_store
 from generator.scheduler.service import Scheduler
 from storage.models import InputImage, Job
@@ -179,3 +182,77 @@ async def test_i2v_through_the_bucket_delivery_forget_and_sweep(
             assert (await s.execute(Job.__table__.select())).first() is None
     finally:
         await gen.aclose()
+
+
+# --- upkeep: orphaned inputs, abandoned uploads, the download cache ----------------------------------
+
+
+async def _check_upkeep(sched: Scheduler, store: LocalStore | S3Store) -> None:
+    """A saved input stays; an input with no row and a temp object are removed once older than the grace
+    (a save in progress uploads before it writes its row), not before."""
+    kept = await sched.jobs.save_input(who(1), png(), 64, 48)
+    orphan = await asyncio.to_thread(store.put_bytes, "inputs", f"{'ab' * 32}.png", b"x")
+    temp = await asyncio.to_thread(store.put_bytes, "outputs", f"{TEMP_PREFIX}123-dead", b"x")
+    report = await sched.events.upkeep()  # everything is younger than the grace
+    assert (report.inputs, report.temps) == (0, 0) and store.exists(orphan) and store.exists(temp)
+    later = time.time() + upkeep.GRACE_SECONDS + 60
+    report = await sched.events.upkeep(now=later)
+    assert (report.inputs, report.temps) == (1, 1)
+    assert not store.exists(orphan) and not store.exists(temp)
+    assert store.exists(store.ref("inputs", f"{kept}.png"))
+    # Saving an image whose old file is still there makes it fresh again, so it is never swept under its row.
+    again = await sched.jobs.save_input(who(2), png(), 64, 48)
+    assert again == kept and (await sched.events.upkeep(now=later)).inputs == 0
+
+
+async def test_upkeep_on_the_local_folders(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db)
+    await sched.start(run_workers=False)
+    try:
+        store = sched.store
+        assert isinstance(store, LocalStore)
+        await _check_upkeep(sched, store)
+    finally:
+        await sched.stop()
+        await db.dispose()
+
+
+async def test_upkeep_on_the_bucket_and_its_cache(s3: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_creds(monkeypatch)
+    s3.make_bucket("keep")
+    settings = make_settings(tmp_path, store={**store_section(s3, "keep"), "cache_max_mb": 1})
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db)
+    await sched.start(run_workers=False)
+    try:
+        store = sched.store
+        assert isinstance(store, S3Store)
+        await _check_upkeep(sched, store)
+        # The download cache: over its 1 MiB limit, the least recently used copies go first.
+        cache = tmp_path / "data" / "store_cache"
+        refs = [await asyncio.to_thread(store.put_bytes, "outputs", f"v{i}.a1.mp4", bytes(400_000)) for i in range(4)]
+        copies = [await asyncio.to_thread(local_copy, settings, ref) for ref in refs]
+        assert all(c is not None and c.parent == cache.resolve() for c in copies)
+        now = time.time() + upkeep.CACHE_IN_USE_SECONDS + 60
+        for i, c in enumerate(copies):  # v0 used first ... v3 last
+            assert c is not None
+            os.utime(c, (now - 3600 + i, now - 3600 + i))
+        assert await asyncio.to_thread(local_copy, settings, refs[0]) == copies[0]  # a cache hit marks it used now
+        assert (await sched.events.upkeep(now=now)).cached == 2  # 1.6 MB -> under 1 MiB: v1 and v2 go
+        assert sorted(p.name for p in cache.iterdir()) == ["v0.a1.mp4", "v3.a1.mp4"]
+    finally:
+        await sched.stop()
+        await db.dispose()
+
+
+def test_prune_cache_keeps_files_in_use(tmp_path: Path) -> None:
+    now = time.time()
+    for i in range(3):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(bytes(1000))
+        os.utime(f, (now - 10, now - 10))  # all used moments ago: a delivery may be about to open them
+    assert upkeep.prune_cache(tmp_path, 0, now=now) == 0
+    assert upkeep.prune_cache(tmp_path, 0, now=now + upkeep.CACHE_IN_USE_SECONDS + 1) == 3
+    assert upkeep.prune_cache(tmp_path / "missing", 0) == 0

@@ -226,6 +226,7 @@ class StoreSettings:
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
     timeout_seconds: float = 10.0  # connect timeout; an unreachable store makes workers stop claiming
     cache_dir: str = "data/store_cache"  # downloaded copies for delivery and the console (s3 only)
+    cache_max_mb: int = 2048  # the cache is pruned to this size, least recently used first
 
 
 @dataclass(frozen=True)
@@ -536,6 +537,8 @@ def _validate(settings: Settings) -> None:
     for key in ("header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
         if getattr(settings.web, key) <= 0:
             raise ConfigError(f"web.{key} must be more than 0 (got {getattr(settings.web, key)}).")
+    if settings.store.cache_max_mb < 0:
+        raise ConfigError(f"store.cache_max_mb must be 0 or more (got {settings.store.cache_max_mb}).")
     if settings.store.backend == "s3" and not settings.store.bucket:
         raise ConfigError("store.bucket must be set when store.backend = \"s3\".")
     for label, threshold in settings.moderation.image_thresholds.items():

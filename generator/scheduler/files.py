@@ -93,7 +93,8 @@ def write_atomic(directory: Path, name: str, data: bytes) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / name
     if final.exists() and final.stat().st_size == len(data):
-        return final  # content-addressed: same name, same bytes
+        os.utime(final)  # content-addressed: same bytes; fresh again so the orphan sweep's grace covers its row
+        return final
     tmp = directory / f"{INPUT_PARTIAL_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
     with open(tmp, "wb") as fh:
         fh.write(data)

@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,13 @@ S3_SCHEME = "s3://"
 
 class StoreError(OSError):
     """The store cannot be reached or refused an operation (the message is for the operator)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    ref: str
+    modified: float  # seconds since the epoch (the store's clock for S3)
 
 
 class FileStore:
@@ -72,9 +80,13 @@ class FileStore:
         """True when something was deleted; a missing object is not an error."""
         raise NotImplementedError
 
+    def entries(self, area: str) -> list[Entry]:
+        """Every object in ``area`` with its modification time (temp objects included, for the sweeps)."""
+        raise NotImplementedError
+
     def list(self, area: str) -> list[tuple[str, str]]:
         """(name, reference) of every object in ``area`` (temp objects included, for the sweep)."""
-        raise NotImplementedError
+        return [(e.name, e.ref) for e in self.entries(area)]
 
     def problem(self) -> str:
         """"" when new files can be stored now, else why not (for the operator)."""
@@ -153,13 +165,17 @@ class LocalStore(FileStore):
             return False
         return True
 
-    def list(self, area: str) -> list[tuple[str, str]]:
+    def entries(self, area: str) -> list[Entry]:
         directory = self._dir(area)
+        out: list[Entry] = []
         try:
-            names = os.listdir(directory)
+            with os.scandir(directory) as it:
+                for d in it:
+                    with contextlib.suppress(FileNotFoundError):  # removed while listing
+                        out.append(Entry(d.name, str(directory / d.name), d.stat(follow_symlinks=False).st_mtime))
         except (FileNotFoundError, NotADirectoryError):  # missing, or a file in its place (reported elsewhere)
             return []
-        return [(n, str(directory / n)) for n in names]
+        return out
 
     def problem(self) -> str:
         return storage_problem((self.dirs["outputs"], self.dirs["inputs"]), self.min_free_bytes)
@@ -316,9 +332,9 @@ class S3Store(FileStore):
         self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=self._key_of(ref))
         return True
 
-    def list(self, area: str) -> list[tuple[str, str]]:
+    def entries(self, area: str) -> list[Entry]:
         prefix = self._key(area, "")
-        out: list[tuple[str, str]] = []
+        out: list[Entry] = []
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
@@ -326,7 +342,7 @@ class S3Store(FileStore):
                     key = str(obj["Key"])
                     name = key[len(prefix):]
                     if name and "/" not in name:
-                        out.append((name, self._ref_of(key)))
+                        out.append(Entry(name, self._ref_of(key), obj["LastModified"].timestamp()))
         except Exception as exc:
             raise StoreError(f"object store list failed: {exc}") from exc
         return out
@@ -392,5 +408,7 @@ def local_copy(settings: Settings, ref: str) -> Path | None:
     cache = settings.path(settings.store.cache_dir).resolve()
     dst = cache / store.name_of(ref)
     if dst.is_file():
+        with contextlib.suppress(OSError):
+            os.utime(dst)  # recently used: the cache pruning (upkeep.prune_cache) removes the oldest first
         return dst
     return store.fetch(ref, dst)

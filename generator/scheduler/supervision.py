@@ -16,7 +16,7 @@ import os
 import socket
 import time
 
-from generator.scheduler import files, queue
+from generator.scheduler import files, queue, upkeep
 from generator.scheduler.api import EventSink, JobView
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.health import fresh_window
@@ -30,6 +30,7 @@ from storage.models import WorkerState, utcnow
 log = logging.getLogger("turbobot.scheduler")
 
 MAINTENANCE_MIN_SECONDS = 0.2  # local workers push hints; this poll is the safety net
+UPKEEP_SECONDS = 300.0  # orphaned inputs, abandoned uploads, the download cache: slow-changing, listing costs
 STOP_GRACE_SECONDS = 10.0  # a pass waits at most the busy timeout per statement; past this it is stuck
 POSITION_UPDATES = 20  # queued jobs told their new place after a claim...
 POSITION_UPDATE_SECONDS = 2.0  # ...at most this often (chat front ends edit status messages slower still)
@@ -292,13 +293,28 @@ class WorkerEvents:
             log.info("swept %d orphaned output object(s)", removed)
         return removed
 
+    async def upkeep(self, now: float | None = None) -> upkeep.UpkeepReport:
+        """Orphaned input images, abandoned uploads and the download cache (see ``upkeep``)."""
+        core = self._core
+        report = await upkeep.sweep_store(core.db, core.store, now=now)
+        if core.store.kind != "local":
+            cfg = core.settings.store
+            report.cached = await asyncio.to_thread(
+                upkeep.prune_cache, core.settings.path(cfg.cache_dir).resolve(), cfg.cache_max_mb * 2**20, now=now
+            )
+        return report
+
     async def _maintenance(self) -> None:
         """Requeue expired leases; look at running, waited-for and undelivered jobs (remote workers and
-        lost hints are covered by this poll)."""
+        lost hints are covered by this poll); every few minutes, the files' upkeep."""
         core = self._core
         interval = max(MAINTENANCE_MIN_SECONDS, core.cfg.poll_seconds)
+        upkeep_at = time.monotonic() + UPKEEP_SECONDS
         while not core.stopping.is_set():
             try:
+                if time.monotonic() >= upkeep_at:
+                    upkeep_at = time.monotonic() + UPKEEP_SECONDS
+                    await self.upkeep()
                 await self._requeue_expired()
                 async with core.db.read() as s:
                     ids = set(await repo_jobs.active_job_ids(s))
