@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,11 @@ def base_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("classifiers")
     return {label: tiny_classifier(root / label, label) for label in LABELS.values()}
+
+
+def stored(path: str | None) -> bool:
+    """The file is there (a plain sync check: these tests use the local store)."""
+    return path is not None and os.path.isfile(path)
 
 
 def png() -> bytes:
@@ -132,10 +139,92 @@ async def test_output_blocked_never_delivered(tmp_path: Path, base_mp4: Path, mo
         await until(lambda: len(rec.terminal(done.id)) == 1, what="terminal event")
         (event,) = rec.terminal(done.id)
         assert event.kind == "failed" and event.job.output is None
-        assert not [p for p in sched.outputs_dir.iterdir() if p.suffix == ".mp4"]  # nothing left to serve
         (row,) = await moderation_rows(sched, "blocked_output")
         assert row["who"] == "discord:2" and row["where"] == "discord:42/500" and row["entry"] == "nsfw"
-        assert row["job"] == done.id
+        assert row["job"] == done.id and row["held"] is True
+        # Kept for an admin, but nowhere a user could reach it: no output row, nothing to serve (the console's
+        # media), not in the user's history as a result.
+        held = await sched.listings.held_path(done.id)
+        assert stored(held) and os.path.dirname(held or "") == str(sched.outputs_dir)
+        assert await sched.listings.media_paths(done.id) == (None, None)
+        assert [(j.state, j.output) for j in await sched.views.jobs_for(who(2, "discord"))] == [("failed", None)]
+        (event_row,) = [e for e in await sched.listings.moderation_events() if e["action"] == "blocked_output"]
+        assert event_row["held"] is True
+
+
+async def test_release_delivers_once_and_delete_removes(
+    tmp_path: Path, base_mp4: Path, models: dict[str, Path]
+) -> None:
+    """An admin's release turns the held video into the job's output and the hub delivers it exactly once;
+    a delete removes the file; neither is open to other users; the sweep keeps held files meanwhile."""
+    async with running(tmp_path, base_mp4, models["nsfw"]) as (sched, rec):
+        one = await finished(sched, (await sched.jobs.submit(t2v("a fox"), who(2, "discord"), channel(), "r1")).job.id)
+        two = await finished(sched, (await sched.jobs.submit(t2v("a cat"), who(2, "discord"), channel(), "r2")).job.id)
+        await until(lambda: len(rec.terminal(one.id)) == len(rec.terminal(two.id)) == 1, what="held events")
+        kept = {j: await sched.listings.held_path(j) for j in (one.id, two.id)}
+        assert await sched.events.sweep() == 0 and all(stored(p) for p in kept.values())
+
+        for actor in (who(2, "discord"), who(7, "telegram")):  # the user themself, anyone else: not admins
+            with pytest.raises(Refusal) as err:
+                await sched.admin.release_held(one.id, actor)
+            assert err.value.code == "forbidden"
+            with pytest.raises(Refusal) as err:
+                await sched.admin.delete_held(one.id, actor)
+            assert err.value.code == "forbidden"
+
+        admin = Requester("web", "operator")
+        view = await sched.admin.release_held(one.id, admin)
+        assert view.state == "succeeded" and view.output is not None and view.error_code == ""
+        await until(lambda: [e.kind for e in rec.terminal(one.id)] == ["failed", "succeeded"], what="delivered")
+        (delivered,) = [e for e in rec.terminal(one.id) if e.kind == "succeeded"]
+        assert delivered.job.output is not None and delivered.job.output.path == kept[one.id]
+        async with sched.db.read() as s:
+            at = (await s.execute(text("select delivered_at from jobs where id = :i"), {"i": one.id})).scalar_one()
+        assert at is not None
+        with pytest.raises(Refusal) as err:  # a second release (two admins at once): nothing held any more
+            await sched.admin.release_held(one.id, admin)
+        assert err.value.code == "not_found"
+        await sched.events.sweep()
+        assert stored(kept[one.id])  # now an accepted output
+        assert (await sched.listings.media_paths(one.id))[0] == kept[one.id]
+
+        await sched.admin.delete_held(two.id, admin)
+        assert not stored(kept[two.id])
+        assert await sched.listings.held_path(two.id) is None
+        with pytest.raises(Refusal) as err:
+            await sched.admin.release_held(two.id, admin)
+        assert err.value.code == "not_found"
+        assert (await sched.views.get(two.id)).state == "failed"  # type: ignore[union-attr]
+        released, deleted = (await moderation_rows(sched, "released_output"), await moderation_rows(sched, "deleted_held"))
+        assert [(r["job"], r["by"], r["who"]) for r in released] == [(one.id, "web:operator", "discord:2")]
+        assert [(r["job"], r["by"]) for r in deleted] == [(two.id, "web:operator")]
+        # Only the released one was ever delivered as a video; nothing more arrives for either.
+        await until(lambda: sched.hub.delivered_count >= 3, what="deliveries recorded")
+        assert [e.kind for e in rec.terminal(one.id)] == ["failed", "succeeded"]
+        assert [e.kind for e in rec.terminal(two.id)] == ["failed"]
+        events = {e["job"]: e.get("held") for e in await sched.listings.moderation_events()
+                  if e["action"] == "blocked_output"}
+        assert events == {one.id: False, two.id: False}
+
+
+async def test_held_videos_expire_after_the_retention(
+    tmp_path: Path, base_mp4: Path, models: dict[str, Path]
+) -> None:
+    from generator.scheduler.admin import expire_held
+
+    async with running(tmp_path, base_mp4, models["nsfw"]) as (sched, _rec):
+        job = await finished(sched, (await sched.jobs.submit(t2v("x"), who(2, "discord"), channel(), "e1")).job.id)
+        path = await sched.listings.held_path(job.id)
+        assert path is not None
+        core = sched._core
+        assert await expire_held(core) == 0  # held just now: within [moderation] held_days (30 by default)
+        async with sched.db.write() as s:
+            await s.execute(text("update held_outputs set held_at = :t"),
+                            {"t": dt.datetime.now(dt.UTC) - dt.timedelta(days=31)})
+        assert await expire_held(core) == 1
+        assert not stored(path) and await sched.listings.held_path(job.id) is None
+        (row,) = await moderation_rows(sched, "expired_held")
+        assert row["job"] == job.id and "30 days" in row["by"]
 
 
 async def test_allowed_in_an_nsfw_channel(tmp_path: Path, base_mp4: Path, models: dict[str, Path]) -> None:
