@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from moderation_support import models, moderation
 from PIL import Image
 from scheduler_support import ENGINE_SPEC, Recorder, make_db, make_settings, session_mp4, t2v, until, who
 from sqlalchemy import text
@@ -24,37 +25,15 @@ from generator.scheduler.image_moderation import BLOCKED_IMAGE_MESSAGE, BLOCKED_
 from generator.scheduler.service import Scheduler
 from storage import repo_audit
 
-LABELS = {0: "safe", 1: "nsfw", 2: "gore"}
+__all__ = ["models"]  # the session fixture, imported so pytest finds it here
 
-
-def tiny_classifier(folder: Path, forced: str) -> Path:
-    """A 1-layer ViT on 32x32 images whose every answer is ``forced`` (probability ~1)."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=16, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32, num_labels=len(LABELS), id2label=LABELS,
-                       label2id={v: k for k, v in LABELS.items()})
-    model = ViTForImageClassification(config)
-    with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.fill_(-20.0)
-        model.classifier.bias[{v: k for k, v in LABELS.items()}[forced]] = 20.0
-    model.save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+CONSOLE = Requester("web", "operator")
+UPLOADS = ("sendVideo", "sendAnimation", "sendDocument", "sendPhoto")  # every way Telegram could get the video
 
 
 @pytest.fixture(scope="session")
 def base_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return session_mp4(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("classifiers")
-    return {label: tiny_classifier(root / label, label) for label in LABELS.values()}
 
 
 def stored(path: str | None) -> bool:
@@ -66,10 +45,6 @@ def png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 40)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def moderation(model: Path) -> dict[str, Any]:
-    return {"image_model": str(model), "image_thresholds": {"nsfw": 0.8, "gore": 0.5}, "nsfw_labels": ["nsfw"]}
 
 
 @contextlib.asynccontextmanager
@@ -89,6 +64,12 @@ async def running(tmp_path: Path, mp4: Path, model: Path) -> AsyncIterator[tuple
 
 def channel(nsfw: bool = False) -> DeliveryTarget:
     return DeliveryTarget(platform="discord", chat_id="500", guild_id="42", nsfw=nsfw)
+
+
+async def delivered_at(sched: Scheduler, job_id: int) -> Any:
+    """When the job's terminal event reached its front end (None: not yet)."""
+    async with sched.db.read() as s:
+        return (await s.execute(text("select delivered_at from jobs where id = :i"), {"i": job_id})).scalar_one()
 
 
 async def moderation_rows(sched: Scheduler, action: str) -> list[dict[str, Any]]:
@@ -172,7 +153,7 @@ async def test_release_delivers_once_and_delete_removes(
                 await sched.admin.delete_held(one.id, actor)
             assert err.value.code == "forbidden"
 
-        admin = Requester("web", "operator")
+        admin = CONSOLE
         view = await sched.admin.release_held(one.id, admin)
         assert view.state == "succeeded" and view.output is not None and view.error_code == ""
         await until(lambda: [e.kind for e in rec.terminal(one.id)] == ["failed", "succeeded"], what="delivered")
@@ -286,8 +267,76 @@ async def test_discord_held_video_is_never_uploaded(tmp_path: Path, models: dict
         assert not [m for m in srv.messages.values() if m["attachments"]]  # nothing was ever uploaded
         jobs = await env.sched.views.jobs_for(Requester("discord", alice["id"]))
         assert [(j.state, j.error_code) for j in jobs] == [("failed", "blocked_output")]
+        await until(lambda: delivered_at(env.sched, jobs[0].id), what="the held notice recorded as delivered")
+        assert not [r for r in srv.requests if r.files]  # not even an upload that failed
+        (row,) = await moderation_rows(env.sched, "blocked_output")
+        assert row["job"] == jobs[0].id and row["who"] == f"discord:{alice['id']}" and row["held"] is True
+
+        # An admin releases it: the status message gets the video through the normal delivery, once.
+        await env.sched.admin.release_held(jobs[0].id, CONSOLE)
+        msg = await env.delivered(iid, within=60)
+        assert msg["attachments"] and BLOCKED_OUTPUT_MESSAGE not in msg["content"]
+        await until(lambda: delivered_at(env.sched, jobs[0].id), what="the release recorded as delivered")
+        assert len([r for r in srv.requests if r.files]) == 1
+        (row,) = await moderation_rows(env.sched, "released_output")
+        assert row["job"] == jobs[0].id and row["by"] == "web:operator"
 
         await env.private_answer(await srv.slash("settings", boss, permissions=ADMIN_PERMISSIONS,
                                                  policy="nsfw_channels"))
         msg = await env.delivered(await srv.slash("t2v", alice, nsfw=True, prompt="a red fox", steps=2), within=60)
         assert msg["attachments"]
+
+
+async def test_telegram_held_video_is_never_uploaded_then_released_from_the_console(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """Through the real PTB client and the fake Bot API: the held video is never sent (no video, animation,
+    document or photo), the user's status message says it was held, the job is marked and audited. Released
+    from the console's HTTP API, it is sent to the original chat exactly once."""
+    from aiohttp.test_utils import TestClient, TestServer
+    from fakes.telegram_server import FakeTelegram
+    from fakes.telegram_stack import one_reply, running_stack, submitted
+
+    from bots.web import create_web_app
+    from bots.web.security import CSRF_COOKIE, CSRF_HEADER
+
+    ann = FakeTelegram.user(1001, "Ann")
+    async with running_stack(tmp_path, moderation=moderation(models["nsfw"])) as stack:
+        tg = stack.tg
+        chat = tg.private_chat(ann)
+        cmd = await tg.send_text(chat, ann, "/t2v a red fox --seed 5")
+        status = await submitted(tg, cmd)
+        key = (chat["id"], status["message_id"])
+        await tg.wait_for(lambda: BLOCKED_OUTPUT_MESSAGE in tg.messages[key]["text"], 60)
+        (job,) = await stack.jobs_of(ann["id"])
+        assert (job.state, job.error_code, job.output) == ("failed", "blocked_output", None)
+        await until(lambda: delivered_at(stack.sched, job.id), what="the held notice recorded as delivered")
+        assert not [c for m in UPLOADS for c in tg.calls_of(m)]  # nothing was ever uploaded
+        (row,) = await moderation_rows(stack.sched, "blocked_output")
+        assert (row["job"], row["who"], row["where"], row["entry"]) == (job.id, "telegram:1001", "telegram:1001", "nsfw")
+        assert stored(await stack.sched.listings.held_path(job.id))
+
+        app = create_web_app(stack.settings, stack.sched)
+        client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        try:
+            assert (await client.get("/admin/moderation")).status == 200  # sets the CSRF cookie
+            csrf = next(c.value for c in client.session.cookie_jar if c.key == CSRF_COOKIE)
+            events = (await (await client.get("/api/admin/moderation")).json())["events"]
+            assert [(e["job"], e["held"]) for e in events if e["action"] == "blocked_output"] == [(job.id, True)]
+            resp = await client.post("/api/admin/moderation/release", json={"job": job.id}, headers={CSRF_HEADER: csrf})
+            assert resp.status == 200, await resp.text()
+            video = await one_reply(tg, cmd, "sendVideo")  # a reply to the original command, in its chat
+            assert video.files["video"][:12].find(b"ftyp") >= 0 and f"Job #{job.id}" in video.params["caption"]
+            await until(lambda: delivered_at(stack.sched, job.id), what="the release recorded as delivered")
+            await tg.wait_for(lambda: tg.messages[key]["text"].startswith("Done"))
+            again = await client.post("/api/admin/moderation/release", json={"job": job.id},
+                                      headers={CSRF_HEADER: csrf})
+            assert again.status == 404 and "released or deleted already" in (await again.json())["message"]
+        finally:
+            await client.close()
+        assert len(tg.calls_of("sendVideo")) == 1 and not [c for m in UPLOADS[1:] for c in tg.calls_of(m)]
+        (done,) = await stack.jobs_of(ann["id"])
+        assert done.state == "succeeded" and done.output is not None
+        (row,) = await moderation_rows(stack.sched, "released_output")
+        assert row["job"] == job.id and row["by"] == "web:operator" and row["who"] == "telegram:1001"
