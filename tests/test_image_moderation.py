@@ -340,3 +340,55 @@ async def test_telegram_held_video_is_never_uploaded_then_released_from_the_cons
         assert done.state == "succeeded" and done.output is not None
         (row,) = await moderation_rows(stack.sched, "released_output")
         assert row["job"] == job.id and row["by"] == "web:operator" and row["who"] == "telegram:1001"
+
+
+async def test_console_release_and_delete_over_http(
+    tmp_path: Path, base_mp4: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console's endpoints: refused without the admin token (401) or the CSRF token (403); the operator can
+    look at a held video, release it (then served as the job's video) or delete it (the file is gone)."""
+    from web_support import TOKEN, TOKEN_ENV, console
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    async with console(tmp_path, workers=True, worker_env={"TURBOBOT_TEST_MP4": str(base_mp4)},
+                       moderation=moderation(models["nsfw"])) as c:
+        sched = c.scheduler
+        one = await finished(sched, (await sched.jobs.submit(t2v("a fox"), who(2, "discord"), channel(), "h1")).job.id)
+        two = await finished(sched, (await sched.jobs.submit(t2v("a cat"), who(2, "discord"), channel(), "h2")).job.id)
+        assert one.error_code == two.error_code == "blocked_output"
+        preview = f"/api/admin/moderation/held/{one.id}/video.mp4"
+
+        # Not logged in: nothing (401), not even a look at the held video.
+        await c.client.get("/login")  # CSRF cookie
+        for verb in ("release", "delete"):
+            resp = await c.post_json(f"/api/admin/moderation/{verb}", {"job": one.id})
+            assert resp.status == 401, verb
+        assert (await c.client.get(preview)).status == 401
+        assert (await c.post_json("/login", {"token": TOKEN})).status == 200
+        # Logged in, but a cross-site form (no CSRF token): refused (403).
+        resp = await c.client.post("/api/admin/moderation/release", json={"job": one.id})
+        assert resp.status == 403 and (await resp.json())["error"] == "csrf"
+        assert (await c.post_json("/api/admin/moderation/release", {"job": "x"})).status == 400
+        assert await sched.listings.held_path(one.id) is not None  # nothing happened to it
+
+        # The operator looks at it; it is not served as the job's video.
+        resp = await c.client.get(preview)
+        assert resp.status == 200 and resp.content_type == "video/mp4" and (await resp.read())[4:8] == b"ftyp"
+        assert (await c.client.get(f"/media/jobs/{one.id}/video.mp4")).status == 404
+
+        resp = await c.post_json("/api/admin/moderation/release", {"job": one.id})
+        body = await resp.json()
+        assert resp.status == 200 and body["job"]["state"] == "succeeded", body
+        assert (await c.client.get(f"/media/jobs/{one.id}/video.mp4")).status == 200
+        assert (await c.client.get(preview)).status == 404  # no longer held
+
+        path = await sched.listings.held_path(two.id)
+        assert stored(path)
+        resp = await c.post_json("/api/admin/moderation/delete", {"job": two.id})
+        assert resp.status == 200 and (await resp.json())["deleted"] == two.id
+        assert not stored(path)
+        resp = await c.post_json("/api/admin/moderation/delete", {"job": two.id})
+        assert resp.status == 404
+        events = (await (await c.client.get("/api/admin/moderation")).json())["events"]
+        assert [(e["action"], e["job"], e.get("by")) for e in events if e["action"] in ("released_output", "deleted_held")
+                ] == [("deleted_held", two.id, "web:operator"), ("released_output", one.id, "web:operator")]
