@@ -51,7 +51,7 @@ function renderQueue(events) {
     const tone = e.action === "community_settings" ? "queued" : e.action === "released_output" ? "succeeded" : "failed";
     const what = TB.el("td", {}, TB.el("span", { class: `state ${tone}` }, ACTIONS[e.action] || e.action),
       e.job ? TB.el("div", { class: "kv" }, TB.el("a", { href: `/jobs/${e.job}` }, `#${e.job}`)) : null);
-    return TB.el("tr", { class: "moderation-row", dataset: { action: e.action, eventId: e.id } },
+    return TB.el("tr", { class: "moderation-row", dataset: { action: e.action, eventId: e.id, job: e.job || "" } },
       TB.el("td", {}, TB.fmtTime(e.at)), what,
       TB.el("td", {}, e.who || "", e.name ? TB.el("div", { class: "kv" }, e.name) : null),
       TB.el("td", {}, e.where || ""), TB.el("td", {}, matched),
