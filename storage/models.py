@@ -196,6 +196,29 @@ class Output(Base):
     job: Mapped[Job] = relationship(back_populates="output")
 
 
+class HeldOutput(Base):
+    """A finished video the moderation model held: kept (never delivered, listed, served or remixed) until an
+    admin releases it (it becomes the job's ``Output``) or deletes it, or ``[moderation] held_days`` pass."""
+
+    __tablename__ = "held_outputs"
+    __table_args__ = (Index("ix_held_outputs_held_at", "held_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    path: Mapped[str] = mapped_column(String(512))  # the same server-generated name a delivered output gets
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    duration_s: Mapped[float] = mapped_column(Float)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    frames: Mapped[int] = mapped_column(Integer)
+    fps: Mapped[int] = mapped_column(Integer, default=16)
+    model_label: Mapped[str] = mapped_column(String(128), default="")
+    is_demo: Mapped[bool] = mapped_column(Boolean, default=False)
+    labels: Mapped[str] = mapped_column(String(256), default="")  # what the classifier matched, comma-separated
+    held_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class QuotaUsage(Base):
     """Per user and UTC day: jobs accepted and GPU-seconds used (the daily quota counters)."""
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import delete, func, insert, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import InputImage, Job, Output
+from storage.models import HeldOutput, InputImage, Job, Output
 
 
 async def get_input(session: AsyncSession, sha256: str) -> InputImage | None:
@@ -83,9 +83,71 @@ async def add_output(
 
 
 async def output_paths_for_jobs(session: AsyncSession, job_ids: Sequence[int]) -> list[str]:
+    """The stored videos of these jobs: accepted outputs and held ones (both are kept by the sweep and removed
+    with their job)."""
     if not job_ids:
         return []
-    stmt = select(Output.path).where(Output.job_id.in_(list(job_ids)))
+    ids = list(job_ids)
+    stmt = union_all(
+        select(Output.path).where(Output.job_id.in_(ids)), select(HeldOutput.path).where(HeldOutput.job_id.in_(ids))
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def add_held_output(
+    session: AsyncSession,
+    *,
+    job_id: int,
+    path: str,
+    sha256: str,
+    size: int,
+    duration_s: float,
+    width: int,
+    height: int,
+    frames: int,
+    fps: int,
+    model_label: str,
+    is_demo: bool,
+    labels: str,
+    now: dt.datetime,
+) -> None:
+    await session.execute(
+        insert(HeldOutput).values(
+            job_id=job_id, path=path, sha256=sha256, bytes=size, duration_s=duration_s, width=width,
+            height=height, frames=frames, fps=fps, model_label=model_label, is_demo=is_demo, labels=labels[:256],
+            held_at=now,
+        )
+    )
+
+
+async def get_held(session: AsyncSession, job_id: int) -> HeldOutput | None:
+    return (await session.execute(select(HeldOutput).where(HeldOutput.job_id == job_id))).scalar_one_or_none()
+
+
+async def take_held(session: AsyncSession, job_id: int) -> HeldOutput | None:
+    """Remove the held row of ``job_id`` and return it (None when there is none: released or deleted already).
+    The delete decides, so two admins acting at once cannot both have it."""
+    row = await get_held(session, job_id)
+    if row is None:
+        return None
+    gone = await session.execute(delete(HeldOutput).where(HeldOutput.id == row.id).returning(HeldOutput.id))
+    if gone.scalar_one_or_none() is None:
+        return None
+    session.expunge(row)
+    return row
+
+
+async def held_job_ids(session: AsyncSession, job_ids: Sequence[int]) -> set[int]:
+    """Those of ``job_ids`` whose video is held now."""
+    if not job_ids:
+        return set()
+    stmt = select(HeldOutput.job_id).where(HeldOutput.job_id.in_(list(job_ids)))
+    return set((await session.execute(stmt)).scalars())
+
+
+async def held_before(session: AsyncSession, cutoff: dt.datetime, *, limit: int = 100) -> list[int]:
+    """Job ids of videos held since before ``cutoff`` (the retention pass), oldest first."""
+    stmt = select(HeldOutput.job_id).where(HeldOutput.held_at < cutoff).order_by(HeldOutput.held_at).limit(limit)
     return list((await session.execute(stmt)).scalars())
 
 

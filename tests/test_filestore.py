@@ -10,8 +10,10 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from moderation_support import models, moderation
 from PIL import Image
 from s3_support import MotoServer, moto_server, set_creds, store_section
 from scheduler_support import (
@@ -27,10 +29,13 @@ from scheduler_support import (
 
 from generator.request import GenerationRequest
 from generator.scheduler import upkeep
+from generator.scheduler.api import Requester
 from generator.scheduler.filestore import TEMP_PREFIX, LocalStore, S3Store, local_copy, make_store
 from generator.scheduler.service import Scheduler
 from storage.models import InputImage, Job
 from turbobot.config import settings_from_dict
+
+__all__ = ["models"]  # the tiny classifiers' session fixture, imported so pytest finds it here
 
 
 def png(w: int = 64, h: int = 48) -> bytes:
@@ -123,9 +128,11 @@ def test_s3_settings_need_a_bucket_and_never_hold_credentials() -> None:
 # --- the scheduler and its worker process on the bucket -----------------------------------------------
 
 
-async def _running(tmp_path: Path, base_mp4: Path, server: MotoServer, bucket: str) -> AsyncIterator[Scheduler]:
+async def _running(
+    tmp_path: Path, base_mp4: Path, server: MotoServer, bucket: str, **sections: dict[str, Any]
+) -> AsyncIterator[Scheduler]:
     server.make_bucket(bucket)
-    settings = make_settings(tmp_path, store=store_section(server, bucket))
+    settings = make_settings(tmp_path, store=store_section(server, bucket), **sections)
     db = await make_db(settings)
     sched = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env={"TURBOBOT_TEST_MP4": str(base_mp4)})
     await sched.start(run_workers=True)
@@ -256,3 +263,40 @@ def test_prune_cache_keeps_files_in_use(tmp_path: Path) -> None:
     assert upkeep.prune_cache(tmp_path, 0, now=now) == 0
     assert upkeep.prune_cache(tmp_path, 0, now=now + upkeep.CACHE_IN_USE_SECONDS + 1) == 3
     assert upkeep.prune_cache(tmp_path / "missing", 0) == 0
+
+
+async def test_held_video_in_the_bucket_is_kept_released_and_deleted(
+    s3: MotoServer, tmp_path: Path, base_mp4: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A video the moderation model held is stored in the bucket like any output, survives the sweep, and an
+    admin's release makes it the job's output (delivered from the bucket) or a delete removes the object."""
+    set_creds(monkeypatch)
+    gen = _running(tmp_path, base_mp4, s3, "held", moderation=moderation(models["nsfw"]))
+    sched = await gen.__anext__()
+    try:
+        rec = Recorder()
+        sched.subscribe("test", rec)
+        ids = []
+        for n in range(2):
+            sub = await sched.jobs.submit(GenerationRequest(mode="t2v", prompt=f"fox {n}", frames=5, steps=2),
+                                          who(1), where(), f"h{n}")
+            async with asyncio.timeout(60):
+                done = await sched.views.wait(sub.job.id)
+            assert done.error_code == "blocked_output" and done.output is None
+            ids.append(done.id)
+        refs = [await sched.listings.held_path(i) for i in ids]
+        assert all(r is not None and r.startswith("s3://held/t/outputs/") for r in refs)
+        store = sched.store
+        assert await sched.events.sweep() == 0 and all(store.exists(r) for r in refs if r)
+
+        view = await sched.admin.release_held(ids[0], Requester("web", "operator"))
+        assert view.output is not None and view.output.path == refs[0]
+        await until(lambda: [e.kind for e in rec.terminal(ids[0])] == ["failed", "succeeded"], what="release")
+        local = await asyncio.to_thread(local_copy, sched.settings, refs[0] or "")
+        assert local is not None and hashlib.sha256(local.read_bytes()).hexdigest() == view.output.sha256
+
+        await sched.admin.delete_held(ids[1], Requester("web", "operator"))
+        assert not store.exists(refs[1] or "") and store.exists(refs[0] or "")
+        assert await sched.events.sweep() == 0
+    finally:
+        await gen.aclose()

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from moderation_support import models, moderation
 from PIL import Image
 from scheduler_support import ENGINE_SPEC, Recorder, make_db, make_settings, session_mp4, t2v, until, who
 from sqlalchemy import text
@@ -22,26 +25,10 @@ from generator.scheduler.image_moderation import BLOCKED_IMAGE_MESSAGE, BLOCKED_
 from generator.scheduler.service import Scheduler
 from storage import repo_audit
 
-LABELS = {0: "safe", 1: "nsfw", 2: "gore"}
+__all__ = ["models"]  # the session fixture, imported so pytest finds it here
 
-
-def tiny_classifier(folder: Path, forced: str) -> Path:
-    """A 1-layer ViT on 32x32 images whose every answer is ``forced`` (probability ~1)."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=16, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32, num_labels=len(LABELS), id2label=LABELS,
-                       label2id={v: k for k, v in LABELS.items()})
-    model = ViTForImageClassification(config)
-    with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.fill_(-20.0)
-        model.classifier.bias[{v: k for k, v in LABELS.items()}[forced]] = 20.0
-    model.save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+CONSOLE = Requester("web", "operator")
+UPLOADS = ("sendVideo", "sendAnimation", "sendDocument", "sendPhoto")  # every way Telegram could get the video
 
 
 @pytest.fixture(scope="session")
@@ -49,20 +36,15 @@ def base_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return session_mp4(tmp_path_factory)
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("classifiers")
-    return {label: tiny_classifier(root / label, label) for label in LABELS.values()}
+def stored(path: str | None) -> bool:
+    """The file is there (a plain sync check: these tests use the local store)."""
+    return path is not None and os.path.isfile(path)
 
 
 def png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 40)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def moderation(model: Path) -> dict[str, Any]:
-    return {"image_model": str(model), "image_thresholds": {"nsfw": 0.8, "gore": 0.5}, "nsfw_labels": ["nsfw"]}
 
 
 @contextlib.asynccontextmanager
@@ -82,6 +64,12 @@ async def running(tmp_path: Path, mp4: Path, model: Path) -> AsyncIterator[tuple
 
 def channel(nsfw: bool = False) -> DeliveryTarget:
     return DeliveryTarget(platform="discord", chat_id="500", guild_id="42", nsfw=nsfw)
+
+
+async def delivered_at(sched: Scheduler, job_id: int) -> Any:
+    """When the job's terminal event reached its front end (None: not yet)."""
+    async with sched.db.read() as s:
+        return (await s.execute(text("select delivered_at from jobs where id = :i"), {"i": job_id})).scalar_one()
 
 
 async def moderation_rows(sched: Scheduler, action: str) -> list[dict[str, Any]]:
@@ -132,10 +120,92 @@ async def test_output_blocked_never_delivered(tmp_path: Path, base_mp4: Path, mo
         await until(lambda: len(rec.terminal(done.id)) == 1, what="terminal event")
         (event,) = rec.terminal(done.id)
         assert event.kind == "failed" and event.job.output is None
-        assert not [p for p in sched.outputs_dir.iterdir() if p.suffix == ".mp4"]  # nothing left to serve
         (row,) = await moderation_rows(sched, "blocked_output")
         assert row["who"] == "discord:2" and row["where"] == "discord:42/500" and row["entry"] == "nsfw"
-        assert row["job"] == done.id
+        assert row["job"] == done.id and row["held"] is True
+        # Kept for an admin, but nowhere a user could reach it: no output row, nothing to serve (the console's
+        # media), not in the user's history as a result.
+        held = await sched.listings.held_path(done.id)
+        assert stored(held) and os.path.dirname(held or "") == str(sched.outputs_dir)
+        assert await sched.listings.media_paths(done.id) == (None, None)
+        assert [(j.state, j.output) for j in await sched.views.jobs_for(who(2, "discord"))] == [("failed", None)]
+        (event_row,) = [e for e in await sched.listings.moderation_events() if e["action"] == "blocked_output"]
+        assert event_row["held"] is True
+
+
+async def test_release_delivers_once_and_delete_removes(
+    tmp_path: Path, base_mp4: Path, models: dict[str, Path]
+) -> None:
+    """An admin's release turns the held video into the job's output and the hub delivers it exactly once;
+    a delete removes the file; neither is open to other users; the sweep keeps held files meanwhile."""
+    async with running(tmp_path, base_mp4, models["nsfw"]) as (sched, rec):
+        one = await finished(sched, (await sched.jobs.submit(t2v("a fox"), who(2, "discord"), channel(), "r1")).job.id)
+        two = await finished(sched, (await sched.jobs.submit(t2v("a cat"), who(2, "discord"), channel(), "r2")).job.id)
+        await until(lambda: len(rec.terminal(one.id)) == len(rec.terminal(two.id)) == 1, what="held events")
+        kept = {j: await sched.listings.held_path(j) for j in (one.id, two.id)}
+        assert await sched.events.sweep() == 0 and all(stored(p) for p in kept.values())
+
+        for actor in (who(2, "discord"), who(7, "telegram")):  # the user themself, anyone else: not admins
+            with pytest.raises(Refusal) as err:
+                await sched.admin.release_held(one.id, actor)
+            assert err.value.code == "forbidden"
+            with pytest.raises(Refusal) as err:
+                await sched.admin.delete_held(one.id, actor)
+            assert err.value.code == "forbidden"
+
+        admin = CONSOLE
+        view = await sched.admin.release_held(one.id, admin)
+        assert view.state == "succeeded" and view.output is not None and view.error_code == ""
+        await until(lambda: [e.kind for e in rec.terminal(one.id)] == ["failed", "succeeded"], what="delivered")
+        (delivered,) = [e for e in rec.terminal(one.id) if e.kind == "succeeded"]
+        assert delivered.job.output is not None and delivered.job.output.path == kept[one.id]
+        async with sched.db.read() as s:
+            at = (await s.execute(text("select delivered_at from jobs where id = :i"), {"i": one.id})).scalar_one()
+        assert at is not None
+        with pytest.raises(Refusal) as err:  # a second release (two admins at once): nothing held any more
+            await sched.admin.release_held(one.id, admin)
+        assert err.value.code == "not_found"
+        await sched.events.sweep()
+        assert stored(kept[one.id])  # now an accepted output
+        assert (await sched.listings.media_paths(one.id))[0] == kept[one.id]
+
+        await sched.admin.delete_held(two.id, admin)
+        assert not stored(kept[two.id])
+        assert await sched.listings.held_path(two.id) is None
+        with pytest.raises(Refusal) as err:
+            await sched.admin.release_held(two.id, admin)
+        assert err.value.code == "not_found"
+        assert (await sched.views.get(two.id)).state == "failed"  # type: ignore[union-attr]
+        released, deleted = (await moderation_rows(sched, "released_output"), await moderation_rows(sched, "deleted_held"))
+        assert [(r["job"], r["by"], r["who"]) for r in released] == [(one.id, "web:operator", "discord:2")]
+        assert [(r["job"], r["by"]) for r in deleted] == [(two.id, "web:operator")]
+        # Only the released one was ever delivered as a video; nothing more arrives for either.
+        await until(lambda: sched.hub.delivered_count >= 3, what="deliveries recorded")
+        assert [e.kind for e in rec.terminal(one.id)] == ["failed", "succeeded"]
+        assert [e.kind for e in rec.terminal(two.id)] == ["failed"]
+        events = {e["job"]: e.get("held") for e in await sched.listings.moderation_events()
+                  if e["action"] == "blocked_output"}
+        assert events == {one.id: False, two.id: False}
+
+
+async def test_held_videos_expire_after_the_retention(
+    tmp_path: Path, base_mp4: Path, models: dict[str, Path]
+) -> None:
+    from generator.scheduler.admin import expire_held
+
+    async with running(tmp_path, base_mp4, models["nsfw"]) as (sched, _rec):
+        job = await finished(sched, (await sched.jobs.submit(t2v("x"), who(2, "discord"), channel(), "e1")).job.id)
+        path = await sched.listings.held_path(job.id)
+        assert path is not None
+        core = sched._core
+        assert await expire_held(core) == 0  # held just now: within [moderation] held_days (30 by default)
+        async with sched.db.write() as s:
+            await s.execute(text("update held_outputs set held_at = :t"),
+                            {"t": dt.datetime.now(dt.UTC) - dt.timedelta(days=31)})
+        assert await expire_held(core) == 1
+        assert not stored(path) and await sched.listings.held_path(job.id) is None
+        (row,) = await moderation_rows(sched, "expired_held")
+        assert row["job"] == job.id and "30 days" in row["by"]
 
 
 async def test_allowed_in_an_nsfw_channel(tmp_path: Path, base_mp4: Path, models: dict[str, Path]) -> None:
@@ -197,8 +267,128 @@ async def test_discord_held_video_is_never_uploaded(tmp_path: Path, models: dict
         assert not [m for m in srv.messages.values() if m["attachments"]]  # nothing was ever uploaded
         jobs = await env.sched.views.jobs_for(Requester("discord", alice["id"]))
         assert [(j.state, j.error_code) for j in jobs] == [("failed", "blocked_output")]
+        await until(lambda: delivered_at(env.sched, jobs[0].id), what="the held notice recorded as delivered")
+        assert not [r for r in srv.requests if r.files]  # not even an upload that failed
+        (row,) = await moderation_rows(env.sched, "blocked_output")
+        assert row["job"] == jobs[0].id and row["who"] == f"discord:{alice['id']}" and row["held"] is True
+
+        # An admin releases it: the status message gets the video through the normal delivery, once.
+        await env.sched.admin.release_held(jobs[0].id, CONSOLE)
+        msg = await env.delivered(iid, within=60)
+        assert msg["attachments"] and BLOCKED_OUTPUT_MESSAGE not in msg["content"]
+        await until(lambda: delivered_at(env.sched, jobs[0].id), what="the release recorded as delivered")
+        assert len([r for r in srv.requests if r.files]) == 1
+        (row,) = await moderation_rows(env.sched, "released_output")
+        assert row["job"] == jobs[0].id and row["by"] == "web:operator"
 
         await env.private_answer(await srv.slash("settings", boss, permissions=ADMIN_PERMISSIONS,
                                                  policy="nsfw_channels"))
         msg = await env.delivered(await srv.slash("t2v", alice, nsfw=True, prompt="a red fox", steps=2), within=60)
         assert msg["attachments"]
+
+
+async def test_telegram_held_video_is_never_uploaded_then_released_from_the_console(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """Through the real PTB client and the fake Bot API: the held video is never sent (no video, animation,
+    document or photo), the user's status message says it was held, the job is marked and audited. Released
+    from the console's HTTP API, it is sent to the original chat exactly once."""
+    from aiohttp.test_utils import TestClient, TestServer
+    from fakes.telegram_server import FakeTelegram
+    from fakes.telegram_stack import one_reply, running_stack, submitted
+
+    from bots.web import create_web_app
+    from bots.web.security import CSRF_COOKIE, CSRF_HEADER
+
+    ann = FakeTelegram.user(1001, "Ann")
+    async with running_stack(tmp_path, moderation=moderation(models["nsfw"])) as stack:
+        tg = stack.tg
+        chat = tg.private_chat(ann)
+        cmd = await tg.send_text(chat, ann, "/t2v a red fox --seed 5")
+        status = await submitted(tg, cmd)
+        key = (chat["id"], status["message_id"])
+        await tg.wait_for(lambda: BLOCKED_OUTPUT_MESSAGE in tg.messages[key]["text"], 60)
+        (job,) = await stack.jobs_of(ann["id"])
+        assert (job.state, job.error_code, job.output) == ("failed", "blocked_output", None)
+        await until(lambda: delivered_at(stack.sched, job.id), what="the held notice recorded as delivered")
+        assert not [c for m in UPLOADS for c in tg.calls_of(m)]  # nothing was ever uploaded
+        (row,) = await moderation_rows(stack.sched, "blocked_output")
+        assert (row["job"], row["who"], row["where"], row["entry"]) == (job.id, "telegram:1001", "telegram:1001", "nsfw")
+        assert stored(await stack.sched.listings.held_path(job.id))
+
+        app = create_web_app(stack.settings, stack.sched)
+        client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        try:
+            assert (await client.get("/admin/moderation")).status == 200  # sets the CSRF cookie
+            csrf = next(c.value for c in client.session.cookie_jar if c.key == CSRF_COOKIE)
+            events = (await (await client.get("/api/admin/moderation")).json())["events"]
+            assert [(e["job"], e["held"]) for e in events if e["action"] == "blocked_output"] == [(job.id, True)]
+            resp = await client.post("/api/admin/moderation/release", json={"job": job.id}, headers={CSRF_HEADER: csrf})
+            assert resp.status == 200, await resp.text()
+            video = await one_reply(tg, cmd, "sendVideo")  # a reply to the original command, in its chat
+            assert video.files["video"][:12].find(b"ftyp") >= 0 and f"Job #{job.id}" in video.params["caption"]
+            await until(lambda: delivered_at(stack.sched, job.id), what="the release recorded as delivered")
+            await tg.wait_for(lambda: tg.messages[key]["text"].startswith("Done"))
+            again = await client.post("/api/admin/moderation/release", json={"job": job.id},
+                                      headers={CSRF_HEADER: csrf})
+            assert again.status == 404 and "released or deleted already" in (await again.json())["message"]
+        finally:
+            await client.close()
+        assert len(tg.calls_of("sendVideo")) == 1 and not [c for m in UPLOADS[1:] for c in tg.calls_of(m)]
+        (done,) = await stack.jobs_of(ann["id"])
+        assert done.state == "succeeded" and done.output is not None
+        (row,) = await moderation_rows(stack.sched, "released_output")
+        assert row["job"] == job.id and row["by"] == "web:operator" and row["who"] == "telegram:1001"
+
+
+async def test_console_release_and_delete_over_http(
+    tmp_path: Path, base_mp4: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console's endpoints: refused without the admin token (401) or the CSRF token (403); the operator can
+    look at a held video, release it (then served as the job's video) or delete it (the file is gone)."""
+    from web_support import TOKEN, TOKEN_ENV, console
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    async with console(tmp_path, workers=True, worker_env={"TURBOBOT_TEST_MP4": str(base_mp4)},
+                       moderation=moderation(models["nsfw"])) as c:
+        sched = c.scheduler
+        one = await finished(sched, (await sched.jobs.submit(t2v("a fox"), who(2, "discord"), channel(), "h1")).job.id)
+        two = await finished(sched, (await sched.jobs.submit(t2v("a cat"), who(2, "discord"), channel(), "h2")).job.id)
+        assert one.error_code == two.error_code == "blocked_output"
+        preview = f"/api/admin/moderation/held/{one.id}/video.mp4"
+
+        # Not logged in: nothing (401), not even a look at the held video.
+        await c.client.get("/login")  # CSRF cookie
+        for verb in ("release", "delete"):
+            resp = await c.post_json(f"/api/admin/moderation/{verb}", {"job": one.id})
+            assert resp.status == 401, verb
+        assert (await c.client.get(preview)).status == 401
+        assert (await c.post_json("/login", {"token": TOKEN})).status == 200
+        # Logged in, but a cross-site form (no CSRF token): refused (403).
+        resp = await c.client.post("/api/admin/moderation/release", json={"job": one.id})
+        assert resp.status == 403 and (await resp.json())["error"] == "csrf"
+        assert (await c.post_json("/api/admin/moderation/release", {"job": "x"})).status == 400
+        assert await sched.listings.held_path(one.id) is not None  # nothing happened to it
+
+        # The operator looks at it; it is not served as the job's video.
+        resp = await c.client.get(preview)
+        assert resp.status == 200 and resp.content_type == "video/mp4" and (await resp.read())[4:8] == b"ftyp"
+        assert (await c.client.get(f"/media/jobs/{one.id}/video.mp4")).status == 404
+
+        resp = await c.post_json("/api/admin/moderation/release", {"job": one.id})
+        body = await resp.json()
+        assert resp.status == 200 and body["job"]["state"] == "succeeded", body
+        assert (await c.client.get(f"/media/jobs/{one.id}/video.mp4")).status == 200
+        assert (await c.client.get(preview)).status == 404  # no longer held
+
+        path = await sched.listings.held_path(two.id)
+        assert stored(path)
+        resp = await c.post_json("/api/admin/moderation/delete", {"job": two.id})
+        assert resp.status == 200 and (await resp.json())["deleted"] == two.id
+        assert not stored(path)
+        resp = await c.post_json("/api/admin/moderation/delete", {"job": two.id})
+        assert resp.status == 404
+        events = (await (await c.client.get("/api/admin/moderation")).json())["events"]
+        assert [(e["action"], e["job"], e.get("by")) for e in events if e["action"] in ("released_output", "deleted_held")
+                ] == [("deleted_held", two.id, "web:operator"), ("released_output", one.id, "web:operator")]

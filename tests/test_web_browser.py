@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from moderation_support import models, moderation
 from scheduler_support import ENGINE_SPEC
 from web_support import TOKEN, TOKEN_ENV, console_settings, make_db, mp4_env, png_bytes
 
 from bots.web import create_web_app, start_web
 from generator.params import PARAMS
 from generator.scheduler.service import Scheduler
+
+__all__ = ["models"]  # the tiny classifiers' session fixture, imported so pytest finds it here
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -37,8 +40,9 @@ class ConsoleThread:
     """Scheduler + worker + console served by ``start_web`` on a free port, in a thread with its own loop
     (selenium calls block, the server must keep running meanwhile)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **sections: dict[str, Any]) -> None:
         self.tmp = tmp
+        self.sections = sections
         self.url = ""
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -57,7 +61,7 @@ class ConsoleThread:
         self.loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         env = mp4_env(self.tmp / "mp4", TURBOBOT_TEST_STEP_SECONDS="0.3")
-        settings = console_settings(self.tmp / "app", admin={"blocked_words": ["forbiddenword"]})
+        settings = console_settings(self.tmp / "app", admin={"blocked_words": ["forbiddenword"]}, **self.sections)
         db = await make_db(settings)
         scheduler = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env=env)
         await scheduler.start(run_workers=True)
@@ -291,3 +295,71 @@ def test_console_in_a_real_browser(tmp_path: Path, browser: Any, monkeypatch: py
         unexpected = [e for e in errors if "401" not in e["message"]
                       and not ("400" in e["message"] and "/api/jobs" in e["message"])]
         assert not unexpected, unexpected
+
+
+def test_held_videos_released_and_deleted_in_the_browser(
+    tmp_path: Path, browser: Any, monkeypatch: pytest.MonkeyPatch, models: dict[str, Path]
+) -> None:
+    """Output moderation holds two videos; on the moderation page the operator releases one (it becomes the
+    job's video) and deletes the other (after confirming)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    wait = WebDriverWait(browser, WAIT_S * 2, poll_frequency=0.2)
+
+    def click(css: str) -> None:
+        """The page re-renders its rows when it reloads the queue: retry a click that found a stale row."""
+
+        def attempt(d: Any) -> bool:
+            try:
+                d.find_element(By.CSS_SELECTOR, css).click()
+            except StaleElementReferenceException:
+                return False
+            return True
+
+        wait.until(attempt)
+
+    with ConsoleThread(tmp_path, moderation=moderation(models["nsfw"])) as server:
+        base = server.url
+        browser.get(base + "/login")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "login-submit").click()
+        wait.until(lambda d: "/login" not in d.current_url)
+        browser.get(base + "/admin/moderation")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#moderation-queue tr"))
+        ids = browser.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const post = (prompt) => { const f = new FormData(); f.append("mode", "t2v"); f.append("prompt", prompt);
+              f.append("frames", "5"); return TB.api("POST", "/api/jobs", f); };
+            Promise.all([post("a red fox"), post("a grey cat")]).then((rs) => done(rs.map((r) => r.data.job.id)));
+            """)
+        row = '#moderation-queue .moderation-row[data-action="blocked_output"][data-job="{}"]'
+        # The page refreshes itself every 10 s; ask it to reload now until both held videos are listed.
+        wait.until(lambda d: d.execute_script(
+            "load(); return document.querySelectorAll('#moderation-queue .btn-release').length") == 2)
+        release, delete = (row.format(i) for i in ids)
+        wait.until(lambda d: "a red fox" in d.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", release))
+        click(release + " .btn-release")
+        wait.until(lambda d: d.find_elements(
+            By.CSS_SELECTOR, f'.moderation-row[data-action="released_output"][data-job="{ids[0]}"]'))
+        assert not browser.find_elements(By.CSS_SELECTOR, release + " .btn-release")  # decided: no buttons
+        click(delete + " .btn-held-delete")
+        wait.until(expected_conditions.alert_is_present())
+        browser.switch_to.alert.accept()
+        wait.until(lambda d: d.find_elements(
+            By.CSS_SELECTOR, f'.moderation-row[data-action="deleted_held"][data-job="{ids[1]}"]'))
+        wait.until(lambda d: "web:operator" in d.execute_script(
+            "return document.getElementById('moderation-queue').innerText"))
+
+        states = browser.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            Promise.all(arguments[0].map((id) => TB.api("GET", `/api/jobs/${id}`))).then(
+              (rs) => done(rs.map((r) => [r.data.job.state, Boolean(r.data.job.output)])));
+            """, ids)
+        assert states == [["succeeded", True], ["failed", False]], states
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors

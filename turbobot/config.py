@@ -171,6 +171,7 @@ class ModerationSettings:
     image_thresholds: dict[str, float] = field(default_factory=dict)  # label -> probability that blocks
     image_device: str = "cpu"  # cpu, or "worker" for the worker's own GPU (outputs; inputs use cpu)
     nsfw_labels: tuple[str, ...] = ()  # labels allowed where the community's age-restricted policy allows them
+    held_days: float = 30.0  # held videos wait this long for an admin's release, then are deleted (0 = forever)
 
 
 @dataclass(frozen=True)
@@ -545,6 +546,9 @@ def _validate(settings: Settings) -> None:
         if not 0 < threshold <= 1:
             raise ConfigError(f"moderation.image_thresholds.{label} must be more than 0 and at most 1 "
                               f"(got {threshold:g}).")
+    if settings.moderation.held_days < 0:
+        raise ConfigError(f"moderation.held_days must be 0 (keep until an admin decides) or more "
+                          f"(got {settings.moderation.held_days:g}).")
     if not 0 < settings.web.port < 65536:
         raise ConfigError(f"web.port must be from 1 to 65535 (got {settings.web.port}).")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bots.web.api_jobs import json_body
+from bots.web.api_jobs import job_id_of, json_body, parse_job_id, serve_stored
 from bots.web.context import console_of
 from bots.web.forms import coerce_number
 from bots.web.security import json_error
@@ -207,6 +207,42 @@ async def moderation(request: web.Request) -> web.Response:
     return web.json_response({"events": await c.scheduler.listings.moderation_events()})
 
 
+def _held_job(body: dict[str, Any]) -> int:
+    job_id = parse_job_id(str(body.get("job", "")))
+    if job_id is None:
+        raise web.HTTPBadRequest(text="Give the job whose held video this is (job: its number).")
+    return job_id
+
+
+async def release_held(request: web.Request) -> web.Response:
+    """Release a video the moderation model held: the scheduler delivers it to the original chat."""
+    c = console_of(request)
+    job_id = _held_job(await json_body(request))
+    try:
+        view = await c.scheduler.admin.release_held(job_id, c.operator)
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"ok": True, "released": job_id, "job": job_json(view)})
+
+
+async def delete_held(request: web.Request) -> web.Response:
+    c = console_of(request)
+    job_id = _held_job(await json_body(request))
+    try:
+        await c.scheduler.admin.delete_held(job_id, c.operator)
+    except Refusal as exc:
+        return c.refusal_response(exc)
+    return web.json_response({"ok": True, "deleted": job_id})
+
+
+async def held_video(request: web.Request) -> web.StreamResponse:
+    """A held video, for the operator to look at before deciding (the console is the operator's alone)."""
+    c = console_of(request)
+    job_id = job_id_of(request)
+    path = await c.scheduler.listings.held_path(job_id)
+    return await serve_stored(request, path, c.settings.app.outputs_dir, job_id=job_id, video=True)
+
+
 async def communities(request: web.Request) -> web.Response:
     c = console_of(request)
     return web.json_response({"communities": [v.as_json() for v in await c.scheduler.communities.list()]})
@@ -235,5 +271,8 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/admin/users/block", block)
     r.add_post("/api/admin/users/unblock", unblock)
     r.add_get("/api/admin/moderation", moderation)
+    r.add_post("/api/admin/moderation/release", release_held)
+    r.add_post("/api/admin/moderation/delete", delete_held)
+    r.add_get(r"/api/admin/moderation/held/{job_id:\d+}/video.mp4", held_video)
     r.add_get("/api/admin/communities", communities)
     r.add_post("/api/admin/communities", set_community)

@@ -266,6 +266,14 @@ async def _serve_job_file(request: web.Request, *, video: bool) -> web.StreamRes
     job_id = job_id_of(request)
     output, stored = await c.scheduler.listings.media_paths(job_id)
     name, folder = (output, c.settings.app.outputs_dir) if video else (stored, c.settings.app.inputs_dir)
+    return await serve_stored(request, name, folder, job_id=job_id, video=video)
+
+
+async def serve_stored(
+    request: web.Request, name: str | None, folder: str, *, job_id: int, video: bool
+) -> web.StreamResponse:
+    """A stored file (a path under ``folder`` or an object-store reference) as the response; 404 when absent."""
+    c = console_of(request)
     if name and is_remote(name):  # in the object store: served from a local copy
         try:
             path = await asyncio.to_thread(local_copy, c.settings, name)

@@ -1,5 +1,6 @@
 """Admin actions on jobs and users: cancel, delete, forget (a user's own data), per-user limits, block and
-unblock; and the role checks front ends use to show admin commands.
+unblock, release or delete a video the moderation model held (and the retention of held videos); and the
+role checks front ends use to show admin commands.
 
 May touch: the database through ``storage`` repositories and the outputs/inputs folders (deleting files).
 Tells the event hub and the workers (cancel). See docs/scheduler.md.
@@ -8,6 +9,8 @@ Tells the event hub and the workers (cancel). See docs/scheduler.md.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import logging
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from generator.scheduler.api import TERMINAL_KINDS, JobView, Refusal, RefusalCod
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.reads import JobViews
 from storage import repo_audit, repo_files, repo_jobs, repo_users
+from storage.db import db_now
 from storage.models import Job, utcnow
 
 log = logging.getLogger("turbobot.scheduler")
@@ -61,22 +65,7 @@ class AdminActions:
         return view
 
     async def _remove(self, refs: list[str]) -> None:
-        """Delete stored files through the file store (local paths or objects); a store that is down now
-        leaves orphans that the sweep removes later."""
-        store = self._core.store
-        if store.kind == "local":
-            await asyncio.to_thread(files.remove_files, [Path(p) for p in refs])
-            return
-
-        def remove() -> None:
-            for ref in refs:
-                if store.owns(ref):
-                    store.delete(ref)
-
-        try:
-            await asyncio.to_thread(remove)
-        except Exception as exc:  # OSError or the client's own errors
-            log.warning("could not delete stored files now (the sweep retries): %s", exc)
+        await remove_stored(self._core, refs)
 
     async def delete(self, job_id: int, requester: Requester) -> None:
         job = await self._owned_job(job_id, requester)
@@ -162,6 +151,41 @@ class AdminActions:
             self._core.hub.wake(job.id)
         self._core.cache.invalidate_queue()
 
+    # --- videos the moderation model held -------------------------------------------------------
+    def _require_moderator(self, actor: Requester) -> None:
+        if not self._core.is_moderator(actor):
+            raise Refusal(RefusalCode.FORBIDDEN, "Only the bot's owners and moderators can do that.")
+
+    @staticmethod
+    def _nothing_held(job_id: int) -> Refusal:
+        return Refusal(RefusalCode.NOT_FOUND, f"Job #{job_id} has no held video (any more): it was released or "
+                                              "deleted already.", job_id=job_id)
+
+    async def release_held(self, job_id: int, actor: Requester) -> JobView:
+        """Deliver a held video after all: it becomes the job's output, the job succeeded and undelivered,
+        and the event hub sends it to the original chat like any finished job (exactly once)."""
+        self._require_moderator(actor)
+        async with self._core.db.write() as s:
+            now = await db_now(s)
+            held = await queue.release_held(s, job_id, now=now)
+            if held is None:
+                raise self._nothing_held(job_id)
+            job = await repo_jobs.get_job(s, job_id)
+            detail = {**_who_where(job), "entry": held.labels, "job": job_id, "by": actor.key}
+            await repo_audit.add_audit(s, "released_output", user_id=job.user_id if job else None, job_id=job_id,
+                                       detail=json.dumps(detail), now=now)
+        log.info("job %s: held video released by %s", job_id, actor.key)
+        self._core.hub.wake(job_id)
+        view = await self._views.get(job_id)
+        assert view is not None
+        return view
+
+    async def delete_held(self, job_id: int, actor: Requester) -> None:
+        """Delete a held video for good (the job stays, failed as held by moderation)."""
+        self._require_moderator(actor)
+        if not await _drop_held(self._core, job_id, action="deleted_held", by=actor.key):
+            raise self._nothing_held(job_id)
+
     async def unblock(self, actor: Requester, user_key: str) -> None:
         self._require_owner(actor)
         platform, uid = self._split_key(user_key)
@@ -171,3 +195,64 @@ class AdminActions:
                 return
             await repo_users.set_blocked(s, user, False)
             await repo_audit.add_audit(s, "unblock", user_id=user.id, detail=f"by {actor.key}")
+
+
+def _who_where(job: Job | None) -> dict[str, str]:
+    """Who asked and where it goes, as the moderation queue shows them."""
+    if job is None:
+        return {}
+    where = f"{job.platform}:{job.guild_id}/{job.chat_id}" if job.guild_id else f"{job.platform}:{job.chat_id}"
+    user = job.user
+    return {"who": f"{user.platform}:{user.platform_user_id}", "name": user.display_name, "where": where,
+            "prompt": job.prompt}
+
+
+async def remove_stored(core: SchedulerCore, refs: list[str]) -> None:
+    """Delete stored files through the file store (local paths or objects); a store that is down now
+    leaves orphans that the sweep removes later."""
+    store = core.store
+    if store.kind == "local":
+        await asyncio.to_thread(files.remove_files, [Path(p) for p in refs])
+        return
+
+    def remove() -> None:
+        for ref in refs:
+            if store.owns(ref):
+                store.delete(ref)
+
+    try:
+        await asyncio.to_thread(remove)
+    except Exception as exc:  # OSError or the client's own errors
+        log.warning("could not delete stored files now (the sweep retries): %s", exc)
+
+
+async def _drop_held(core: SchedulerCore, job_id: int, *, action: str, by: str) -> bool:
+    """Remove a held video's row (audited as ``action``) and then its file; False when nothing was held.
+    A file left behind (store down) has no row any more, so the sweep removes it."""
+    async with core.db.write() as s:
+        now = await db_now(s)
+        held = await repo_files.take_held(s, job_id)
+        if held is None:
+            return False
+        job = await repo_jobs.get_job(s, job_id)
+        detail = {**_who_where(job), "entry": held.labels, "job": job_id, "by": by}
+        await repo_audit.add_audit(s, action, user_id=job.user_id if job else None, job_id=job_id,
+                                   detail=json.dumps(detail), now=now)
+    await remove_stored(core, [held.path])
+    log.info("job %s: held video deleted (%s, %s)", job_id, action, by)
+    return True
+
+
+async def expire_held(core: SchedulerCore) -> int:
+    """Delete videos held for longer than ``[moderation] held_days`` (0 keeps them until an admin decides);
+    returns how many."""
+    days = core.settings.moderation.held_days
+    if days <= 0:
+        return 0
+    async with core.db.read() as s:
+        cutoff = await db_now(s) - dt.timedelta(days=days)
+        ids = await repo_files.held_before(s, cutoff)
+    n = 0
+    for job_id in ids:
+        n += await _drop_held(core, job_id, action="expired_held", by=f"retention ({days:g} days)")
+    return n

@@ -293,6 +293,12 @@ class AdminAPI(Protocol):
 
     async def unblock(self, actor: Requester, user_key: str) -> None: ...
 
+    async def release_held(self, job_id: int, actor: Requester) -> JobView:
+        """Moderator: deliver a video the moderation model held, through the normal delivery path."""
+
+    async def delete_held(self, job_id: int, actor: Requester) -> None:
+        """Moderator: delete a video the moderation model held."""
+
 
 
 class ViewsAPI(Protocol):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("turbobot.moderation")
 
 BLOCKED_IMAGE_MESSAGE = "This image can't be used here: it was held by the moderation filter."
-BLOCKED_OUTPUT_MESSAGE = "This video was held by the moderation filter."
+BLOCKED_OUTPUT_MESSAGE = "This video was held by the moderation filter. A moderator may review it and send it later."
 FRAME_SAMPLES = 4
 
 

@@ -33,9 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from generator.request import GenerationRequest
 from generator.scheduler.estimate import Shape
 from storage.db import rows_affected
-from storage.models import InputImage, Job, Output, QuotaUsage, User
+from storage.models import HeldOutput, InputImage, Job, Output, QuotaUsage, User
 from storage.repo_audit import add_audit
-from storage.repo_files import add_output
+from storage.repo_files import add_held_output, add_output, take_held
 from storage.repo_quotas import add_usage, refund_job, utc_day
 from storage.repo_users import EXEMPT_ROLES
 
@@ -347,14 +347,21 @@ async def finish(
 
 async def block_output(
     session: AsyncSession, job_id: int, attempt: int, *, labels: list[str], message: str, gpu_seconds: float,
-    now: dt.datetime,
+    now: dt.datetime, held: OutputInfo | None = None,
 ) -> bool:
     """Fail a job whose output the moderation model held, with an audit row for the console's queue (who,
-    where, which labels). Fenced like ``finish``; False when the lease was lost."""
+    where, which labels). ``held``: the stored video, kept apart from outputs until an admin releases or
+    deletes it. Fenced like ``finish``; False when the lease was lost (the caller removes the file)."""
     ok = await finish(session, job_id, attempt, state="failed", code="blocked_output", message=message,
                       gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=now)
     if not ok:
         return False
+    if held is not None:
+        await add_held_output(
+            session, job_id=job_id, path=held.path, sha256=held.sha256, size=held.bytes, duration_s=held.duration_s,
+            width=held.width, height=held.height, frames=held.frames, fps=held.fps, model_label=held.model_label,
+            is_demo=held.is_demo, labels=",".join(labels), now=now,
+        )
     job = await session.get(Job, job_id)
     if job is not None:
         user = await session.get(User, job.user_id)
@@ -362,11 +369,33 @@ async def block_output(
         detail = {
             "who": f"{user.platform}:{user.platform_user_id}" if user else "", "name": user.display_name if user else "",
             "where": where, "platform": job.platform, "guild": job.guild_id, "chat": job.chat_id,
-            "entry": ",".join(labels), "prompt": job.prompt, "job": job_id,
+            "entry": ",".join(labels), "prompt": job.prompt, "job": job_id, "held": held is not None,
         }
         await add_audit(session, "blocked_output", user_id=job.user_id, job_id=job_id, detail=json.dumps(detail),
                         now=now)
     return True
+
+
+async def release_held(session: AsyncSession, job_id: int, *, now: dt.datetime) -> HeldOutput | None:
+    """An admin's release of a held video: it becomes the job's output and the job succeeded, undelivered, so
+    the event hub delivers it once through the normal path. None when nothing is held (released or deleted
+    already, or the job is gone)."""
+    held = await take_held(session, job_id)
+    if held is None:
+        return None
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.state == "failed", Job.error_code == "blocked_output")
+        .values(state="succeeded", error_code="", error_message="", delivered_at=None)
+    )
+    if await rows_affected(session, stmt) != 1:
+        raise RuntimeError(f"job {job_id} holds a video but is not a held failure")  # rolls the take back
+    await add_output(
+        session, job_id=job_id, path=held.path, sha256=held.sha256, size=held.bytes, duration_s=held.duration_s,
+        width=held.width, height=held.height, frames=held.frames, fps=held.fps, model_label=held.model_label,
+        is_demo=held.is_demo, now=now,
+    )
+    return held
 
 
 async def accepted_output(session: AsyncSession, job_id: int) -> str | None:

@@ -17,7 +17,7 @@ from generator.scheduler.api import TERMINAL_KINDS, JobView, QuotaView, Refusal,
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.health import Readiness, readiness
 from generator.scheduler.views import job_view
-from storage import repo_audit, repo_jobs, repo_listings, repo_users
+from storage import repo_audit, repo_files, repo_jobs, repo_listings, repo_users
 from storage.db import db_now
 from storage.models import JOB_STATES
 from storage.repo_listings import MAX_PAGE, FinishedRow, JobFilters, UserSummary, WorkerRow
@@ -28,7 +28,8 @@ __all__ = [
 
 
 # Audit actions the console's moderation page lists.
-MODERATION_ACTIONS = ("blocked_prompt", "nsfw_prompt", "blocked_image", "blocked_output", "community_settings")
+MODERATION_ACTIONS = ("blocked_prompt", "nsfw_prompt", "blocked_image", "blocked_output", "released_output",
+                      "deleted_held", "expired_held", "community_settings")
 
 class JobViews:
     """What one requester (or the operator) may look at; every answer is a ``JobView`` with position/ETA."""
@@ -144,6 +145,12 @@ class Listings:
         async with self._db.read() as s:
             return await repo_listings.media_paths(s, job_id)
 
+    async def held_path(self, job_id: int) -> str | None:
+        """Where the video the moderation model held for this job is stored (for an admin's preview)."""
+        async with self._db.read() as s:
+            held = await repo_files.get_held(s, job_id)
+        return None if held is None else held.path
+
     async def active_jobs(self, *, limit: int = MAX_PAGE) -> list[JobView]:
         """Running first, then queued oldest first."""
         async with self._db.read() as s:
@@ -175,15 +182,21 @@ class Listings:
             return await repo_listings.recent_timings(s, limit=limit)
 
     async def moderation_events(self, *, limit: int = 100) -> list[dict[str, Any]]:
-        """Blocked prompts, images and held videos, and settings changes, newest first: who, where, what matched, when."""
+        """Blocked prompts, images and held videos, admins' decisions on held videos, and settings changes, newest
+        first: who, where, what matched, when. A held video's event says whether it is still ``held``."""
         async with self._db.read() as s:
             rows = await repo_audit.with_actions(s, MODERATION_ACTIONS, limit=limit)
+            held = await repo_files.held_job_ids(
+                s, [r.job_id for r in rows if r.action == "blocked_output" and r.job_id is not None])
         out = []
         for row in rows:
             try:
                 detail = json.loads(row.detail)
             except ValueError:
                 detail = {"text": row.detail}
-            out.append({"id": row.id, "at": row.at.isoformat(), "action": row.action, "user_id": row.user_id,
-                        **(detail if isinstance(detail, dict) else {"text": row.detail})})
+            event = {"id": row.id, "at": row.at.isoformat(), "action": row.action, "user_id": row.user_id,
+                     **(detail if isinstance(detail, dict) else {"text": row.detail})}
+            if row.action == "blocked_output":
+                event["held"] = row.job_id in held  # still waiting for an admin: Release / Delete apply
+            out.append(event)
         return out

@@ -17,6 +17,7 @@ import socket
 import time
 
 from generator.scheduler import files, queue, upkeep
+from generator.scheduler.admin import expire_held
 from generator.scheduler.api import EventSink, JobView
 from generator.scheduler.core import SchedulerCore
 from generator.scheduler.health import fresh_window
@@ -34,6 +35,7 @@ UPKEEP_SECONDS = 300.0  # orphaned inputs, abandoned uploads, the download cache
 STOP_GRACE_SECONDS = 10.0  # a pass waits at most the busy timeout per statement; past this it is stuck
 POSITION_UPDATES = 20  # queued jobs told their new place after a claim...
 POSITION_UPDATE_SECONDS = 2.0  # ...at most this often (chat front ends edit status messages slower still)
+HELD_EXPIRY_SECONDS = 600.0  # how often held videos past [moderation] held_days are looked for (they wait days)
 
 
 class WorkerEvents:
@@ -236,7 +238,8 @@ class WorkerEvents:
             core.wake_workers()
 
     async def sweep(self) -> int:
-        """Delete orphaned output files (see ``files``); returns how many were removed."""
+        """Delete orphaned output files (see ``files``); returns how many were removed. Held videos count as
+        accepted (``output_paths_for_jobs`` lists them), so they stay until an admin decides."""
         if self._core.store.kind != "local":
             return await self._sweep_store()
         found = await asyncio.to_thread(files.list_job_files, self._core.outputs_dir)
@@ -310,12 +313,18 @@ class WorkerEvents:
         core = self._core
         interval = max(MAINTENANCE_MIN_SECONDS, core.cfg.poll_seconds)
         upkeep_at = time.monotonic() + UPKEEP_SECONDS
+        held_at = -HELD_EXPIRY_SECONDS
         while not core.stopping.is_set():
             try:
                 if time.monotonic() >= upkeep_at:
                     upkeep_at = time.monotonic() + UPKEEP_SECONDS
                     await self.upkeep()
                 await self._requeue_expired()
+                if time.monotonic() - held_at >= HELD_EXPIRY_SECONDS:
+                    held_at = time.monotonic()
+                    expired = await expire_held(core)
+                    if expired:
+                        log.info("deleted %d held video(s) past [moderation] held_days", expired)
                 async with core.db.read() as s:
                     ids = set(await repo_jobs.active_job_ids(s))
                     ids.update(await repo_jobs.undelivered_terminal(s, core.hub.platforms, limit=200))

@@ -596,24 +596,24 @@ class Worker:
         result: RenderResult = payload
         produced = Path(result.path)
         labels = await self._moderate(job, produced)
-        if labels is None or labels:
-            # Never delivered: the file is removed before anything could serve it.
+        if labels is None:
+            # Unchecked, so never delivered: the file is removed before anything could serve it.
             unlink_quietly(produced)
             unlink_quietly(tmp)
             if job.lost:
                 return False
-            if labels is None:
-                return bool(await self._write(
-                    queue.finish, job.job_id, job.attempt, state="failed", code="moderation_error",
-                    message="The finished video could not be checked by the moderation filter, so it was not "
-                            "delivered. Please try again later.",
-                    gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=DB_NOW,
-                ))
-            log.info("worker %s: job %s output held by moderation (%s)", self.worker_id, job.job_id, ", ".join(labels))
             return bool(await self._write(
-                queue.block_output, job.job_id, job.attempt, labels=labels, message=BLOCKED_OUTPUT_MESSAGE,
-                gpu_seconds=gpu_seconds, now=DB_NOW,
+                queue.finish, job.job_id, job.attempt, state="failed", code="moderation_error",
+                message="The finished video could not be checked by the moderation filter, so it was not "
+                        "delivered. Please try again later.",
+                gpu_seconds=gpu_seconds, timings={"total": gpu_seconds}, now=DB_NOW,
             ))
+        if labels and job.lost:
+            unlink_quietly(produced)
+            unlink_quietly(tmp)
+            return False
+        # A held video is stored like any other (same name, same store) but recorded apart from outputs:
+        # nothing serves or delivers it unless an admin releases it.
         final = self.outputs / attempt_file_name(job.job_id, job.attempt, job.request)
         sha, size = await asyncio.to_thread(fsync_and_hash, produced)
         stored = str(final)
@@ -647,6 +647,19 @@ class Worker:
             height=int(result.height), frames=int(result.frames), fps=int(result.fps),
             model_label=str(result.model_label), is_demo=bool(result.is_demo),
         )
+        if labels:
+            log.info("worker %s: job %s output held by moderation (%s)", self.worker_id, job.job_id, ", ".join(labels))
+            try:
+                held = await self._write(
+                    queue.block_output, job.job_id, job.attempt, labels=labels, message=BLOCKED_OUTPUT_MESSAGE,
+                    gpu_seconds=gpu_seconds, now=DB_NOW, held=info,
+                )
+            except BaseException:
+                await self._discard(stored)  # not recorded; the lease will requeue the job
+                raise
+            if not held:
+                await self._discard(stored)
+            return bool(held)
         try:
             verdict = await self._write(
                 queue.complete, job.job_id, job.attempt, info, gpu_seconds=gpu_seconds, timings=timings, now=DB_NOW

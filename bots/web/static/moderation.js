@@ -1,5 +1,6 @@
 // Moderation: the queue of blocked prompts, images and outputs (who, where, what matched) with the operator's
-// override (block or unblock the user), and every community's settings with its age-restricted policy.
+// overrides (release or delete a held video, block or unblock the user), and every community's settings with
+// its age-restricted policy.
 "use strict";
 
 const ACTIONS = {
@@ -7,6 +8,9 @@ const ACTIONS = {
   nsfw_prompt: "Age-restricted prompt",
   blocked_image: "Input image blocked",
   blocked_output: "Video held",
+  released_output: "Held video released",
+  deleted_held: "Held video deleted",
+  expired_held: "Held video expired",
   community_settings: "Settings changed",
 };
 const POLICIES = ["block", "nsfw_channels", "allow"];
@@ -23,19 +27,36 @@ function userButtons(key) {
   return TB.el("div", {}, act("block"), " ", act("unblock"), ok, err);
 }
 
+// A held video waits for the operator: look at it, then release it (delivered to the original chat) or delete it.
+function heldButtons(e) {
+  if (e.action !== "blocked_output" || !e.held || !e.job) return null;
+  const err = TB.el("div", { class: "error", hidden: true });
+  const act = (verb, label, cls) => TB.el("button", { type: "button", class: cls, onclick: async () => {
+    if (verb === "delete" && !confirm(`Delete the held video of job #${e.job} for good?`)) return;
+    const r = await TB.api("POST", `/api/admin/moderation/${verb}`, { job: e.job });
+    if (!r.ok) return TB.showError(err, r);
+    load();
+  } }, label);
+  return TB.el("div", { class: "held-actions" },
+    TB.el("a", { href: `/api/admin/moderation/held/${e.job}/video.mp4`, target: "_blank", rel: "noopener" }, "View"), " ",
+    act("release", "Release", "btn-release"), " ", act("delete", "Delete", "danger btn-held-delete"), err);
+}
+
 function renderQueue(events) {
   const body = document.getElementById("moderation-queue");
   if (!events.length) return body.replaceChildren(TB.el("tr", {}, TB.el("td", { colspan: 7, class: "notice" }, "Nothing was blocked.")));
   body.replaceChildren(...events.map((e) => {
-    const matched = e.action === "community_settings" ? JSON.stringify(e.changes || {}) : (e.entry || "");
-    const what = TB.el("td", {}, TB.el("span", { class: `state ${e.action === "community_settings" ? "queued" : "failed"}` }, ACTIONS[e.action] || e.action),
+    let matched = e.action === "community_settings" ? JSON.stringify(e.changes || {}) : (e.entry || "");
+    if (e.by) matched += ` · by ${e.by}`;
+    const tone = e.action === "community_settings" ? "queued" : e.action === "released_output" ? "succeeded" : "failed";
+    const what = TB.el("td", {}, TB.el("span", { class: `state ${tone}` }, ACTIONS[e.action] || e.action),
       e.job ? TB.el("div", { class: "kv" }, TB.el("a", { href: `/jobs/${e.job}` }, `#${e.job}`)) : null);
-    return TB.el("tr", { class: "moderation-row", dataset: { action: e.action, eventId: e.id } },
+    return TB.el("tr", { class: "moderation-row", dataset: { action: e.action, eventId: e.id, job: e.job || "" } },
       TB.el("td", {}, TB.fmtTime(e.at)), what,
       TB.el("td", {}, e.who || "", e.name ? TB.el("div", { class: "kv" }, e.name) : null),
       TB.el("td", {}, e.where || ""), TB.el("td", {}, matched),
       TB.el("td", {}, TB.el("div", { class: "prompt" }, e.prompt || "")),
-      TB.el("td", {}, userButtons(e.who)));
+      TB.el("td", {}, heldButtons(e), userButtons(e.who)));
   }));
 }
 
