@@ -242,6 +242,8 @@ def help_text(flavor: str = "plain") -> str:
             f"{c('/remix <job> [new prompt] [--flags]')}: same seed, changed prompt or settings",
             f"{c('/extend <job> [prompt]')}: continue a video from its last frame (or press Extend under it)",
             f"{c('/loras')}: the style LoRAs this server offers (use them with {c('--lora NAME[:SCALE]')})",
+            f"{c('--expand')}: have a short or non-English prompt rewritten into a detailed English one (where the "
+            f"server offers it; the result shows both) · {c('--no-expand')} keeps yours as typed",
             f"{c('/queue')} your place and quota · {c('/jobs')} your results · {c('/cancel [job]')} · {c('/forget')} delete your data",
             "",
             _bold("Options (add them to the prompt)", flavor),

@@ -221,3 +221,12 @@ async def test_community_default_for_expansion_under_the_global_ceiling(tmp_path
     finally:
         await sched.stop()
         await sched.db.dispose()
+
+
+@pytest.mark.parametrize("flavor", ["plain", "telegram", "discord"])
+def test_help_describes_lora_extend_and_expansion(flavor: str) -> None:
+    from bots.texts import help_text
+
+    text = help_text(flavor)
+    for part in ("/loras", "--lora NAME[:SCALE]", "/extend", "Extend", "--expand", "--no-expand", "rewritten"):
+        assert part in text, (part, text)
