@@ -140,3 +140,36 @@ async def test_web_lora_listing_job_retry_remix_and_unknown_name(tmp_path: Path)
         assert resp.status == 400 and "Did you mean ink_wash?" in body["message"], body
         listed = await (await c.client.get("/api/jobs")).json()
         assert len(listed["jobs"]) == 3
+
+
+async def test_web_lora_job_on_the_real_tiny_engine_changes_the_video(tmp_path: Path) -> None:
+    """The console with the real engine (embedded tiny model) in the worker: the LoRA is applied (same seed,
+    another video), and a corrupt file in the folder fails only the job that asks for it, naming the file."""
+    from generator.engine.tiny import tiny_transformer_config
+    from generator.engine.transformer import build_transformer
+
+    app = tmp_path / "app"
+    folder = app / "styles"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = build_transformer(tiny_transformer_config("tiny-t2v"), attention="dense")
+    g = torch.Generator().manual_seed(0)
+    layers = {name: (torch.randn(4, m.in_features, generator=g), torch.randn(m.out_features, 4, generator=g))
+              for name, m in model.named_modules() if name.startswith("blocks.") and name.endswith("ffn.net.2")}
+    write_lora(folder / "bold.safetensors", layers, "kohya", alpha=4.0, metadata={"description": "Bold strokes"})
+    (folder / "broken.safetensors").write_bytes(b"garbage")
+    async with console(app, workers=True, engine_factory=None,  # type: ignore[arg-type]
+                       engine={"device": "cpu", "compile": False}, loras={"folder": str(folder)},
+                       quotas={"max_queued_per_user": 10}) as c:
+        await c.prime()
+        ids = []
+        for loras in ("", "bold:1.5", "broken"):
+            resp = await c.submit("a fox", seed=5, steps=1, frames=5, loras=loras)
+            assert resp.status == 201, await resp.text()
+            ids.append((await resp.json())["job"]["id"])
+        plain, styled = [await c.wait_state(j, ("succeeded", "failed"), limit=120) for j in ids[:2]]
+        assert plain["state"] == styled["state"] == "succeeded", (plain["error_message"], styled["error_message"])
+        assert plain["output"]["sha256"] != styled["output"]["sha256"]
+        assert "LoRA styles: bold 1.5" in styled["caption"]
+        broken = await c.wait_state(ids[2], ("succeeded", "failed"), limit=60)
+        assert broken["state"] == "failed" and "broken.safetensors" in broken["error_message"]
