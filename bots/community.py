@@ -50,8 +50,15 @@ def parse_switch(text: str, name: str) -> bool:
     raise Refusal("invalid", f"{name} must be on or off.")
 
 
+def parse_expand(text: str) -> dict[str, Any]:
+    """The community's prompt-expansion default: "on", "off", or "default" (back to the bot's own)."""
+    if text.strip().lower() in ("default", "clear", "reset"):
+        return {"defaults": {"expand": None}}
+    return {"defaults": {"expand": parse_switch(text, "expand")}}
+
+
 def parse_text(text: str, *, platform: str) -> dict[str, Any]:
-    """Telegram: "/settings KEY VALUE" -> changes. Keys: bot, policy, limit, defaults, nsfw."""
+    """Telegram: "/settings KEY VALUE" -> changes. Keys: bot, policy, limit, defaults, expand, nsfw."""
     key, _, value = text.strip().partition(" ")
     key, value = key.lower(), value.strip()
     if key == "bot":
@@ -66,12 +73,22 @@ def parse_text(text: str, *, platform: str) -> dict[str, Any]:
         return {"daily_limit": int(value)}
     if key == "defaults":
         return parse_defaults(value)
+    if key == "expand":
+        return parse_expand(value)
     if key == "nsfw" and platform == "telegram":
         return {"nsfw_chat": parse_switch(value, "nsfw")}
     if key == "channels" and platform == "discord":
         return {"channels": parse_channels(value)}
     raise Refusal("invalid", "Unknown setting. Use: bot on|off, policy block|nsfw_channels|allow, limit N, "
-                             "defaults --steps 2 … (or clear)" + (", nsfw on|off." if platform == "telegram" else "."))
+                             "defaults --steps 2 … (or clear), expand on|off|default" + (", nsfw on|off." if platform == "telegram" else "."))
+
+
+def expand_line(view: CommunityView) -> str:
+    """Whether prompts here are expanded unless a request says --expand/--no-expand."""
+    if not view.expand_offered:
+        return "prompt expansion: not offered by this bot"
+    whose = "this community’s default" if "expand" in view.defaults else "the bot’s own default"
+    return f"prompt expansion: {'on' if view.expand else 'off'} ({whose}; --expand/--no-expand per request)"
 
 
 def settings_text(view: CommunityView, platform: str) -> str:
@@ -84,8 +101,10 @@ def settings_text(view: CommunityView, platform: str) -> str:
     lines.append(f"• age-restricted content ({view.policy}): {POLICY_WORDS.get(view.policy, view.policy)}")
     if platform == "telegram":
         lines.append(f"• age-restricted chat (nsfw): {'on' if view.nsfw_chat else 'off'}")
-    shown = " ".join(f"{PARAM[k].label}={PARAM[k].shown(v)}" for k, v in view.defaults.items() if k in PARAM)
+    shown = " ".join(f"{PARAM[k].label}={PARAM[k].shown(v)}" for k, v in view.defaults.items()
+                     if k in PARAM and k != "expand")
     lines.append(f"• defaults: {shown or 'the bot’s own'}")
+    lines.append(f"• {expand_line(view)}")
     if view.updated_by:
         lines.append(f"Last changed by {view.updated_by}.")
     return "\n".join(lines)

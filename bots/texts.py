@@ -11,7 +11,7 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-from generator.params import PARAM, PARAMS, Limits
+from generator.params import PARAM, PARAMS, Limits, parse_loras
 from generator.scheduler.api import JobView, QuotaView, Refusal, RefusalCode
 from generator.scheduler.disk import STORAGE_MESSAGE
 
@@ -131,8 +131,15 @@ def status_text(job: JobView, flavor: str = "plain", *, now: dt.datetime | None 
     return "\n".join(lines)
 
 
+def loras_line(loras: str) -> str:
+    """A job's LoRA set for people: "LoRA styles: ink 0.8, neon 1" ("" for none)."""
+    chosen = parse_loras(loras) if loras else []
+    return "LoRA styles: " + ", ".join(f"{n} {s:g}" for n, s in chosen) if chosen else ""
+
+
 def result_caption(job: JobView, flavor: str = "plain") -> str:
-    """Caption of a delivered video: job id, seed, model, steps, time taken (and the demo note)."""
+    """Caption of a delivered video: job id, seed, model, steps, time taken, the LoRA styles (and the demo
+    note)."""
     took = job.timings.get("total")
     if took is None and job.started_at and job.finished_at:
         took = (job.finished_at - job.started_at).total_seconds()
@@ -140,6 +147,8 @@ def result_caption(job: JobView, flavor: str = "plain") -> str:
     if took is not None:
         head += f" · {took:.1f} s"
     lines = [_bold(head, flavor), _esc(_short_prompt(job.request.prompt, 300), flavor)]
+    if job.request.loras:  # the style is part of what the video is: shown with it, reproduced by Retry/Remix
+        lines.append(_esc(loras_line(job.request.loras), flavor))
     if job.request.original_prompt:
         lines.append(_esc(f"Expanded from: {_short_prompt(job.request.original_prompt, 120)}", flavor))
     if job.parent_id:
@@ -171,6 +180,8 @@ def params_text(job: JobView, flavor: str = "plain") -> str:
     values = {**r.params(), "seed": job.seed}
     # The parameters that shape the video's identity, as flags (the others are shown above).
     flags = " ".join(f"--{p.flags[0]} {p.shown(values[p.name])}" for p in PARAMS if p.identity and p.name != "model")
+    if r.loras:  # not an identity parameter (empty for most jobs), but the set shapes the video when given
+        flags += f" --{PARAM['loras'].flags[0]} {r.loras}"
     return "\n".join(
         [_bold(f"Parameters of job #{job.id}", flavor), _esc(r.prompt, flavor)]
         + ([_esc(f"Expanded from: {r.original_prompt}", flavor)] if r.original_prompt else [])
@@ -231,6 +242,8 @@ def help_text(flavor: str = "plain") -> str:
             f"{c('/remix <job> [new prompt] [--flags]')}: same seed, changed prompt or settings",
             f"{c('/extend <job> [prompt]')}: continue a video from its last frame (or press Extend under it)",
             f"{c('/loras')}: the style LoRAs this server offers (use them with {c('--lora NAME[:SCALE]')})",
+            f"{c('--expand')}: have a short or non-English prompt rewritten into a detailed English one (where the "
+            f"server offers it; the result shows both) · {c('--no-expand')} keeps yours as typed",
             f"{c('/queue')} your place and quota · {c('/jobs')} your results · {c('/cancel [job]')} · {c('/forget')} delete your data",
             "",
             _bold("Options (add them to the prompt)", flavor),

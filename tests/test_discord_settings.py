@@ -72,3 +72,19 @@ async def test_settings_need_manage_server_and_apply(tmp_path: Path) -> None:
         async with env.sched.db.read() as s:
             actions = [r.action for r in (await s.execute(select(AuditLog))).scalars()]
         assert actions.count("community_settings") == 4 and "blocked_prompt" in actions and "nsfw_prompt" in actions
+
+
+async def test_settings_expand_option_follows_the_global_ceiling(tmp_path: Path) -> None:
+    async with discord_env(tmp_path / "bare", workers=False) as env:
+        srv = env.server
+        boss = srv.new_user("boss")
+        answer = await env.private_answer(await srv.slash("settings", boss, permissions=ADMIN_PERMISSIONS, expand="on"))
+        assert "not offered by this bot" in answer
+    async with discord_env(tmp_path / "full", workers=False,
+                           expand={"url": "http://127.0.0.1:9/v1/chat/completions"}) as env:
+        srv = env.server
+        boss = srv.new_user("boss")
+        answer = await env.private_answer(await srv.slash("settings", boss, permissions=ADMIN_PERMISSIONS,
+                                                          defaults="clear", expand="on"))
+        assert "prompt expansion: on (this community’s default" in answer
+        assert (await env.sched.communities.get("discord", srv.guild_id)).defaults == {"expand": True}

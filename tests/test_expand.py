@@ -171,3 +171,62 @@ async def test_slow_or_broken_endpoint_never_loses_the_job(tmp_path: Path, llm: 
     finally:
         await sched.stop()
         await sched.db.dispose()
+
+
+async def test_community_default_for_expansion_under_the_global_ceiling(tmp_path: Path, llm: FakeLLM) -> None:
+    from bots.commands import submit_text
+    from bots.community import settings_text
+    from generator.scheduler.api import DeliveryTarget, Refusal
+
+    group, dm = DeliveryTarget("telegram", "-100123"), DeliveryTarget("telegram", "555")
+    admin = who("boss", "telegram")
+    # No endpoint configured: a community cannot switch expansion on (off is allowed, and means nothing).
+    bare = make_settings(tmp_path / "bare")
+    sched = Scheduler(bare, db=await make_db(bare))
+    await sched.start(run_workers=False)
+    try:
+        with pytest.raises(Refusal, match="not offered by this bot"):
+            await sched.communities.update(admin, "telegram", "-100123", {"defaults": {"expand": True}})
+        view = await sched.communities.update(admin, "telegram", "-100123", {"defaults": {"expand": False}})
+        assert "prompt expansion: not offered" in settings_text(view, "telegram")
+    finally:
+        await sched.stop()
+        await sched.db.dispose()
+
+    # The endpoint is configured and the bot's own default is on: the community turns it off, then on.
+    settings = make_settings(tmp_path / "full", expand={"url": llm.url, "timeout_seconds": 2.0},
+                             defaults={"expand": True}, quotas={"max_queued_per_user": 20})
+    sched = Scheduler(settings, db=await make_db(settings))
+    await sched.start(run_workers=False)
+
+    async def prompt_of(text: str, target: DeliveryTarget, key: str) -> tuple[str, bool]:
+        res = await submit_text(sched, settings, who(1, "telegram"), target, key, "t2v", text)
+        return res.job.request.prompt, res.job.request.expand
+
+    try:
+        view = await sched.communities.get("telegram", "-100123")
+        assert view.expand and "on (the bot’s own default" in settings_text(view, "telegram")
+        view = await sched.communities.update(admin, "telegram", "-100123", {"defaults": {"expand": False}})
+        assert not view.expand and "off (this community’s default" in settings_text(view, "telegram")
+        assert await prompt_of("ein Fuchs", group, "c1") == ("ein Fuchs", False)  # the community's off
+        assert await prompt_of("ein Fuchs --expand", group, "c2") == (RICH, True)  # the request's own switch wins
+        assert await prompt_of("ein Hund", dm, "c3") == (RICH, True)  # outside a community: the bot's own default
+        assert len(llm.calls) == 2
+        await sched.communities.update(admin, "telegram", "-100123", {"defaults": {"expand": True}})
+        assert await prompt_of("eine Katze", group, "c4") == (RICH, True)
+        assert await prompt_of("eine Katze --no-expand", group, "c5") == ("eine Katze", False)
+        # "default": back to the bot's own.
+        view = await sched.communities.update(admin, "telegram", "-100123", {"defaults": {"expand": None}})
+        assert "expand" not in view.defaults and view.expand
+    finally:
+        await sched.stop()
+        await sched.db.dispose()
+
+
+@pytest.mark.parametrize("flavor", ["plain", "telegram", "discord"])
+def test_help_describes_lora_extend_and_expansion(flavor: str) -> None:
+    from bots.texts import help_text
+
+    text = help_text(flavor)
+    for part in ("/loras", "--lora NAME[:SCALE]", "/extend", "Extend", "--expand", "--no-expand", "rewritten"):
+        assert part in text, (part, text)

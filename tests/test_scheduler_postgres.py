@@ -154,3 +154,22 @@ async def test_pg_a_claimer_takes_the_runner_up_without_recomputing_the_order(
     finally:
         await sched.stop()
         await sched.db.dispose()
+
+
+async def test_pg_claim_prefers_the_resident_lora_set_within_a_users_turn(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
+    from test_scheduler_queue import lora_affinity_scenario
+
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "ink.safetensors").write_bytes(b"")
+    settings = make_settings(tmp_path, database={"url": pg_url}, quotas={"max_queued_per_user": 100},
+                             loras={"folder": str(tmp_path / "loras")})
+    db = Database(pg_url)
+    async with db.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    sched = Scheduler(settings, db=db)
+    await sched.start(run_workers=False)
+    try:
+        await lora_affinity_scenario(sched, db, postgres=True)
+    finally:
+        await sched.stop()
+        await db.dispose()

@@ -165,3 +165,55 @@ async def test_cancel_request_wins_over_late_completion(env) -> None:
     assert await complete(db, c) == "cancelled"
     async with db.read() as s:
         assert (await s.get(Job, job_id)).state == "cancelled"
+
+
+async def lora_affinity_scenario(sched: Scheduler, db: Database, postgres: bool = False) -> None:
+    """Shared by the SQLite test below and tests/test_scheduler_postgres.py: a worker whose resident LoRA set
+    is ``ink:1`` takes, in each user's fair turn, that user's oldest job with the set, and the users' turns
+    are exactly those of the plain fair order (c's ink job never goes before a's or b's turn)."""
+    plan = [("a", "a plain 0", ""), ("a", "a ink 1", "ink"), ("a", "a plain 2", ""), ("b", "b plain 0", ""),
+            ("b", "b ink 1", "ink:1"), ("c", "c ink 0", "ink")]
+    for i, (user, prompt, loras) in enumerate(plan):
+        await sched.jobs.submit(t2v(prompt, loras=loras), who(user), where(), f"aff{i}")
+    async with db.read() as s:
+        fair = [(await s.get(Job, j)).prompt for j in (await queue.snapshot(s, now=utcnow())).order]
+    assert fair == ["a plain 0", "b plain 0", "c ink 0", "a ink 1", "b ink 1", "a plain 2"]
+
+    claimed = []
+    while True:
+        async with db.write() as s:
+            c = await queue.claim(s, worker_id="w", now=utcnow(), lease_seconds=30.0, max_running_per_user=10,
+                                  postgres=postgres, prefer_loras="ink:1")
+        if c is None:
+            break
+        claimed.append(c.request.prompt)
+    assert claimed == ["a ink 1", "b ink 1", "c ink 0", "a plain 0", "b plain 0", "a plain 2"]
+    assert [p[0] for p in claimed] == [p[0] for p in fair]  # every user's turn where the fair order puts it
+
+
+@pytest.fixture
+async def lora_env(tmp_path: Path):
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "ink.safetensors").write_bytes(b"")  # the name is what a submission checks
+    settings = make_settings(tmp_path, quotas={"max_queued_per_user": 100}, loras={"folder": str(tmp_path / "loras")})
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db)
+    await sched.start(run_workers=False)
+    yield sched, db
+    await sched.stop()
+    await db.dispose()
+
+
+async def test_claim_prefers_the_resident_lora_set_only_within_a_users_turn(lora_env) -> None:
+    sched, db = lora_env
+    await lora_affinity_scenario(sched, db)
+
+
+async def test_claim_without_a_resident_set_is_plain_fifo_per_user(lora_env) -> None:
+    sched, db = lora_env
+    for i, loras in enumerate(["", "ink", ""]):
+        await sched.jobs.submit(t2v(f"a {i}", loras=loras), who("a"), where(), f"f{i}")
+    order = []
+    while (c := await claim(db, cap=10)) is not None:
+        order.append(c.request.prompt)
+    assert order == ["a 0", "a 1", "a 2"]

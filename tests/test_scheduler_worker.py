@@ -337,3 +337,19 @@ async def test_a_worker_that_exited_is_not_counted_as_ready(tmp_path: Path, base
         assert states == {"stopped"}
         r = await readiness(settings, db)
         assert not r.ready and not r.worker_ok
+
+
+async def test_worker_claims_its_resident_lora_set_first_within_a_users_turn(tmp_path: Path, base_mp4: Path) -> None:
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "ink.safetensors").write_bytes(b"")  # the test engine does not read it
+    async with running(tmp_path, base_mp4, loras={"folder": str(tmp_path / "loras")},
+                       quotas={"max_queued_per_user": 10}) as (sched, rec):
+        held = (await sched.jobs.submit(t2v("hold in ink", steps=4, loras="ink"), who(1), where(), "h")).job
+        await until(lambda: "progress" in rec.kinds(held.id), what="held job running")
+        plain = (await sched.jobs.submit(t2v("plain"), who(1), where(), "p")).job
+        inked = (await sched.jobs.submit(t2v("inked", loras="ink:1"), who(1), where(), "i")).job
+        await sched.admin.cancel(held.id, who(1))
+        done = [await finished(sched, j.id) for j in (plain, inked)]
+        assert all(j.state == "succeeded" and j.started_at is not None for j in done)
+        # The worker had just run ink:1, so the younger job with that set went first.
+        assert done[1].started_at < done[0].started_at  # type: ignore[operator]

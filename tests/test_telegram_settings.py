@@ -62,3 +62,49 @@ async def test_settings_for_group_admins_and_moderation(tmp_path: Path) -> None:
 
         await reply_text(stack, group, ADMIN, "/settings bot off")
         assert "switched off" in await final_status(stack, group, ANN, "/t2v a cat")
+
+
+async def test_settings_expand_default_applies_to_requests_without_the_switch(tmp_path: Path) -> None:
+    from test_expand import RICH, FakeLLM
+
+    llm = FakeLLM()
+    await llm.start()
+    try:
+        async with running_stack(tmp_path, expand={"url": llm.url, "timeout_seconds": 5.0},
+                                 quotas={"max_queued_per_user": 10}) as stack:
+            tg = stack.tg
+            group = tg.group_chat(-100556)
+            tg.chat_admins[-100556] = {ADMIN["id"]}
+            assert "administrator" in await reply_text(stack, group, ANN, "/settings expand on")
+            shown = await reply_text(stack, group, ADMIN, "/settings")
+            assert "prompt expansion: off (the bot’s own default" in shown
+
+            answer = await reply_text(stack, group, ADMIN, "/settings expand on")
+            assert "prompt expansion: on (this community’s default" in answer
+            await final_status(stack, group, ANN, "/t2v ein Fuchs")
+            await final_status(stack, group, ANN, "/t2v ein Hund --no-expand")
+            await final_status(stack, tg.private_chat(ANN), ANN, "/t2v eine Katze")  # not in the group
+            assert "expand must be on or off" in await reply_text(stack, group, ADMIN, "/settings expand maybe")
+            answer = await reply_text(stack, group, ADMIN, "/settings expand default")
+            assert "prompt expansion: off (the bot’s own default" in answer
+            last = await final_status(stack, group, ANN, "/t2v eine Maus")
+            assert "eine Maus" in last, last
+
+            by_typed = {j.request.original_prompt or j.request.prompt: j.request for j in await stack.jobs_of(ANN["id"])}
+            assert by_typed["ein Fuchs"].prompt == RICH and by_typed["ein Fuchs"].expand
+            assert by_typed["ein Hund"].prompt == "ein Hund" and not by_typed["ein Hund"].expand
+            assert by_typed["eine Katze"].prompt == "eine Katze" and not by_typed["eine Katze"].expand
+            assert by_typed["eine Maus"].prompt == "eine Maus"
+            assert len(llm.calls) == 1
+    finally:
+        await llm.stop()
+
+
+async def test_settings_expand_is_refused_without_an_endpoint(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack:
+        group = stack.tg.group_chat(-100557)
+        stack.tg.chat_admins[-100557] = {ADMIN["id"]}
+        answer = await reply_text(stack, group, ADMIN, "/settings expand on")
+        assert "not offered by this bot" in answer
+        assert "expand" not in (await stack.sched.communities.get("telegram", "-100557")).defaults
+        assert "prompt expansion: not offered" in await reply_text(stack, group, ADMIN, "/settings")

@@ -61,7 +61,12 @@ class ConsoleThread:
         self.loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         env = mp4_env(self.tmp / "mp4", TURBOBOT_TEST_STEP_SECONDS="0.3")
-        settings = console_settings(self.tmp / "app", admin={"blocked_words": ["forbiddenword"]}, **self.sections)
+        styles = self.tmp / "app" / "styles"
+        styles.mkdir(parents=True)
+        (styles / "ink_wash.safetensors").write_bytes(b"")  # the test engine never reads it
+        (styles / "ink_wash.txt").write_text("Ink wash <b>painting</b>\n")
+        settings = console_settings(self.tmp / "app", admin={"blocked_words": ["forbiddenword"]},
+                                    loras={"folder": str(styles)}, **self.sections)
         db = await make_db(settings)
         scheduler = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env=env)
         await scheduler.start(run_workers=True)
@@ -168,6 +173,10 @@ def test_console_in_a_real_browser(tmp_path: Path, browser: Any, monkeypatch: py
         aspects = [o.text for o in Select(browser.find_element(By.ID, "aspect")).options]
         assert aspects == ["16:9", "9:16", "1:1", "4:3", "3:4"]
         assert [o.text for o in Select(browser.find_element(By.ID, "steps")).options] == ["1", "2", "3", "4"]
+        # The console's /loras: each style with its description (as text, never as markup) under the field.
+        styles = browser.find_element(By.CSS_SELECTOR, ".lora-list").text
+        assert "ink_wash: Ink wash <b>painting</b>" in styles
+        assert browser.find_element(By.ID, "loras").get_attribute("placeholder") == "ink_wash"
         js(
             """
             window.__seen = new Set(); window.__sawProgress = false;

@@ -17,7 +17,7 @@ import discord
 from discord import app_commands
 
 from bots.commands import parse_remix, submit_text
-from bots.community import parse_channels, parse_defaults, settings_text
+from bots.community import parse_channels, parse_defaults, parse_expand, settings_text
 from bots.discord.attachments import image_of, precheck, submit_image
 from bots.discord.buttons import cancel_text, forget_view
 from bots.discord.modals import AnimateModal
@@ -259,13 +259,14 @@ def build_settings(bot: "TurboBot") -> app_commands.Command[Any, ..., Any]:
         bot_on="Switch the bot on or off in this server", channels="Channels where it works (#a #b, or 'all')",
         daily_limit="Videos per member and day (0 = the bot's own limit)",
         policy="Age-restricted content", defaults="Default settings as flags, e.g. --steps 2 --ar 9:16 (or 'clear')",
+        expand="Prompt expansion for requests without --expand/--no-expand",
     )
-    @app_commands.choices(policy=_choices(POLICIES))
+    @app_commands.choices(policy=_choices(POLICIES), expand=_choices(("on", "off", "default")))
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.guild_only()
     async def settings_(interaction: discord.Interaction[Any], bot_on: bool | None = None,
                         channels: str | None = None, daily_limit: app_commands.Range[int, 0, 100000] | None = None,
-                        policy: str | None = None, defaults: str | None = None) -> None:
+                        policy: str | None = None, defaults: str | None = None, expand: str | None = None) -> None:
         if interaction.guild_id is None:
             await send_private(interaction, "Settings belong to a server; use /settings there.")
             return
@@ -283,6 +284,8 @@ def build_settings(bot: "TurboBot") -> app_commands.Command[Any, ..., Any]:
             changes["policy"] = policy
         if defaults is not None:
             changes.update(parse_defaults(defaults))
+        if expand is not None:  # after a "clear" of the defaults, so it is applied on top of it
+            changes.setdefault("defaults", {}).update(parse_expand(expand)["defaults"])
         community = str(interaction.guild_id)
         if changes:
             view = await bot.scheduler.communities.update(requester_of(interaction), "discord", community, changes)

@@ -79,6 +79,12 @@ def options_payload(settings: Settings) -> dict[str, Any]:
         # Optional fields whose default depends on the mode.
         "mode_defaults": {p.name: dict(p.mode_default) for p in PARAMS if p.mode_default},
         "i2v_prompt": d.i2v_prompt,
+        # The console's /loras: each style on offer with its description, and the per-job bounds.
+        "loras": {
+            "styles": [{"name": n, "description": desc} for n, desc in settings.lora_catalog()],
+            "max_per_job": lim.max_loras,
+            "max_scale": lim.max_lora_scale,
+        },
         "max_prompt_chars": lim.max_prompt_chars,
         "image": {
             "max_bytes": settings.limits.max_image_bytes,

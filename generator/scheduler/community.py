@@ -36,9 +36,17 @@ class CommunityView:
     daily_limit: int = 0  # videos per member and UTC day in this community; 0 = the global limit only
     policy: str = "block"  # age-restricted content: block, nsfw_channels, allow
     nsfw_chat: bool = False  # Telegram: the chat's admins opted it in as age-restricted
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # "expand" among them: the prompt-expansion default
     updated_by: str = ""
     updated_at: dt.datetime | None = None
+    # From the global config (not stored): whether an expansion endpoint is configured, and the bot's own default.
+    expand_offered: bool = False
+    expand_global: bool = False
+
+    @property
+    def expand(self) -> bool:
+        """Whether a request here without --expand/--no-expand is expanded (never without an endpoint)."""
+        return self.expand_offered and bool(self.defaults.get("expand", self.expand_global))
 
     @property
     def key(self) -> str:
@@ -48,7 +56,7 @@ class CommunityView:
         return {k: (list(v) if isinstance(v, tuple) else v) for k in KEYS for v in [getattr(self, k)]}
 
     def as_json(self) -> dict[str, Any]:
-        return {"platform": self.platform, "community": self.community_id, **self.values(),
+        return {"platform": self.platform, "community": self.community_id, **self.values(), "expand": self.expand,
                 "updated_by": self.updated_by, "updated_at": self.updated_at.isoformat() if self.updated_at else None}
 
 
@@ -75,12 +83,13 @@ class Communities:
     def _view(self, platform: str, community_id: str, values: dict[str, Any] | None, by: str = "",
               at: dt.datetime | None = None) -> CommunityView:
         v = dict(values or {})
+        settings = self._core.settings
         return CommunityView(
             platform=platform, community_id=community_id, enabled=bool(v.get("enabled", True)),
             channels=tuple(str(c) for c in v.get("channels", ())), daily_limit=int(v.get("daily_limit", 0)),
-            policy=str(v.get("policy", self._core.settings.moderation.default_policy)),
+            policy=str(v.get("policy", settings.moderation.default_policy)),
             nsfw_chat=bool(v.get("nsfw_chat", False)), defaults=dict(v.get("defaults", {})), updated_by=by,
-            updated_at=at,
+            updated_at=at, expand_offered=bool(settings.expand.url), expand_global=settings.defaults.expand,
         )
 
     async def get(self, platform: str, community_id: str) -> CommunityView:
@@ -97,7 +106,12 @@ class Communities:
     async def defaults_for(self, target: DeliveryTarget) -> dict[str, Any]:
         """The community's default parameters for a new request sent to ``target`` ({} outside one)."""
         view = await self.for_target(target)
-        return dict(view.defaults) if view is not None else {}
+        if view is None:
+            return {}
+        defaults = dict(view.defaults)
+        if not view.expand_offered:  # a default stored while an endpoint was configured means nothing now
+            defaults.pop("expand", None)
+        return defaults
 
     async def list(self) -> list[CommunityView]:
         async with self._core.db.read() as s:
@@ -142,6 +156,10 @@ class Communities:
                     if raw is None:
                         merged.pop(name, None)
                         continue
+                    if name == "expand" and raw is True and not settings.expand.url:
+                        # The global config is the ceiling: no endpoint, nothing to switch on.
+                        raise Refusal(RefusalCode.INVALID, "Prompt expansion is not offered by this bot (its "
+                                                           "operator has not set up an expansion service).")
                     try:
                         merged[name] = param.check(raw, limits)
                     except Exception as exc:  # RequestError: out of the configured range

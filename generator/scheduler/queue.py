@@ -11,6 +11,10 @@ skipping users already at their running cap (owners/unlimited are not capped). Q
 same key with each user's k-th queued job counted as k more running jobs, which is the order repeated
 claims produce.
 
+LoRA affinity: a worker names the LoRA set it last ran (``prefer_loras``, its cached files). The fair rule
+picks the user exactly as above; only among that user's own queued jobs (equal standing: the same user and
+round) does a job with that set go before an older one with another set. No other user's turn moves.
+
 Quotas (docs/scheduler.md): submit counts one of the user's daily jobs; the terminal transition charges the GPU
 time. A job cancelled before it ran, or failed for a reason that is not the user's (worker lost, internal
 error, stored input gone, engine or model trouble: anything not in ``USER_FAILURES``), gets its daily job
@@ -112,11 +116,13 @@ async def claim(
     lease_seconds: float,
     max_running_per_user: int,
     postgres: bool = False,
+    prefer_loras: str = "",
 ) -> Claimed | None:
     """Lease the next job in fair order, or None when nothing is claimable.
 
     Two cheap steps instead of sorting every queued job: pick the user whose first queued job
-    has the smallest fair key (an index-only pass over the queued jobs), then that group's oldest job.
+    has the smallest fair key (an index-only pass over the queued jobs), then that group's oldest job, or
+    its oldest job with the LoRA set ``prefer_loras`` (canonical form; "" = no preference).
     """
     excluded: list[int] = []
     candidates: list[tuple[int, str]] = []
@@ -153,10 +159,15 @@ async def claim(
         )
         if postgres:
             oldest = oldest.with_for_update(skip_locked=True)
+        pick: Any = oldest.scalar_subquery()
+        if prefer_loras:
+            chosen = await _same_loras_job(session, user_id, prefer_loras, postgres)
+            if chosen is not None:
+                pick = chosen
         lease_until = now + dt.timedelta(seconds=lease_seconds)
         stmt = (
             update(Job)
-            .where(Job.id == oldest.scalar_subquery(), Job.state == "queued")
+            .where(Job.id == pick, Job.state == "queued")
             .values(
                 state="running",
                 attempts=Job.attempts + 1,
@@ -188,6 +199,26 @@ async def claim(
             lease_until=lease_until,
             age_restricted_ok=bool((delivery or {}).get(AGE_OK_KEY)),
         )
+    return None
+
+
+AFFINITY_LOOKAHEAD = 32  # a user's queued jobs looked at for the worker's LoRA set (the queued cap is smaller)
+
+
+async def _same_loras_job(session: AsyncSession, user_id: int, loras: str, postgres: bool) -> int | None:
+    """The user's oldest queued job whose LoRA set is ``loras`` (None: none of them). The set lives in the
+    request's JSON, so the few queued jobs of one user are read and compared here (the same on every database)."""
+    q = (
+        select(Job.id, Job.request)
+        .where(Job.state == "queued", Job.user_id == user_id)
+        .order_by(Job.created_at, Job.id)
+        .limit(AFFINITY_LOOKAHEAD)
+    )
+    if postgres:
+        q = q.with_for_update(skip_locked=True)
+    for job_id, request in (await session.execute(q)).all():
+        if request is not None and request.loras == loras:
+            return int(job_id)
     return None
 
 

@@ -221,6 +221,8 @@ class Worker:
         self.stats = StepStats()
         self.state = "starting"
         self.current: RunningJob | None = None
+        # The LoRA set of the last job rendered (its files are in the engine's cache): the claim prefers it.
+        self.resident_loras = ""
         self.wake = asyncio.Event()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="render")
         self.engine: Any = None
@@ -378,6 +380,7 @@ class Worker:
                 lease_seconds=self.cfg.lease_seconds,
                 max_running_per_user=self.settings.quotas.max_running_per_user,
                 postgres=not self.db.sqlite if self.db else False,
+                prefer_loras=self.resident_loras,
             )
         except DBAPIError:
             log.exception("worker %s: claim failed", self.worker_id)
@@ -519,6 +522,7 @@ class Worker:
                 # A draft ("--draft" / decoder "tiny") forces the tiny decoder; otherwise the model's own setting.
                 rj = RenderJob(job_id=job.job_id, request=request, image_path=image, output_path=tmp,
                                decoder="tiny" if request.decoder == "tiny" else None)
+                self.resident_loras = request.loras
                 result = await self.loop.run_in_executor(self.executor, self._render, rj, job, events)
                 if request.extends is not None:
                     result = await self._join_parent(request.extends, result, tmp)

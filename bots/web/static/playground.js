@@ -48,6 +48,12 @@ function paramField(p) {
     control = TB.el("div", { class: "seedrow" }, input, pick);
   }
   const box = TB.el("div", { class: "param" }, TB.el("label", { for: p.name }, p.label), control);
+  if (p.free_text && OPTIONS.loras && OPTIONS.loras.styles.length) {  // the console's /loras: each style, described
+    const l = OPTIONS.loras;
+    box.append(TB.el("ul", { class: "hint lora-list" }, ...l.styles.map((s) =>
+      TB.el("li", {}, TB.el("code", {}, s.name), s.description ? `: ${s.description}` : ""))),
+      TB.el("small", { class: "hint" }, `name or name:scale, up to ${l.max_per_job}, scale -${l.max_scale} to ${l.max_scale}`));
+  }
   box.dataset.modes = p.modes.join(" ");
   return box;
 }
