@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +124,105 @@ def test_context_parallel_matches_single_process(tmp_path: Path) -> None:
             err = float((got.double() - ref.double()).abs().max())
             assert err <= TOL * max(scale, 1.0), f"{name} rank {r}: max |diff| {err:.2e} (scale {scale:.2f})"
         torch.testing.assert_close(ranks[1][name], ranks[0][name], rtol=0, atol=0)  # same gathered bytes
+
+
+# --- the engine: a job rendered by a leader and a follower ------------------------------------------------
+
+
+def _engine(group: Any = None, gpus: int = 1) -> Any:
+    """A CPU engine whose "tiny-t2v" model is the 2-head variant (adopted, with the tiny text encoder/VAE)."""
+    from generator.engine.options import EngineOptions
+    from generator.engine.runtime import TurboEngine
+
+    eng = TurboEngine(EngineOptions(device="cpu", gpus_per_job=gpus), group=group)
+    eng.adopt("tiny-t2v", experts=[_model("dense")], text_encoder=tiny.tiny_text_encoder(),
+              tokenizer=tiny.tiny_tokenizer(), vae=tiny.tiny_vae(), is_demo=True)
+    return eng
+
+
+def _job(out: Path, seed: int = 3) -> Any:
+    from generator.engine.api import RenderJob
+    from generator.request import GenerationRequest
+
+    req = GenerationRequest(mode="t2v", prompt="a lighthouse at dusk", model="tiny-t2v", frames=5, seed=seed,
+                            steps=2)
+    return RenderJob(job_id=1, request=req, image_path=None, output_path=out)
+
+
+def _engine_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from generator.engine.api import JobCancelled
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    out = Path(out_dir)
+    try:
+        eng = _engine(group=None, gpus=WORLD)  # the default group
+        notes = []
+        if rank == 0:
+            res = eng.render(_job(out / "cp.mp4"), progress=lambda _p: None, cancelled=lambda: False)
+            notes.append(f"rendered {res.frames}")
+        else:
+            eng.follow(_job(out / "unused.mp4"))
+            notes.append("followed")
+        # The leader cancels after its first denoise step: every rank stops at the same check.
+        steps: list[int] = []
+        try:
+            if rank == 0:
+                eng.render(_job(out / "cancelled.mp4", seed=4), cancelled=lambda: len(steps) >= 1,
+                           progress=lambda p: steps.append(p.step) if p.stage == "denoise" and p.step else None)
+            else:
+                eng.follow(_job(out / "unused.mp4", seed=4))
+            notes.append("not cancelled")
+        except JobCancelled:
+            notes.append("cancelled")
+        try:  # the embedded 1-head model is refused when the group loads it
+            eng._bundles.clear()
+            eng.load()
+            notes.append("loaded 1-head model")
+        except EngineError as exc:
+            notes.append(exc.code)
+        (out / f"notes{rank}.txt").write_text("\n".join(notes))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_engine_job_over_two_ranks_matches_one(tmp_path: Path) -> None:
+    from generator import media
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_engine_rank, args=(r, str(tmp_path / "rendezvous"), str(tmp_path)))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _engine()
+        single.render(_job(tmp_path / "single.mp4"), progress=lambda _p: None, cancelled=lambda: False)
+        with pytest.raises(EngineError, match="gpus_per_job = 2 needs the worker to run as a group"):
+            _engine(gpus=2)
+    finally:
+        torch.set_num_threads(threads)
+    deadline = time.monotonic() + 120
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            assert p.pid is not None
+            os.kill(p.pid, 9)
+            pytest.fail("a context-parallel rank did not finish in time")
+    assert [p.exitcode for p in procs] == [0] * WORLD
+
+    assert (tmp_path / "notes0.txt").read_text().split("\n") == [
+        "rendered 5", "cancelled", "context_parallel_unsupported"]
+    assert (tmp_path / "notes1.txt").read_text().split("\n") == [
+        "followed", "cancelled", "context_parallel_unsupported"]
+    assert not (tmp_path / "unused.mp4").exists() and not (tmp_path / "cancelled.mp4").exists()
+    a = media.decode_frames(tmp_path / "single.mp4").astype(np.int16)
+    b = media.decode_frames(tmp_path / "cp.mp4").astype(np.int16)
+    assert a.shape == b.shape
+    # Latents agree to ~1e-7 (see above); after uint8 rounding and H.264 a pixel may differ by a level or two.
+    assert np.abs(a - b).max() <= 2, np.abs(a - b).max()
