@@ -60,6 +60,7 @@ def test_documented_model_example_parses_with_default_choices() -> None:
         ({"web": {"port": 70000}}, "web.port"),
         ({"models": {"m": {"decoder": "fast"}}}, "models.m.decoder = 'fast' is not allowed; use one of: vae, tiny"),
         ({"models": {"m": {"tiny_decoder": "t.pth"}}}, "models.m.tiny_decoder: the demo model 'tiny-t2v' has an embedded"),
+        ({"scheduler": {"gpus_per_job": 2}}, "scheduler.gpus_per_job = 2 is not supported yet"),
     ],
 )
 def test_invalid_config_names_the_key(data: dict, needle: str) -> None:

@@ -146,6 +146,9 @@ class SchedulerSettings:
     poll_seconds: float = 0.5
     progress_interval_seconds: float = 1.0
     worker_devices: tuple[str, ...] = ("auto",)  # one worker per entry: "auto", "cpu", or a CUDA index
+    # GPUs that render one video together (context parallelism). Only 1 until worker groups exist: the engine
+    # supports more for a process group its caller sets up (bench/context_parallel.py).
+    gpus_per_job: int = 1
     worker_start_timeout_seconds: float = 300.0
     watchdog_seconds: float = 120.0  # a worker silent this long is killed and restarted
 
@@ -535,6 +538,11 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("scheduler.max_attempts must be at least 1.")
     if not settings.scheduler.worker_devices:
         raise ConfigError("scheduler.worker_devices must list at least one device (e.g. [\"auto\"]).")
+    if settings.scheduler.gpus_per_job != 1:
+        raise ConfigError(
+            f"scheduler.gpus_per_job = {settings.scheduler.gpus_per_job} is not supported yet: workers do not "
+            "run as GPU groups so far, so every job renders on one device; set it to 1."
+        )
     for key in ("header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
         if getattr(settings.web, key) <= 0:
             raise ConfigError(f"web.{key} must be more than 0 (got {getattr(settings.web, key)}).")

@@ -9,7 +9,7 @@ builds them from the settings in ``generator.scheduler.engine_options``). The im
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from generator.engine.api import Engine
@@ -18,9 +18,10 @@ if TYPE_CHECKING:
 __all__ = ["create_engine"]
 
 
-def create_engine(options: EngineOptions) -> Engine:
+def create_engine(options: EngineOptions, *, group: Any = None) -> Engine:
     """The engine for these options (device from ``options.device``; the embedded tiny models when no
-    model is configured). Nothing is loaded until ``load()`` or the first ``render``."""
+    model is configured). Nothing is loaded until ``load()`` or the first ``render``. ``group``: the
+    ``torch.distributed`` process group of ``options.gpus_per_job`` ranks when that is more than 1."""
     from generator.engine.runtime import TurboEngine
 
-    return TurboEngine(options)
+    return TurboEngine(options, group=group)

@@ -58,6 +58,9 @@ class EngineOptions:
     models: Mapping[str, ModelOptions] = field(default_factory=tiny_models)
     lora_folder: Path | None = None  # style LoRAs (*.safetensors, name = lower-cased stem); None = none
     lora_cache_size: int = 4  # LoRA files kept loaded
+    # GPUs that render one video together (Ulysses context parallelism over their process group, which the
+    # caller creates and passes to the engine); 1 = a job on one device.
+    gpus_per_job: int = 1
 
     def model_names(self, mode: str) -> tuple[str, ...]:
         """Models of ``mode`` ("t2v" / "i2v"), the preferred default first."""

@@ -49,6 +49,8 @@ from generator.request import GenerationRequest  # noqa: E402
 if TYPE_CHECKING:  # diffusers' classes are Any to the type checker (see pyproject's mypy overrides)
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+    from generator.engine.context_parallel import ContextParallel
+
 log = logging.getLogger("turbobot.engine")
 
 OOM_TEXT = (
@@ -118,8 +120,14 @@ class Bundle:
 class TurboEngine:
     """Implements ``generator.engine.api.Engine``."""
 
-    def __init__(self, options: EngineOptions, *, device: str | torch.device | None = None) -> None:
+    def __init__(self, options: EngineOptions, *, device: str | torch.device | None = None,
+                 group: Any = None) -> None:
         self.options = options
+        # Context parallelism: the DiT steps of every job run over ``group`` (every rank renders the same
+        # job; only the leader decodes), see ``generator.engine.context_parallel``.
+        self.cp: ContextParallel | None = None
+        if options.gpus_per_job > 1 or group is not None:
+            self.cp = _context_parallel(options.gpus_per_job, group)
         self.models: dict[str, ModelOptions] = dict(options.models)
         self.device = torch.device(device) if device is not None else resolve_device(options.device)
         self._texts: dict[str, TextEncoder] = {}
@@ -157,6 +165,7 @@ class TurboEngine:
             "default_i2v": self.default_model("i2v"),
             "demo": all(tiny.is_tiny(m.kind) for m in self.models.values()),
             "loras": dict(self.lora_status),
+            "gpus_per_job": self.cp.size if self.cp else 1,
         }
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
@@ -227,7 +236,9 @@ class TurboEngine:
         with self._lock:
             failed_oom = False
             try:
-                return self._render(job, progress, cancelled)
+                result = self._render(job, progress, cancelled)
+                assert result is not None
+                return result
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if not is_oom(exc):
                     raise
@@ -236,6 +247,14 @@ class TurboEngine:
                 self.free_memory()
                 raise OutOfMemory(OOM_TEXT)
             raise AssertionError("unreachable")
+
+    def follow(self, job: RenderJob) -> None:
+        """A follower rank's part of a context-parallel job the leader renders: the same steps up to and
+        including the denoise (each DiT step over the group), cancelled when the leader cancels; no decode."""
+        if self.cp is None or self.cp.is_leader:
+            raise EngineError("follow() is for the follower ranks of a context-parallel group")
+        with self._lock:
+            self._render(job, lambda _p: None, lambda: False, decode=False)
 
     # --- models -------------------------------------------------------------------------------------
     def default_model(self, mode: str) -> str | None:
@@ -262,6 +281,9 @@ class TurboEngine:
         if self.device.type == "cuda" and not tiny.is_tiny(ms.kind):
             self._evict_real_models(keep=name)
         b = self._build_tiny(name, ms) if tiny.is_tiny(ms.kind) else self._load_real(name, ms)
+        if self.cp is not None:  # refused at load, not in a user's job
+            for m in b.experts:
+                self.cp.check_model(m, f"Model '{name}'")
         self._bundles[name] = b
         log.info("model %s (%s) ready on %s in %.1fs (%s, offload text=%s dit=%s)", name, ms.kind, self.device,
                  time.perf_counter() - t0, b.precision, b.offload_text, b.offload_dit)
@@ -518,14 +540,19 @@ class TurboEngine:
             return "dense"
         return att
 
-    def _render(self, job: RenderJob, progress: Callable[[Progress], None], cancelled: Callable[[], bool]) -> RenderResult:
+    def _render(self, job: RenderJob, progress: Callable[[Progress], None], cancelled: Callable[[], bool], *,
+                decode: bool = True) -> RenderResult | None:
         from generator.engine.transformer import set_attention
 
         t_job = time.perf_counter()
         req = job.request
+        cp = self.cp
 
         def check_cancel() -> None:
-            if cancelled():
+            flag = cancelled()
+            if cp is not None:  # every rank passes the same checks in the same order: the leader decides
+                flag = cp.leader_says(flag, self.device)
+            if flag:
                 raise JobCancelled()
 
         if req.seed is None:
@@ -611,6 +638,8 @@ class TurboEngine:
         timings["denoise"] = time.perf_counter() - t0
         cond.clear()
         check_cancel()
+        if not decode:
+            return None
 
         # 4 + 5. one decode, streamed into the mp4 encoder as it goes (encoding overlaps decoding)
         progress(Progress("decode", steps, steps))
@@ -690,6 +719,18 @@ class TurboEngine:
 
     def _forward(self, b: Bundle, expert: int, x: torch.Tensor, timestep: torch.Tensor, emb: torch.Tensor,
                  y: torch.Tensor | None) -> torch.Tensor:
+        if self.cp is not None:
+            # No OOM retry here: one rank retrying while the others wait in a collective would hang the group;
+            # an OOM fails the job on every rank instead.
+            model = b.experts[expert]
+            if b.offload_dit:
+                for i, m in enumerate(b.experts):
+                    if i != expert:
+                        self._place(m, False)
+            self._place(model, True)
+            inp = torch.cat([x, y], dim=1) if y is not None else x
+            return self.cp.forward(model, inp, timestep, emb)
+
         def run() -> torch.Tensor:
             if b.offload_dit:
                 for i, m in enumerate(b.experts):
@@ -746,6 +787,24 @@ class TurboEngine:
         out = media.write_mp4(frames, path, fps=media.FPS)
         timings["encode"] = time.perf_counter() - t1
         return out, frames.shape[0], (frames.shape[2] - frames.shape[2] % 2, frames.shape[1] - frames.shape[1] % 2)
+
+
+def _context_parallel(gpus_per_job: int, group: Any) -> ContextParallel:
+    """The engine's context-parallel group, checked against the setting."""
+    from generator.engine.context_parallel import ContextParallel
+
+    try:
+        cp = ContextParallel(group)
+    except RuntimeError:
+        raise EngineError(
+            f"gpus_per_job = {gpus_per_job} needs the worker to run as a group of {gpus_per_job} processes "
+            "(one per GPU) with torch.distributed set up; this engine was started alone.",
+            code="context_parallel_unsupported",
+        ) from None
+    if cp.size != gpus_per_job:
+        raise EngineError(f"gpus_per_job = {gpus_per_job} but the process group has {cp.size} ranks.",
+                          code="context_parallel_unsupported")
+    return cp
 
 
 def _required(name: str, key: str, path: Path | None) -> Path:

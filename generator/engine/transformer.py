@@ -43,6 +43,10 @@ class TurboSelfAttnProcessor:
     mode "sla": ``sla_attention(..., backend="auto")`` (Triton on CUDA, reference elsewhere) with the block's
     proj_l; "sagesla": the int8 SLA kernel (falls back to "auto" where it cannot run, e.g. on CPU);
     "dense": SDPA, proj_l unused.
+
+    ``exchange`` is set only during a context-parallel forward (``generator.engine.context_parallel``): it
+    turns this rank's token shard with all heads into the whole sequence with the rank's heads before the
+    attention op, and back after it; projections, norms and RoPE stay per token.
     """
 
     # Read by diffusers' ``set_attention_backend``; unused here because we dispatch ourselves.
@@ -54,6 +58,7 @@ class TurboSelfAttnProcessor:
             raise ValueError(f"unknown attention mode {mode!r}; expected one of {_MODES}")
         self.mode = mode
         self.topk = float(topk)
+        self.exchange: Any = None
 
     def __repr__(self) -> str:
         return f"TurboSelfAttnProcessor(mode={self.mode!r}, topk={self.topk})"
@@ -78,6 +83,9 @@ class TurboSelfAttnProcessor:
         if rotary_emb is not None:
             query = apply_rope(query, *rotary_emb)
             key = apply_rope(key, *rotary_emb)
+        ex = self.exchange
+        if ex is not None:  # one all-to-all for q, k and v together
+            query, key, value = ex.to_heads(torch.stack([query, key, value])).unbind(0)
 
         if self.mode == "dense":
             out = attn_ops.dense_attention(query, key, value)
@@ -92,6 +100,8 @@ class TurboSelfAttnProcessor:
             if self.mode == "sagesla" and attn_ops.triton_supported(query):
                 backend = "sagesla"
             out = attn_ops.sla_attention(query, key, value, proj_l, topk=self.topk, backend=backend)
+        if ex is not None:
+            out = ex.to_tokens(out)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

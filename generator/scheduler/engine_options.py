@@ -54,6 +54,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         warm_up_frames=d.frames,
         models={name: model_options(settings, ms) for name, ms in settings.effective_models.items()},
         lora_folder=settings.path(settings.loras.folder),
+        gpus_per_job=settings.scheduler.gpus_per_job,
     )
 
 
