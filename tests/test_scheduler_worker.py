@@ -111,7 +111,7 @@ async def test_success_file_events_and_eta(tmp_path: Path, base_mp4: Path) -> No
 async def test_progress_events_are_ordered_and_throttled(tmp_path: Path, base_mp4: Path) -> None:
     interval = 0.1
     async with running(
-        tmp_path, base_mp4, env={"TURBOBOT_TEST_STEP_SECONDS": "0.04"},
+        tmp_path, base_mp4, env={"TURBOBOT_TEST_STEP_SECONDS": "0.08"},
         scheduler={"progress_interval_seconds": interval},
     ) as (sched, rec):
         ids = [(await sched.jobs.submit(t2v(f"clip {i}", steps=4), who(i), where(), f"k{i}")).job.id for i in range(3)]
@@ -119,13 +119,20 @@ async def test_progress_events_are_ordered_and_throttled(tmp_path: Path, base_mp
             assert (await finished(sched, job_id)).state == "succeeded"
         await until(lambda: all(len(rec.terminal(j)) == 1 for j in ids), what="terminal events")
         stamps: dict[int, list[float]] = {}
+        seen_progress = 0
         for job_id in ids:
             kinds = rec.kinds(job_id)
-            assert kinds.index("started") < kinds.index("succeeded") == len(kinds) - 1
-            assert "queued" not in kinds[kinds.index("started"):]
+            assert kinds.index("succeeded") == len(kinds) - 1
+            # Events report the state the hub reads: on a busy machine a job can finish before the hub looks
+            # at it, and then it has no "started" or progress events, only its result (never a wrong order).
+            if "started" in kinds:
+                assert "queued" not in kinds[kinds.index("started"):]
             keys = [(PHASES.index(e.job.progress_phase), e.job.progress_step)
                     for e in rec.events if e.job.id == job_id and e.kind == "progress"]
-            assert keys == sorted(set(keys)) and keys, keys
+            assert keys == sorted(set(keys)), keys
+            assert not keys or kinds.index("started") < kinds.index("progress")
+            seen_progress += bool(keys)
+        assert seen_progress, "no job reported progress: the throttle below was not exercised"
         # Throttle: progress events of one job are at least an interval apart (timestamps from the sink).
         for e, t in zip(rec.events, rec.times, strict=True):
             if e.kind == "progress":
