@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--chunks", default="3,5")
     ap.add_argument("--no-720p", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--no-stock", action="store_true", help="skip diffusers' own decode (the slowest case)")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -84,7 +85,7 @@ def main() -> None:
                               "torch": torch.__version__, "results": {}}
     for label, (h, w) in sizes.items():
         z = torch.randn(1, 16, 21, h, w, device=DEV, generator=torch.Generator(DEV).manual_seed(1)).bfloat16()
-        cases: dict[str, Callable[[], torch.Tensor]] = {"stock diffusers": stock(vae, z)}
+        cases: dict[str, Callable[[], torch.Tensor]] = {} if args.no_stock else {"stock diffusers": stock(vae, z)}
         for k in chunks:
             cases[f"chunked k{k}"] = chunked(vae, z, k, False)
             cases[f"chunked k{k} + fast blocks"] = chunked(vae, z, k, True)

@@ -65,6 +65,7 @@ def test_forwards_are_restored() -> None:
 _KERNEL_CHECK = """
 import sys
 import torch
+import torch.nn.functional as F
 from generator.engine import vae_fast, vae_kernels
 
 vae_kernels.INTERPRET_ON_CPU = True
@@ -77,8 +78,9 @@ with torch.no_grad():
 x = (torch.randn(1, c, 3, 5, 7, generator=g) * 3).to(dtype)
 history = torch.randn(1, c, 2, 5, 7, generator=g).to(dtype)
 assert vae_kernels.available(x)
-out = vae_fast.norm_act_with_history(norm, x, history, 2)
+out, tail = vae_fast.norm_act_with_history(norm, x, history, 2, keep=2)
 assert out.is_contiguous(memory_format=torch.channels_last_3d)
+assert tail is not None and torch.equal(tail, out[:, :, -2:])  # the cache, written by the same pass
 expect = F.silu(F.normalize(x.float(), dim=1) * norm.scale * norm.gamma.float().view(1, c, 1, 1, 1))
 torch.testing.assert_close(out[:, :, 2:].float(), expect, rtol=0.0, atol=atol)
 assert torch.equal(out[:, :, :2], history)  # a copy, bit for bit
@@ -91,7 +93,7 @@ print("ok")
 def test_norm_kernel_matches_torch(dtype: str, atol: float) -> None:
     """The kernel in the Triton interpreter (its own process: TRITON_INTERPRET must be set before Triton is
     imported) vs the torch formula: channels not a power of two, a ragged last block of rows, history frames
-    in front copied untouched. bf16: both round one float32 value once, so they differ by at most one bf16 ulp
+    in front copied untouched, the cache frames written by the same pass. bf16: both round one float32 value once, so they differ by at most one bf16 ulp
     of values up to ~|4| (2^-6 = 1.6e-2) where the reductions' order differs."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK, dtype, str(atol)], env=env, capture_output=True,

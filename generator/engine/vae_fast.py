@@ -40,8 +40,10 @@ from torch import nn
 from generator.engine import vae_kernels
 
 
-def norm_act_with_history(norm: WanRMS_norm, x: torch.Tensor, history: torch.Tensor | None, pad: int) -> torch.Tensor:
-    """[history frames (zeros in front where fewer than ``pad``), silu(rms_norm(x))] along time, in x's dtype.
+def norm_act_with_history(norm: WanRMS_norm, x: torch.Tensor, history: torch.Tensor | None, pad: int,
+                          keep: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([history frames (zeros in front where fewer than ``pad``), silu(rms_norm(x))] along time, in x's dtype;
+    a separate copy of the last ``keep`` frames of silu(rms_norm(x)) (the next chunk's causal cache), or None).
     ``pad`` is the causal conv's time padding (0 for a conv with a time kernel of 1)."""
     b, c, t, h, w = x.shape
     n_hist = 0 if history is None or pad == 0 else min(pad, history.shape[2])
@@ -55,14 +57,16 @@ def norm_act_with_history(norm: WanRMS_norm, x: torch.Tensor, history: torch.Ten
         out[:, :, pad - n_hist : pad].copy_(history[:, :, -n_hist:])
     gamma = norm.gamma.reshape(-1)
     bias = norm.bias.reshape(-1) if isinstance(norm.bias, torch.Tensor) else None
+    keep = min(keep, t)
     if use_kernel:
-        vae_kernels.rms_silu_into(x, gamma, bias, float(norm.scale), out[:, :, pad:])
-    else:
-        y = F.normalize(x.float(), dim=1) * (norm.scale * gamma.float().view(1, c, 1, 1, 1))
-        if bias is not None:
-            y = y + bias.float().view(1, c, 1, 1, 1)
-        out[:, :, pad:] = F.silu(y).to(x.dtype)
-    return out
+        tail = torch.empty((b, c, keep, h, w), dtype=x.dtype, device=x.device, memory_format=fmt) if keep else None
+        vae_kernels.rms_silu_into(x, gamma, bias, float(norm.scale), out[:, :, pad:], tail)
+        return out, tail
+    y = F.normalize(x.float(), dim=1) * (norm.scale * gamma.float().view(1, c, 1, 1, 1))
+    if bias is not None:
+        y = y + bias.float().view(1, c, 1, 1, 1)
+    out[:, :, pad:] = F.silu(y).to(x.dtype)
+    return out, (out[:, :, pad + t - keep :].clone() if keep else None)
 
 
 def _conv(conv: WanCausalConv3d, padded: torch.Tensor) -> torch.Tensor:
@@ -73,7 +77,10 @@ def _conv(conv: WanCausalConv3d, padded: torch.Tensor) -> torch.Tensor:
 
 def _next_cache(act: torch.Tensor, previous: Any) -> torch.Tensor:
     """diffusers' rule: the last CACHE_T frames; a single-frame chunk keeps the previous chunk's last frame too."""
-    cache = act[:, :, -CACHE_T:].clone()
+    return _with_previous(act[:, :, -CACHE_T:].clone(), previous)
+
+
+def _with_previous(cache: torch.Tensor, previous: Any) -> torch.Tensor:
     if cache.shape[2] < 2 and isinstance(previous, torch.Tensor):
         cache = torch.cat([previous[:, :, -1:].to(cache.device), cache], dim=2)
     return cache
@@ -83,11 +90,13 @@ def _norm_act_conv(norm: WanRMS_norm, conv: WanCausalConv3d, x: torch.Tensor,
                    feat_cache: list[Any] | None, feat_idx: list[int]) -> torch.Tensor:
     pad = conv._padding[4]
     if feat_cache is None:
-        return _conv(conv, norm_act_with_history(norm, x, None, pad))
+        return _conv(conv, norm_act_with_history(norm, x, None, pad)[0])
     idx = feat_idx[0]
     previous = feat_cache[idx]
-    padded = norm_act_with_history(norm, x, previous if isinstance(previous, torch.Tensor) else None, pad)
-    feat_cache[idx] = _next_cache(padded[:, :, pad:], previous)
+    padded, tail = norm_act_with_history(norm, x, previous if isinstance(previous, torch.Tensor) else None, pad,
+                                         keep=CACHE_T)
+    assert tail is not None
+    feat_cache[idx] = _with_previous(tail, previous)
     feat_idx[0] += 1
     return _conv(conv, padded)
 
@@ -96,16 +105,27 @@ def _causal_conv(conv: WanCausalConv3d, x: torch.Tensor, cache: Any) -> torch.Te
     pad = conv._padding[4]
     if pad == 0:
         return _conv(conv, x)
+    b, c, t, h, w = x.shape
     n_hist = min(pad, cache.shape[2]) if isinstance(cache, torch.Tensor) else 0
-    parts = []
+    fmt = torch.channels_last_3d if x.is_cuda else torch.contiguous_format
+    padded = torch.empty((b, c, pad + t, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
     if pad > n_hist:
-        parts.append(x.new_zeros((x.shape[0], x.shape[1], pad - n_hist, *x.shape[3:])))
+        padded[:, :, : pad - n_hist].zero_()
     if n_hist:
-        parts.append(cache[:, :, -n_hist:].to(x.device))
-    padded = torch.cat([*parts, x], dim=2)
-    if x.is_cuda:
-        padded = padded.contiguous(memory_format=torch.channels_last_3d)
+        padded[:, :, pad - n_hist : pad].copy_(cache[:, :, -n_hist:])
+    padded[:, :, pad:].copy_(x)
     return _conv(conv, padded)
+
+
+def _interleave_halves(x: torch.Tensor) -> torch.Tensor:
+    """[b, 2c, t, h, w] -> [b, c, 2t, h, w], output frame 2i + s being channel half s of input frame i
+    (diffusers' reshape + stack), in one copy that leaves the result channels-last (pixels' channels
+    contiguous) instead of three copies through the default layout."""
+    b, c2, t, h, w = x.shape
+    c = c2 // 2
+    pixels = x.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, 2, c)  # a view when x is channels-last
+    out = pixels.permute(0, 1, 4, 2, 3, 5).contiguous()  # [b, t, 2, h, w, c]: the one copy
+    return out.view(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 # --- forwards bound to the modules ---------------------------------------------------------------------
@@ -138,8 +158,7 @@ def _resample_forward(self: WanResample, x: torch.Tensor, feat_cache: list[Any] 
                 cache = torch.cat([torch.zeros_like(cache), cache], dim=2)
             x = _causal_conv(self.time_conv, x, None if previous == "Rep" else previous)
             feat_cache[idx] = cache
-            # [b, 2c, t] -> [b, c, 2t], the two channel halves interleaved frame by frame
-            x = x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, t * 2, h, w)
+            x = _interleave_halves(x)
         feat_idx[0] += 1
     t = x.shape[2]
     frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)

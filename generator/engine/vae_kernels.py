@@ -40,14 +40,18 @@ def _build() -> Any:
 
 
 def rms_silu_into(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                  out: torch.Tensor) -> None:
+                  out: torch.Tensor, tail: torch.Tensor | None = None) -> None:
     """``out[...] = silu(rms_norm(x))`` for x, out of shape [1, C, T, H, W]; ``out`` must be channels-last
-    dense (a time slice of a channels-last buffer is); x is made so if it is not."""
+    dense (a time slice of a channels-last buffer is); x is made so if it is not. ``tail`` (channels-last,
+    [1, C, k, H, W]) also receives the last k frames of the result."""
     global _kernel
     import triton
 
     if not _rows_view_ok(out) or out.shape != x.shape:
         raise ValueError("rms_silu_into needs batch 1 and a channels-last output of x's shape")
+    if tail is not None and (not _rows_view_ok(tail) or tail.shape[:2] != x.shape[:2] or tail.shape[3:] != x.shape[3:]
+                             or tail.shape[2] > x.shape[2]):
+        raise ValueError("rms_silu_into: the tail must be channels-last, batch 1, at most x's frames")
     if not _rows_view_ok(x):
         x = x.contiguous(memory_format=torch.channels_last_3d)
     if _kernel is None:
@@ -56,9 +60,11 @@ def rms_silu_into(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | Non
         _kernel = _build()
     c = x.shape[1]
     n_rows = x.numel() // c
+    tail_start = n_rows - (tail.numel() // c if tail is not None else 0)
     block_c = triton.next_power_of_2(c)
     block_r = max(1, min(64, 8192 // block_c))
     grid = (triton.cdiv(n_rows, block_r),)
-    _kernel[grid](x, out, gamma.contiguous(), bias.contiguous() if bias is not None else gamma, n_rows, c,
-                  float(scale), HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+    _kernel[grid](x, out, tail if tail is not None else out, gamma.contiguous(),
+                  bias.contiguous() if bias is not None else gamma, n_rows, tail_start, c, float(scale),
+                  HAS_BIAS=bias is not None, HAS_TAIL=tail is not None, BLOCK_R=block_r, BLOCK_C=block_c,
                   num_warps=4 if block_c <= 256 else 8)
