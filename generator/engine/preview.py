@@ -2,8 +2,10 @@
 
 Two decoders, chosen per model by the engine:
 
-- the model's tiny (TAEHV) decoder, when one is configured, run on a few latent frames at reduced spatial size;
-- otherwise ``LINEAR_RGB``: a fixed 16 -> 3 projection of the *normalized* Wan2.1 latent plus a bias.
+- on a GPU, the model's tiny (TAEHV) decoder, when one is configured, run on a few latent frames at reduced
+  spatial size (a few percent of a full tiny decode);
+- otherwise, and always on the CPU (where the tiny decoder takes ~1 s a preview even for the demo model, too
+  much for a 5% budget), ``LINEAR_RGB``: a fixed 16 -> 3 projection of the *normalized* Wan2.1 latent plus a bias.
 
 The linear projection is an approximation, not a decoder. It was not fitted to a VAE's outputs (no weights
 are shipped with this project); it rests on the normalization idea: the full VAE's latents are stored as

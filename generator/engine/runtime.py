@@ -407,10 +407,12 @@ class TurboEngine:
             return vae_ops.decode_uint8(vae, latents)
 
     def _preview(self, b: Bundle, vae: nn.Module, x0: torch.Tensor) -> Any:
-        """A few small uint8 frames of the estimate ``x0`` (normalized latents): the model's tiny decoder when
-        it has one, else the linear projection. A failed preview is logged and skipped, never the job's end."""
+        """A few small uint8 frames of the estimate ``x0`` (normalized latents): on a GPU the model's tiny
+        decoder when it has one, else (and always on the CPU, where even the tiny decoder would cost a job
+        several percent per preview: bench/preview_overhead.py) the linear projection. A failed preview is
+        logged and skipped, never the job's end."""
         try:
-            if b.tiny_key is not None:
+            if b.tiny_key is not None and self.device.type == "cuda":
                 return preview_ops.tiny_preview(self._tinies[b.tiny_key], self._denormalize(vae, x0))
             return preview_ops.linear_preview(x0, spatial_factor=vae_ops.factors(vae)[1])
         except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as exc:

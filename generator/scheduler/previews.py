@@ -41,7 +41,7 @@ def encode_gif(frames: np.ndarray, frame_ms: int = FRAME_MS) -> bytes:
     """uint8 [F, H, W, 3] -> an animated, looping GIF (adaptive palette per frame)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
         raise ValueError(f"expected uint8 [F, H, W, 3] frames, got {frames.dtype} {frames.shape}")
-    images = [Image.fromarray(f).quantize(colors=128, method=Image.Quantize.MEDIANCUT) for f in frames]
+    images = [Image.fromarray(f).quantize(colors=64, method=Image.Quantize.FASTOCTREE) for f in frames]
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0,
                    optimize=False, disposal=1)
