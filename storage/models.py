@@ -160,6 +160,9 @@ class Job(Base):
     # What the running job is doing: "text", "sampling" (progress_step of progress_total), "decoding",
     # "encoding"; "" before the first report.
     progress_phase: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    # The latest live preview of the running attempt (a file-store reference, "" = none) and how many it has had.
+    preview: Mapped[str] = mapped_column(String(512), default="", server_default="")
+    preview_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     # Timestamps and timings.
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -65,7 +65,7 @@ async def test_upgrade_creates_every_table_and_is_idempotent(tmp_path: Path) -> 
     await upgrade_database(url)
     assert table_names(db_file) == set(Base.metadata.tables) | {"alembic_version"}
     assert {"ix_jobs_state_created", "ix_jobs_user_state", "ix_jobs_state_lease"} <= index_names(db_file)
-    assert await current_revisions(url) == head_revisions() == ("0005",)
+    assert await current_revisions(url) == head_revisions() == ("0006",)
 
     await upgrade_database(url)  # a second start is a no-op
     assert await current_revisions(url) == head_revisions()

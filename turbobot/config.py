@@ -151,6 +151,8 @@ class SchedulerSettings:
     gpus_per_job: int = 1
     worker_start_timeout_seconds: float = 300.0
     watchdog_seconds: float = 120.0  # a worker silent this long is killed and restarted
+    previews: bool = True  # live previews of running jobs in the status messages and the console
+    preview_interval_seconds: float = 4.0  # at most one preview per job per this many seconds
 
 
 @dataclass(frozen=True)
@@ -496,6 +498,9 @@ def _validate_defaults(settings: Settings) -> None:
 def _validate(settings: Settings) -> None:
     lim = settings.limits
     _validate_limits(lim)
+    if settings.scheduler.preview_interval_seconds < 0.5:
+        raise ConfigError("scheduler.preview_interval_seconds must be at least 0.5 (previews are edits of chat "
+                          "messages, which the platforms rate-limit).")
     for name, model in settings.models.items():
         needs = [] if model.kind.startswith("tiny") else ["transformer", "vae", "text_encoder"]
         if model.kind == "wan2.2-i2v-a14b":

@@ -4,6 +4,11 @@ While the interaction token lives (15 minutes) the status message is edited thro
 webhook; after that, or on 401/50027, the bot token is used: status edits go to the channel message and
 the result is posted as a reply that mentions the user. Terminal events raise on transient failures so
 the scheduler offers them again (also after a restart); permanent ones (no access) are logged and dropped.
+
+Live previews ride on the status edits: a new preview (``JobView.preview_version``) is attached to the status
+message as ``preview.gif`` (Discord plays a GIF attachment inline and looping; an mp4 would need a click),
+within the same throttle as the text (Discord allows about 5 edits per 5 s per channel). The result, or the
+end of the job, replaces the attachments, so the preview goes when the video comes.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 import logging
 import tempfile
 import time
@@ -22,6 +28,7 @@ import discord
 
 from bots.discord.buttons import job_buttons
 from bots.discord.media import Upload, prepare_upload
+from bots.previews import PREVIEW_FILENAME, read_preview
 from bots.texts import result_caption, status_text
 from generator.scheduler.api import DeliverLater, JobEvent, JobView
 
@@ -48,6 +55,7 @@ class Delivery:
         self._last_edit: dict[int, float] = {}
         self._last_text: dict[int, str] = {}
         self._latest: dict[int, JobView] = {}
+        self._preview_version: dict[int, int] = {}  # the preview version last shown (or given up on) per job
         self._pending: dict[int, asyncio.Task[None]] = {}
         self._dead_tokens: set[str] = set()
         # One edit of a job's message at a time, and none after its result: a progress edit still in flight
@@ -95,7 +103,7 @@ class Delivery:
         task = self._pending.pop(job_id, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-        for d in (self._status_ids, self._last_edit, self._last_text, self._latest):
+        for d in (self._status_ids, self._last_edit, self._last_text, self._latest, self._preview_version):
             d.pop(job_id, None)
 
     async def drain(self, within: float) -> None:
@@ -175,13 +183,26 @@ class Delivery:
         if job is None or mid is None:
             return
         text = status_text(job, "discord")
-        if self._last_text.get(job_id) == text:
+        new_preview = (self.bot.settings.scheduler.previews and bool(job.preview)
+                       and job.preview_version > self._preview_version.get(job_id, 0))
+        if self._last_text.get(job_id) == text and not new_preview:
             return
         self._last_edit[job_id] = asyncio.get_running_loop().time()
         self._last_text[job_id] = text
+        preview = None
+        if new_preview:
+            self._preview_version[job_id] = job.preview_version  # shown or given up on: never retried in a loop
+            preview = await read_preview(self.bot.settings, job.preview)
+
+        def fields() -> dict[str, Any]:  # fresh each time: a discord.File is consumed by one request
+            out: dict[str, Any] = {"content": text, "view": job_buttons(job)}
+            if preview is not None:
+                out["attachments"] = [discord.File(io.BytesIO(preview), filename=PREVIEW_FILENAME)]
+            return out
+
         try:
-            if not await self._edit_with_token(job, mid, content=text, view=job_buttons(job)):
-                await self._edit_with_bot(job, mid, content=text, view=job_buttons(job))
+            if not await self._edit_with_token(job, mid, **fields()):
+                await self._edit_with_bot(job, mid, **fields())
         except discord.HTTPException as exc:  # a missed progress edit is harmless; the next one may work
             log.info("job %s: status edit failed (%s %s)", job.id, exc.status, exc.code)
         except (OSError, RuntimeError, TimeoutError, aiohttp.ClientError) as exc:  # network, closing client
@@ -287,18 +308,18 @@ class Delivery:
         await self._reply(job, content, upload, view)
         if mid is not None:
             with contextlib.suppress(discord.HTTPException):
-                await self._edit_with_bot(job, mid, content=status_text(job, "discord"), view=None)
+                await self._edit_with_bot(job, mid, content=status_text(job, "discord"), view=None, attachments=[])
 
     async def _deliver_end(self, job: JobView) -> None:
         """Failed or cancelled: the status message says so (with Retry); a reply only if it cannot be edited."""
         content = status_text(job, "discord")
         view = job_buttons(job)
         mid = self._status_id(job)
-        if mid is not None:
-            if await self._edit_with_token(job, mid, content=content, view=view):
+        if mid is not None:  # attachments=[]: a live preview shown on the status message goes
+            if await self._edit_with_token(job, mid, content=content, view=view, attachments=[]):
                 return
             try:
-                await self._edit_with_bot(job, mid, content=content, view=view)
+                await self._edit_with_bot(job, mid, content=content, view=view, attachments=[])
                 return
             except discord.HTTPException as exc:
                 log.info("job %s: cannot edit the status message (%s %s)", job.id, exc.status, exc.code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import html
 import logging
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from telegram import Bot, Message, ReplyParameters, User
 from telegram.constants import ParseMode
 from telegram.error import TelegramError
 
+from bots.previews import read_preview
 from bots.telegram.delivery import deliver_result
 from bots.telegram.status import StatusBoard
 from bots.texts import refusal_text
@@ -65,7 +67,8 @@ class TelegramFront:
     # --- lifecycle ------------------------------------------------------------------------------
     def attach(self, bot: Bot) -> None:
         self._bot = bot
-        self._board = StatusBoard(bot, self.settings.telegram)
+        reader = functools.partial(read_preview, self.settings) if self.settings.scheduler.previews else None
+        self._board = StatusBoard(bot, self.settings.telegram, read_preview=reader)
 
     @property
     def bot(self) -> Bot:

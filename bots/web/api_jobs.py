@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from bots.commands import build_request, parse_remix, submit_text
+from bots.previews import read_preview
 from bots.web.context import console_of
 from bots.web.errors import body_deadline
 from bots.web.events import stream_job
@@ -309,6 +310,16 @@ async def job_input(request: web.Request) -> web.StreamResponse:
     return await _serve_job_file(request, video=False)
 
 
+async def job_preview(request: web.Request) -> web.Response:
+    """A running job's latest live preview (an animated GIF), found by job id only; 404 when it has none."""
+    c = console_of(request)
+    job = await c.scheduler.views.get(job_id_of(request))
+    data = await read_preview(c.settings, job.preview) if job is not None and job.state == "running" else None
+    if data is None:
+        raise web.HTTPNotFound(text="No preview for this job right now.")
+    return web.Response(body=data, headers={"Content-Type": "image/gif", "Cache-Control": "private, max-age=60"})
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/options", get_options)
@@ -324,3 +335,4 @@ def add_routes(app: web.Application) -> None:
     r.add_post(r"/api/jobs/{job_id:\d+}/delete", delete_job)
     r.add_get(r"/media/jobs/{job_id:\d+}/video.mp4", job_video)
     r.add_get(r"/media/jobs/{job_id:\d+}/input.png", job_input)
+    r.add_get(r"/media/jobs/{job_id:\d+}/preview.gif", job_preview)

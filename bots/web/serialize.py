@@ -19,6 +19,11 @@ def video_url(job_id: int) -> str:
     return f"/media/jobs/{job_id}/video.mp4"
 
 
+def preview_url(job_id: int, version: int) -> str:
+    # The version makes each preview its own URL: browsers and caches never show a stale one.
+    return f"/media/jobs/{job_id}/preview.gif?v={version}"
+
+
 def input_url(job_id: int) -> str:
     return f"/media/jobs/{job_id}/input.png"
 
@@ -62,6 +67,8 @@ def job_json(job: JobView) -> dict[str, Any]:
         "finished_at": iso(job.finished_at),
         "attempts": job.attempts,
         "progress": {"step": job.progress_step, "total": job.progress_total, "phase": job.progress_phase},
+        "preview": {"url": preview_url(job.id, job.preview_version), "version": job.preview_version}
+        if job.preview and job.state == "running" else None,
         "position": job.position,
         "queue_length": job.queue_length,
         "eta": iso(job.eta),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from generator.request import GenerationRequest
 
@@ -54,6 +54,8 @@ class RenderJob:
     image_path: Path | None = None  # local, already validated image for i2v
     output_path: Path = Path("out.mp4")  # where to write the mp4 (the worker renames it afterwards)
     decoder: str | None = None  # final decode: "vae", "tiny" (fast draft), None = the model's ``decoder`` setting
+    # Live previews: at most one per this many seconds, after a denoise step other than the last; None = off.
+    preview_interval_s: float | None = None
 
 
 Stage = Literal["text", "denoise", "decode", "encode"]
@@ -65,6 +67,9 @@ class Progress:
     step: int  # steps done in the denoise stage (0..total)
     total: int
     step_seconds: float | None = None  # duration of the step just finished
+    # With some denoise steps (see ``RenderJob.preview_interval_s``): the step's x0 estimate as a few small
+    # frames, uint8 numpy [F, H, W, 3] on the CPU (``generator.engine.preview``); the receiver encodes it.
+    preview: Any = None
 
 
 @dataclass

@@ -77,6 +77,7 @@ class StepEvent:
     t_next: float
     expert: int
     seconds: float
+    x0: torch.Tensor | None = None  # the step's denoised estimate (float64, the state's device): for previews
 
 
 def initial_noise(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
@@ -119,8 +120,8 @@ def sample(
         v = model_fn(x.to(dtype), timestep_tensor(t_cur, batch, device), plan[i]).to(torch.float64)
         if v.shape != x.shape:
             raise RuntimeError(f"model returned {tuple(v.shape)}, expected {tuple(x.shape)}")
+        x0 = x - t_cur * v  # rectified flow: x_t = (1 - t) x0 + t noise and v = noise - x0
         if sde:
-            x0 = x - t_cur * v
             noise = torch.randn(*x.shape, dtype=torch.float32, device=device, generator=generator)
             x = (1.0 - t_next) * x0 + t_next * noise
         else:
@@ -128,5 +129,6 @@ def sample(
         if after_step is not None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # honest per-step seconds
-            after_step(StepEvent(i, steps, t_cur, t_next, plan[i], time.perf_counter() - start))
+            after_step(StepEvent(i, steps, t_cur, t_next, plan[i], time.perf_counter() - start, x0=x0))
+        del x0
     return x

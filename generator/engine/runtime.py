@@ -31,6 +31,7 @@ from torch import nn  # noqa: E402
 from generator import media  # noqa: E402
 from generator.engine import i2v, rcm, taehv, tiny  # noqa: E402
 from generator.engine import lora as lora_ops  # noqa: E402
+from generator.engine import preview as preview_ops  # noqa: E402
 from generator.engine import vae as vae_ops  # noqa: E402
 from generator.engine.api import (  # noqa: E402
     CheckpointError,
@@ -427,6 +428,21 @@ class TurboEngine:
                 return taehv.decode_uint8(self._tinies[b.tiny_key], self._denormalize(vae, latents))
             return vae_ops.decode_uint8(vae, latents)
 
+    def _preview(self, b: Bundle, vae: nn.Module, x0: torch.Tensor) -> Any:
+        """A few small uint8 frames of the estimate ``x0`` (normalized latents): on a GPU the model's tiny
+        decoder when it has one, else (and always on the CPU, where even the tiny decoder would cost a job
+        several percent per preview: bench/preview_overhead.py) the linear projection. A failed preview is
+        logged and skipped, never the job's end."""
+        try:
+            if b.tiny_key is not None and self.device.type == "cuda":
+                return preview_ops.tiny_preview(self._tinies[b.tiny_key], self._denormalize(vae, x0))
+            return preview_ops.linear_preview(x0, spatial_factor=vae_ops.factors(vae)[1])
+        except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as exc:
+            if is_oom(exc):
+                self.free_memory()
+            log.warning("preview skipped: %s", exc)
+            return None
+
     @staticmethod
     def _denormalize(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """What the tiny decoder takes: the latents as the full VAE's decoder sees them (z * std + mean)."""
@@ -617,9 +633,20 @@ class TurboEngine:
         def model_fn(x: torch.Tensor, timestep: torch.Tensor, expert: int) -> torch.Tensor:
             return self._forward(b, expert, x, timestep, cond["emb"], cond.get("y"))
 
+        last_preview = [float("-inf")]
+
         def after_step(ev: rcm.StepEvent) -> None:
             timings[f"step_{ev.index + 1}"] = ev.seconds
-            progress(Progress("denoise", ev.index + 1, ev.total, step_seconds=ev.seconds))
+            frames = None
+            interval = job.preview_interval_s
+            # Never after the last step (the video itself follows), and at most one per interval.
+            if (interval is not None and ev.x0 is not None and ev.index + 1 < ev.total
+                    and time.perf_counter() - last_preview[0] >= interval):
+                t_prev = time.perf_counter()
+                frames = self._preview(b, vae, ev.x0)
+                last_preview[0] = time.perf_counter()
+                timings["preview"] = timings.get("preview", 0.0) + last_preview[0] - t_prev
+            progress(Progress("denoise", ev.index + 1, ev.total, step_seconds=ev.seconds, preview=frames))
 
         progress(Progress("denoise", 0, steps))
         t0 = time.perf_counter()

@@ -183,6 +183,10 @@ class JobView:
     cancel_requested: bool = False  # running and asked to stop: it ends "cancelled" after the current step
     progress_phase: Phase = ""  # while running; progress_step/progress_total stay the sampler's steps
     lineage: Lineage = ""  # with parent_id: "remix", "retry" or "extend" ("" for children recorded before lineage was)
+    # While running: the latest live preview (a file-store reference to a small animated GIF; "" = none) and
+    # how many previews this attempt has had, so a front end can tell a new one from the one it shows.
+    preview: str = ""
+    preview_version: int = 0
 
     @property
     def seed(self) -> int:

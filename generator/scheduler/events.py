@@ -45,7 +45,7 @@ Loader = Callable[[int], Awaitable[tuple[JobView, bool] | None]]
 @dataclass
 class _Track:
     started_attempt: int = 0
-    progress_key: tuple[int, int] = (-1, -1)  # (phase rank, step) last sent
+    progress_key: tuple[int, int, int] = (-1, -1, -1)  # (phase rank, step, preview version) last sent
     progress_at: float = 0.0
     progress_timer: asyncio.TimerHandle | None = None
     position: int | None = None
@@ -156,7 +156,7 @@ class EventHub:
         if view.state == "running":
             if track.started_attempt != view.attempts:
                 track.started_attempt = view.attempts
-                track.progress_key = (-1, -1)
+                track.progress_key = (-1, -1, -1)
                 track.progress_at = 0.0
                 await self._emit("started", view)
             await self._progress(job_id, view, track)
@@ -178,8 +178,8 @@ class EventHub:
 
     async def _progress(self, job_id: int, view: JobView, track: _Track) -> None:
         """At most one progress event per interval; a newer phase or step inside the interval is sent when it
-        ends. (Decoding and encoding are new phases at the same step, so they are news too.)"""
-        key = (_PHASE_RANK.get(view.progress_phase, 0), view.progress_step)
+        ends. (Decoding and encoding are new phases at the same step, so they are news too; so is a new preview.)"""
+        key = (_PHASE_RANK.get(view.progress_phase, 0), view.progress_step, view.preview_version)
         if key <= track.progress_key or view.progress_total <= 0:
             return
         wait = track.progress_at + self._interval - time.monotonic()

@@ -177,6 +177,8 @@ async def claim(
                 progress_step=0,
                 progress_total=0,
                 progress_phase="",
+                preview="",
+                preview_version=0,
             )
             .returning(Job.id, Job.attempts, Job.request, Job.created_at, Job.input_id, Job.delivery)
         )
@@ -294,6 +296,12 @@ async def progress(
     if await rows_affected(session, stmt) != 1:
         return LeaseStatus(alive=False)
     return await lease_status(session, job_id, attempt)
+
+
+async def set_preview(session: AsyncSession, job_id: int, attempt: int, ref: str, version: int) -> bool:
+    """Point the running attempt at its latest preview (fenced); False when the attempt no longer runs."""
+    stmt = update(Job).where(_fenced(job_id, attempt)).values(preview=ref, preview_version=version)
+    return await rows_affected(session, stmt) == 1
 
 
 async def complete(

@@ -91,6 +91,8 @@ def job_view(
         cancel_requested=bool(job.cancel_requested) and job.state == "running",
         progress_phase=job.progress_phase if job.progress_phase in PHASES else "",
         lineage=job.lineage if job.lineage in ("remix", "retry", "extend") else "",  # type: ignore[arg-type]
+        preview=(job.preview or "") if job.state == "running" else "",
+        preview_version=int(job.preview_version or 0) if job.state == "running" else 0,
     )
 
 

@@ -55,6 +55,7 @@ from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.filestore import make_store
 from generator.scheduler.health import fresh_seconds
 from generator.scheduler.image_moderation import BLOCKED_OUTPUT_MESSAGE, ImageModerator, image_moderator
+from generator.scheduler.previews import PreviewPublisher
 from storage.db import DB_NOW, Database, db_now
 from storage.repo_workers import register_worker, update_worker
 from turbobot.config import Settings, settings_from_dict
@@ -205,6 +206,7 @@ class RunningJob:
     step_seconds: list[float] = field(default_factory=list)
     last_step_at: float | None = None
     age_restricted_ok: bool = False  # the place it goes allows age-restricted content (output moderation)
+    previews: PreviewPublisher | None = None  # live previews of this attempt (None: off)
 
 
 class Worker:
@@ -468,6 +470,11 @@ class Worker:
                     job.last_step_end = now_m
             elif p.stage == "denoise":
                 job.last_step_at = now_m
+            if p.preview is not None:
+                # Encoded and stored on the event loop's side (threads), never here between sampler steps.
+                if job.previews is not None:
+                    loop.call_soon_threadsafe(job.previews.offer, p.preview)
+                p = dataclasses.replace(p, preview=None)
             loop.call_soon_threadsafe(events.put_nowait, p)
 
         def is_cancelled() -> bool:
@@ -511,6 +518,11 @@ class Worker:
                 self.state = "idle"
                 self.send(protocol.JobChanged(job.job_id, "done", fenced=True))
                 return
+        if self.previews_on:
+            job.previews = PreviewPublisher(
+                self.store, job.job_id, job.attempt, record=lambda ref, v: self._record_preview(job, ref, v),
+                notify=lambda: self.send(protocol.JobChanged(job.job_id, "progress")),
+            )
         events: asyncio.Queue[Progress | None] = asyncio.Queue()
         pump = asyncio.create_task(self._pump(job, events))
         watch = asyncio.create_task(self._watch(job))
@@ -521,7 +533,8 @@ class Worker:
             else:
                 # A draft ("--draft" / decoder "tiny") forces the tiny decoder; otherwise the model's own setting.
                 rj = RenderJob(job_id=job.job_id, request=request, image_path=image, output_path=tmp,
-                               decoder="tiny" if request.decoder == "tiny" else None)
+                               decoder="tiny" if request.decoder == "tiny" else None,
+                               preview_interval_s=self.cfg.preview_interval_seconds if job.previews else None)
                 self.resident_loras = request.loras
                 result = await self.loop.run_in_executor(self.executor, self._render, rj, job, events)
                 if request.extends is not None:
@@ -553,14 +566,31 @@ class Worker:
                 unlink_quietly(fetched)
         accepted = False
         try:
+            if job.previews is not None:  # the last one lands (or not) before the outcome is written
+                await job.previews.close_publishing()
             accepted = await self._finish(job, outcome, tmp)
         finally:
             self.current = None
             self.state = "idle"
             self.send(protocol.JobChanged(job.job_id, "done", fenced=not accepted))
+            if job.previews is not None:  # the job no longer shows them: delete its preview files
+                await job.previews.close()
         if job.step_seconds:
             await self._save_worker_row()  # after the hint: the terminal event need not wait for this
             self.send(protocol.StatsUpdated())  # new step-time averages: ETAs can use them now
+
+    @property
+    def previews_on(self) -> bool:
+        """Live previews are configured, and no output filter is: previews reach the chat unchecked."""
+        return bool(self.cfg.previews) and self.images is None
+
+    async def _record_preview(self, job: RunningJob, ref: str, version: int) -> bool:
+        try:
+            ok = bool(await self._write_each(queue.set_preview, job.job_id, job.attempt, ref, version))
+        except DBAPIError:
+            log.exception("worker %s: job %s preview write failed", self.worker_id, job.job_id)
+            return True  # the next one may land
+        return ok and not job.cancel.is_set()
 
     async def _join_parent(self, parent_id: int, result: RenderResult, tmp: Path) -> RenderResult:
         """An Extend: the parent's video followed by this render's frames (the shared first frame once)."""

@@ -4,7 +4,8 @@ It writes a real, small H.264 mp4 (seeded noise, so re-encoding it smaller is re
 reports progress per step. A prompt containing "[hold]" keeps the job running until it is cancelled, so a
 cancel test needs no timing; "[fail]" fails the job with a user-facing message; "[flat]" renders one flat
 colour (a tiny first-frame preview); "[phases]" stops in the text, decode and encode phases until the test
-opens a gate (``wait_gate``), so the status shown in each phase can be checked without timing.
+opens a gate (``wait_gate``), so the status shown in each phase can be checked without timing; "[preview]"
+stops after each live preview (when previews are on) until the gate ``preview<step>`` opens.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def wait_gate(job_id: int, name: str, cancelled: Callable[[], bool]) -> None:
         time.sleep(0.01)
 
 
+def preview_frames(step: int) -> np.ndarray:
+    """What a real engine hands out as a live preview: a few small uint8 RGB frames (a moving gradient)."""
+    frames = np.zeros((4, 36, 64, 3), dtype=np.uint8)
+    for i in range(4):
+        frames[i, :, :, 0] = (np.arange(64) * 4 + i * 30 + step * 50) % 256
+        frames[i, :, :, 2] = 40 * step
+    return frames
+
+
 class FastEngine:
     def __init__(self, settings: object) -> None:
         self.settings = settings
@@ -72,7 +82,12 @@ class FastEngine:
         for step in range(1, req.steps + 1):
             if cancelled():
                 raise JobCancelled
-            progress(Progress("denoise", step, req.steps, step_seconds=0.001))
+            # Previews as the real engine makes them: when asked for, after every step but the last.
+            with_preview = job.preview_interval_s is not None and step < req.steps
+            progress(Progress("denoise", step, req.steps, step_seconds=0.001,
+                              preview=preview_frames(step) if with_preview else None))
+            if with_preview and "[preview]" in req.prompt:
+                wait_gate(job.job_id, f"preview{step}", cancelled)
         if phases:
             progress(Progress("decode", req.steps, req.steps))
             wait_gate(job.job_id, "decode", cancelled)

@@ -145,10 +145,11 @@ class Env:
         return msg["content"]
 
     async def delivered(self, interaction_id: str, within: float = 30) -> dict[str, Any]:
-        """The status message of a job once it carries the result attachment."""
+        """The status message of a job once it carries the result attachment (not a live preview)."""
         def done() -> dict[str, Any] | None:
             msg = self.server.original(interaction_id)
-            return msg if msg is not None and msg["attachments"] else None
+            results = [a for a in (msg or {}).get("attachments", []) if a["filename"] != "preview.gif"]
+            return msg if msg is not None and results else None
 
         return await self.server.wait_for(done, within)
 

@@ -112,6 +112,7 @@ class FakeDiscord:
         self.channel_id = self.new_id()
         self.messages: dict[str, dict[str, Any]] = {}
         self.history: dict[str, list[dict[str, Any]]] = {}  # message id -> every version (create, edits)
+        self.media_edits: list[tuple[str, str, bytes]] = []  # (message id, file name, bytes) uploaded by edits
         self.files: dict[str, SentFile] = {}  # CDN path -> file
         self.interactions: dict[str, InteractionRecord] = {}
         self.global_commands: list[dict[str, Any]] = []
@@ -665,6 +666,8 @@ class FakeDiscord:
             kept_ids = {str(a["id"]) for a in payload.get("attachments", []) or []}
             keep = [a for a in msg["attachments"] if str(a["id"]) in kept_ids]
             msg["attachments"] = self._store_files(files, payload, keep)
+            # Media edits, recorded: (message id, file name, bytes) of each file uploaded with an edit.
+            self.media_edits.extend((msg["id"], f.filename, f.data) for f in files)
         msg["edited_timestamp"] = _now_iso()
         self._snapshot(msg)
 

@@ -5,7 +5,8 @@ It writes a real (tiny) H.264 mp4 in a fraction of a second, reports one progres
 obeys a few words in the prompt so tests can steer it: ``hold`` keeps the job running until it is
 cancelled, ``fail`` makes it fail with a user-facing message, ``big`` writes a noisy video of a few hundred
 kilobytes (to exercise the upload size limit), ``[phases]`` stops in the text, decode and encode phases
-until the test opens a gate (``wait_gate``), so each phase's status can be checked without timing.
+until the test opens a gate (``wait_gate``), so each phase's status can be checked without timing; ``[preview]``
+stops after each live preview (when previews are on) until the gate ``preview<step>`` opens.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def wait_gate(job_id: int, name: str, cancelled: Callable[[], bool]) -> None:
         if cancelled():
             raise JobCancelled
         time.sleep(0.01)
+
+
+def preview_frames(step: int) -> np.ndarray:
+    """What a real engine hands out as a live preview: a few small uint8 RGB frames (a moving gradient)."""
+    frames = np.zeros((4, 36, 64, 3), dtype=np.uint8)
+    for i in range(4):
+        frames[i, :, :, 0] = (np.arange(64) * 4 + i * 30 + step * 50) % 256
+        frames[i, :, :, 2] = 40 * step
+    return frames
 
 
 class FastEngine:
@@ -73,7 +83,12 @@ class FastEngine:
         for step in range(1, total + 1):
             if cancelled():
                 raise JobCancelled()
-            progress(Progress("denoise", step, total, step_seconds=0.001))
+            # Previews as the real engine makes them: when asked for, after every step but the last.
+            with_preview = job.preview_interval_s is not None and step < total
+            progress(Progress("denoise", step, total, step_seconds=0.001,
+                              preview=preview_frames(step) if with_preview else None))
+            if with_preview and "[preview]" in req.prompt:
+                wait_gate(job.job_id, f"preview{step}", cancelled)
         if phases:
             progress(Progress("decode", total, total))
             wait_gate(job.job_id, "decode", cancelled)

@@ -35,6 +35,7 @@ _JSON_FIELDS = {
     "commands",
     "scope",
     "link_preview_options",
+    "media",
 }
 _INT_FIELDS = {"message_id", "offset", "limit", "timeout", "duration", "width", "height", "cache_time"}
 _MEDIA_METHODS = {
@@ -90,6 +91,8 @@ class FakeTelegram:
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}
         self.raw: dict[tuple[int, int], str] = {}  # text/caption of bot messages as sent (HTML before parsing)
         self.uploads: list[tuple[str, bytes]] = []  # (kind, bytes) of every media upload accepted
+        # editMessageMedia calls that succeeded: (chat id, message id, media type, bytes), in order.
+        self.media_edits: list[tuple[int, int, str, bytes]] = []
         self.files: dict[str, bytes] = {}  # file_id -> bytes actually stored
         self.file_sizes: dict[str, int] = {}  # file_id -> size Telegram reports (may exceed the bytes)
         self.file_paths: dict[str, str] = {}  # file_path -> file_id
@@ -645,6 +648,30 @@ class FakeTelegram:
 
     def _m_editMessageReplyMarkup(self, params: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
         return self._edit(params, "reply_markup")
+
+    def _m_editMessageMedia(self, params: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        """Swap a media message's file (as Telegram: a text message has no media to edit)."""
+        msg = self._existing(params)
+        media = params.get("media")
+        if not isinstance(media, dict) or media.get("type") not in ("animation", "video", "photo", "document"):
+            raise _ApiError(400, "Bad Request: can't parse InputMedia")
+        kind = str(media["type"])
+        if not any(k in msg for k in ("video", "photo", "document", "animation")):
+            raise _ApiError(400, "Bad Request: there is no media in the message to edit")
+        ref = str(media.get("media", ""))
+        data = files.get(ref[len("attach://"):]) if ref.startswith("attach://") else None
+        if data is None:
+            raise _ApiError(400, "Bad Request: wrong file identifier/HTTP URL specified")
+        for k in ("video", "photo", "document", "animation"):
+            msg.pop(k, None)
+        file_id, uid = self.add_file(data)
+        msg[kind] = {"file_id": file_id, "file_unique_id": uid, "file_size": len(data), "width": 0, "height": 0,
+                     "duration": 0, "mime_type": "video/mp4"}
+        if "caption" in media:
+            msg["caption"] = _plain(media, str(media["caption"]))
+        msg["edit_date"] = int(time.time())
+        self.media_edits.append((msg["chat"]["id"], msg["message_id"], kind, data))
+        return msg
 
     def _m_deleteMessage(self, params: dict[str, Any], files: dict[str, bytes]) -> bool:
         key = (params.get("chat_id"), params.get("message_id"))

@@ -164,6 +164,8 @@ TB.jobCard = function (job, opts) {
       const total = j.progress.total || 1;
       card.append(TB.el("progress", { class: "step-progress", max: total, value: j.progress.step }));
       card.append(TB.el("div", { class: "meta step-text" }, j.progress.total ? `step ${j.progress.step}/${j.progress.total}` : "starting…"));
+      // The live preview (a small looping GIF of the current estimate); its URL changes with each new one.
+      if (j.preview) card.append(TB.el("img", { class: "live-preview", src: j.preview.url, alt: "live preview (rough)" }));
     }
     if (j.cancel_requested && !j.terminal) card.append(TB.el("div", { class: "meta" }, "Cancel requested: it stops after the current step."));
     if (j.eta && !j.terminal) {
