@@ -101,16 +101,32 @@ def cuda_ms(fn: Any, reps: int = 3) -> float:
 
 
 def render(engine: TurboEngine, name: str, resolution: str, *, attention: str, steps: int = 4, seed: int = 1,
-           prompt: str, out: Path, decoder: str | None = None) -> dict[str, Any]:
+           prompt: str, out: Path, decoder: str | None = None, preview: float | None = None) -> dict[str, Any]:
+    """One job, prompt to mp4 bytes. ``preview``: the live-preview interval (0 = after every step but the last);
+    previews are GIF-encoded in another thread as the worker does, and the job's time includes the last encode."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from generator.scheduler.previews import encode_gif
+
     req = GenerationRequest(mode="t2v", prompt=prompt, model=name, resolution=resolution, aspect="16:9", frames=81,
                             steps=steps, seed=seed, attention=attention)
+    pool = ThreadPoolExecutor(1)
+    pending: list[Future[bytes]] = []
+
+    def progress(p: Any) -> None:
+        if getattr(p, "preview", None) is not None:
+            pending.append(pool.submit(encode_gif, p.preview))
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    res = engine.render(RenderJob(job_id=seed, request=req, output_path=out, decoder=decoder), progress=lambda _p: None,
-                        cancelled=lambda: False)
+    res = engine.render(RenderJob(job_id=seed, request=req, output_path=out, decoder=decoder,
+                                  preview_interval_s=preview), progress=progress, cancelled=lambda: False)
+    for f in pending:
+        f.result()
     wall = time.perf_counter() - t0
-    return {"attention": engine.last_attention, "steps": steps, "wall_s": round(wall, 3),
+    pool.shutdown()
+    return {"attention": engine.last_attention, "steps": steps, "wall_s": round(wall, 3), "previews": len(pending),
             "timings": {k: round(v, 4) for k, v in res.timings.items()}, "bytes": res.bytes,
             "peak_gib": gib(torch.cuda.max_memory_allocated()), "size": f"{res.width}x{res.height}"}
 
@@ -155,6 +171,8 @@ def main() -> int:
     ap.add_argument("--max-chunks", default="", help="comma list: one more job per VAE decode chunk cap")
     ap.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
     ap.add_argument("--tiny", action="store_true", help="then render with a tiny (TAEHV) decoder too")
+    ap.add_argument("--previews", action="store_true",
+                    help="then the same jobs with a live preview after every step but the last (the worst case)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +245,13 @@ def main() -> int:
                        out=out / "b13t.mp4", decoder="tiny")
             case[f"job_{i}_sla{tag}_tiny"] = r
             print("1.3B 480p tiny decoder", r, flush=True)
+            (out / "engine.json").write_text(json.dumps(results, indent=2))
+    if args.previews:  # previews from the model's tiny decoder when it has one (after --tiny), else linear
+        for i in range(2):
+            r = render(engine, "b13", "480p", attention="sla", prompt=f"a fox running in snow p{i}", seed=30 + i,
+                       out=out / "b13p.mp4", preview=0.0)
+            case[f"job_{i}_sla{tag}_previews"] = r
+            print("1.3B 480p with previews", r, flush=True)
             (out / "engine.json").write_text(json.dumps(results, indent=2))
     default_decode = vae_ops.DECODE_OPTIONS
     for mc in (int(v) for v in args.max_chunks.split(",") if v):
