@@ -412,7 +412,8 @@ def test_runtime_needs_no_developer_extra(workdir: Path, tmp_path: Path) -> None
         "import importlib, importlib.util, pkgutil\n"
         "assert importlib.util.find_spec('triton') is None and importlib.util.find_spec('pytest') is None\n"
         # migrations.env runs only inside an Alembic command (the generate below runs it that way).
-        "optional = {'generator.attention.sla_triton', 'generator.attention.block_map', 'migrations.env'}\n"
+        "optional = {'generator.attention.sla_triton', 'generator.attention.block_map', 'generator.engine.vae_triton',\n"
+        "            'migrations.env'}\n"
         "for pkg in ('turbobot', 'bots', 'generator', 'storage', 'migrations'):\n"
         "    mod = importlib.import_module(pkg)\n"
         "    for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):\n"
