@@ -66,6 +66,9 @@ def _x264_args(crf: int, preset: str, params: str = "") -> list[str]:
             "-movflags", "+faststart", "-f", "mp4"]
 
 
+ENCODE_TEMP_MARK = ".enc-"  # between the target's stem and a random part in the name of a file being encoded
+
+
 class Mp4Writer:
     """Stream uint8 RGB frames into ffmpeg as they are produced (so encoding overlaps the VAE decode).
 
@@ -92,7 +95,10 @@ class Mp4Writer:
 
     def _start(self, w: int, h: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".enc-", suffix=".mp4", dir=self.path.parent)
+        # Named after the target, so a process killed mid-encode leaves a file whose owner is still known
+        # (the scheduler's sweep matches ``<target stem>.enc-*`` to the job of a worker's partial file).
+        stem = self.path.stem if self.path.stem.startswith(".") else "." + self.path.stem
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{stem}{ENCODE_TEMP_MARK}", suffix=".mp4", dir=self.path.parent)
         os.close(fd)
         self._tmp = Path(tmp_name)
         self._err = tempfile.TemporaryFile()

@@ -47,4 +47,19 @@ async def test_results_over_the_upload_limit(tmp_path: Path) -> None:
         final = await env.delivered(iid, within=60)
         assert final["attachments"][0]["filename"].endswith("-preview.png")
         refused = [r for r in srv.requests if r.status == 413 and f"itoken-{iid}" in r.path]
-        assert refused and all(len(r.files) == 1 and r.files[0].filename.endswith(".mp4") for r in refused)
+        videos = [r for r in refused if len(r.files) == 1 and r.files[0].filename.endswith(".mp4")]
+        # A live preview may have been refused too, once: after that the job's status edits carry none.
+        previews = [r for r in refused if len(r.files) == 1 and r.files[0].filename == "preview.gif"]
+        assert videos and len(previews) <= 1 and len(videos) + len(previews) == len(refused)
+
+        # 4. Then it refuses anything over 100 bytes: not even the first frame goes; the caption and a note do.
+        srv.upload_cap = 100
+        iid = await srv.slash("t2v", alice, prompt="[flat] a grey sea")
+
+        def captioned() -> dict[str, object] | None:
+            msg = srv.original(iid)
+            return msg if msg is not None and "upload limit" in msg["content"] else None
+
+        final = await srv.wait_for(captioned, 60)
+        assert not final["attachments"] and f"job #{job_id_of(final)}" in final["content"]
+        assert "first frame" not in final["content"]

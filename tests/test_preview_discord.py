@@ -53,3 +53,37 @@ async def test_no_preview_attachment_when_turned_off(tmp_path: Path) -> None:
         shown = [a["filename"] for v in srv.history[status["id"]] for a in v["attachments"]]
         assert "preview.gif" not in shown
         assert not any(name == "preview.gif" for _, name, _ in srv.media_edits)
+
+
+async def test_a_refused_preview_turns_previews_off_and_the_status_still_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Discord announced 10 MiB but refuses anything over 1 KB: the first preview edit gets a 413; the same
+    edit is made again without the preview, no later edit carries one, and nothing is logged as an error."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    monkeypatch.setenv(GATES_ENV, str(gates))
+    async with discord_env(tmp_path) as env:
+        srv = env.server
+        srv.upload_cap = 1024
+        alice = srv.new_user("alice")
+        iid = await srv.slash("t2v", alice, prompt="[flat] a comet over the sea [preview]", steps=3)
+        status = await env.answered(iid)
+        job_id = job_id_of(status)
+        sid = status["id"]
+
+        def refused_previews() -> list[object]:
+            return [r for r in srv.requests if r.status == 413 and sid in r.path
+                    and any(f.filename == "preview.gif" for f in r.files)]
+
+        await srv.wait_for(lambda: refused_previews(), 30)
+        # The text of that edit still lands (step 1 of 3), without an attachment.
+        await srv.wait_for(lambda: "1/3" in srv.messages[sid]["content"], 30)
+        assert not srv.messages[sid]["attachments"]
+        (gates / f"{job_id}-preview1").touch()
+        (gates / f"{job_id}-preview2").touch()
+        final = await env.delivered(iid, within=60)  # a first frame of one colour fits in 1 KB
+        assert final["attachments"][0]["filename"].endswith("-preview.png")
+        assert len(refused_previews()) == 1
+        assert not any(name == "preview.gif" for _, name, _ in srv.media_edits)
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from scheduler_support import make_settings
 
+from generator.media import Mp4Writer
 from generator.scheduler.estimate import Shape, StepStats
-from generator.scheduler.files import JobFile, orphans
+from generator.scheduler.files import JobFile, list_job_files, orphans
 from generator.scheduler.supervisor import device_env, new_run_id, worker_ids
 from generator.scheduler.worker import (
     decode_settings,
@@ -46,6 +48,23 @@ def test_orphan_rule() -> None:
     states = {1: ("succeeded", 1), 2: ("succeeded", 2), 3: ("running", 2), 4: ("running", 1)}
     doomed = orphans(files, states, {str(d / "job-1-1.mp4"), str(d / "job-2-2.mp4")})
     assert sorted(p.name for p in doomed) == [".partial-job3-1-cd.mp4", "job-2-1.mp4", "job-9-1.mp4"]
+
+
+def test_an_encode_cut_off_by_a_kill_leaves_a_file_the_sweep_knows(tmp_path: Path) -> None:
+    """ffmpeg writes beside the worker's partial file; a worker killed mid-encode leaves that temp file,
+    which must be recognised as the job's partial output so the orphan sweep removes it."""
+    writer = Mp4Writer(tmp_path / ".partial-job7-2-0abc.mp4")
+    writer.write(np.zeros((2, 16, 16, 3), np.uint8))  # ffmpeg is running on its temp file now
+    try:
+        (found,) = list_job_files(tmp_path)
+        assert found.path.name.startswith(".partial-job7-2-0abc.enc-") and (found.job_id, found.attempt) == (7, 2)
+        assert found.partial
+        assert orphans([found], {7: ("running", 2)}, set()) == []  # in flight: kept
+        assert orphans([found], {7: ("running", 3)}, set()) == [found.path]  # that attempt died: swept
+    finally:
+        writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
 
 
 def test_step_stats_estimate_known_and_unseen_shapes() -> None:

@@ -27,7 +27,7 @@ import aiohttp
 import discord
 
 from bots.discord.buttons import job_buttons
-from bots.discord.media import Upload, prepare_upload
+from bots.discord.media import UPLOAD_HEADROOM, Upload, prepare_upload
 from bots.previews import PREVIEW_FILENAME, read_preview
 from bots.texts import result_caption, status_text
 from generator.scheduler.api import DeliverLater, JobEvent, JobView
@@ -56,6 +56,7 @@ class Delivery:
         self._last_text: dict[int, str] = {}
         self._latest: dict[int, JobView] = {}
         self._preview_version: dict[int, int] = {}  # the preview version last shown (or given up on) per job
+        self._no_previews: set[int] = set()  # jobs whose channel refused a preview as too large
         self._pending: dict[int, asyncio.Task[None]] = {}
         self._dead_tokens: set[str] = set()
         # One edit of a job's message at a time, and none after its result: a progress edit still in flight
@@ -103,6 +104,7 @@ class Delivery:
         task = self._pending.pop(job_id, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
+        self._no_previews.discard(job_id)
         for d in (self._status_ids, self._last_edit, self._last_text, self._latest, self._preview_version):
             d.pop(job_id, None)
 
@@ -184,6 +186,7 @@ class Delivery:
             return
         text = status_text(job, "discord")
         new_preview = (self.bot.settings.scheduler.previews and bool(job.preview)
+                       and job_id not in self._no_previews
                        and job.preview_version > self._preview_version.get(job_id, 0))
         if self._last_text.get(job_id) == text and not new_preview:
             return
@@ -193,16 +196,31 @@ class Delivery:
         if new_preview:
             self._preview_version[job_id] = job.preview_version  # shown or given up on: never retried in a loop
             preview = await read_preview(self.bot.settings, job.preview)
+            limit = int(job.target.extra.get("upload_limit") or self.bot.settings.discord.default_upload_limit_bytes)
+            if preview is not None and len(preview) > limit - UPLOAD_HEADROOM:
+                preview = None  # a preview must never cost the status edit: skip what the channel cannot take
 
-        def fields() -> dict[str, Any]:  # fresh each time: a discord.File is consumed by one request
+        def fields(with_preview: bool) -> dict[str, Any]:  # fresh each time: a discord.File is consumed once
             out: dict[str, Any] = {"content": text, "view": job_buttons(job)}
-            if preview is not None:
+            if with_preview and preview is not None:
                 out["attachments"] = [discord.File(io.BytesIO(preview), filename=PREVIEW_FILENAME)]
             return out
 
         try:
-            if not await self._edit_with_token(job, mid, **fields()):
-                await self._edit_with_bot(job, mid, **fields())
+            try:
+                if not await self._edit_with_token(job, mid, **fields(True)):
+                    await self._edit_with_bot(job, mid, **fields(True))
+            except (TooLarge, discord.HTTPException) as exc:
+                too_large = isinstance(exc, TooLarge) or exc.status == 413 or exc.code == 40005
+                if preview is None or not too_large:
+                    raise
+                # The channel's real limit is below what Discord announced: no more previews for this job.
+                self._no_previews.add(job_id)
+                log.info("job %s: Discord refused the live preview as too large; previews off for this job", job.id)
+                if not await self._edit_with_token(job, mid, **fields(False)):
+                    await self._edit_with_bot(job, mid, **fields(False))
+        except TooLarge:
+            log.info("job %s: status edit refused as too large", job.id)
         except discord.HTTPException as exc:  # a missed progress edit is harmless; the next one may work
             log.info("job %s: status edit failed (%s %s)", job.id, exc.status, exc.code)
         except (OSError, RuntimeError, TimeoutError, aiohttp.ClientError) as exc:  # network, closing client
@@ -287,7 +305,15 @@ class Delivery:
             except TooLarge:
                 log.info("job %s: Discord refused %s as too large; sending a preview", job.id, upload.filename)
                 upload = await prepare_upload(job, limit, Path(tmp), force_preview=True, settings=self.bot.settings)
-                await self._send_result(job, upload, view)
+                try:
+                    await self._send_result(job, upload, view)
+                except TooLarge:
+                    if upload.path is None:
+                        raise
+                    # Not even the first frame fits what Discord accepts now: the caption and the note alone.
+                    log.info("job %s: Discord refused the preview too; sending the caption alone", job.id)
+                    note = upload.note.replace(", so here is its first frame;", ";")
+                    await self._send_result(job, Upload(None, f"turbobot-{job.id}.mp4", note), view)
 
     async def _send_result(self, job: JobView, upload: Upload, view: discord.ui.View) -> None:
         content = result_caption(job, "discord")
