@@ -60,13 +60,32 @@ def test_documented_model_example_parses_with_default_choices() -> None:
         ({"web": {"port": 70000}}, "web.port"),
         ({"models": {"m": {"decoder": "fast"}}}, "models.m.decoder = 'fast' is not allowed; use one of: vae, tiny"),
         ({"models": {"m": {"tiny_decoder": "t.pth"}}}, "models.m.tiny_decoder: the demo model 'tiny-t2v' has an embedded"),
-        ({"scheduler": {"gpus_per_job": 2}}, "scheduler.gpus_per_job = 2 is not supported yet"),
+        ({"scheduler": {"gpus_per_job": 0}}, "scheduler.gpus_per_job must be at least 1 (got 0)"),
+        ({"scheduler": {"gpus_per_job": 2}},  # the default worker_devices is ["auto"]: one entry
+         "scheduler.gpus_per_job = 2 needs scheduler.worker_devices to list a multiple of 2 devices"),
+        ({"scheduler": {"gpus_per_job": 2, "worker_devices": ["0", "1", "2"]}},
+         "it lists 3: ['0', '1', '2']"),
+        ({"scheduler": {"gpus_per_job": 2, "worker_devices": ["auto", "auto"]}},
+         "scheduler.worker_devices: \"auto\" cannot be part of a group of scheduler.gpus_per_job = 2"),
+        ({"scheduler": {"gpus_per_job": 2, "worker_devices": ["0", "cpu"]}},
+         "the group ['0', 'cpu'] mixes CPU and GPU entries"),
+        ({"scheduler": {"gpus_per_job": 2, "worker_devices": ["0", "1", "1", "2"]}},
+         "scheduler.worker_devices names GPU 1 more than once"),
     ],
 )
 def test_invalid_config_names_the_key(data: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         settings_from_dict(data)
     assert needle in str(err.value)
+
+
+def test_gpus_per_job_groups_consecutive_devices() -> None:
+    s = settings_from_dict({"scheduler": {"gpus_per_job": 2, "worker_devices": ["0", "1", "2", "3"]}})
+    assert s.scheduler.worker_groups == (("0", "1"), ("2", "3"))
+    s = settings_from_dict({"scheduler": {"gpus_per_job": 2, "worker_devices": ["cpu", "cpu", "4", "5"]}})
+    assert s.scheduler.worker_groups == (("cpu", "cpu"), ("4", "5"))  # "cpu" may repeat; a GPU may not
+    s = settings_from_dict({"scheduler": {"worker_devices": ["auto", "0"]}})  # gpus_per_job 1: as before
+    assert s.scheduler.worker_groups == (("auto",), ("0",))
 
 
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scheduler_support import make_settings
 
 from generator.media import Mp4Writer
 from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.files import JobFile, list_job_files, orphans
-from generator.scheduler.supervisor import device_env, new_run_id, worker_ids
+from generator.scheduler.group import GroupSpec, backend_for, job_from_json, job_to_json
+from generator.scheduler.supervisor import device_env, group_env, new_run_id, worker_ids
 from generator.scheduler.worker import (
     decode_settings,
     encode_settings,
@@ -27,6 +29,50 @@ def test_one_worker_per_device_with_its_own_cuda_visible_devices(tmp_path: Path)
     assert [device_env(d) for d in settings.scheduler.worker_devices] == [
         {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": ""}, {},
     ]
+
+
+def test_a_worker_group_is_one_worker_id_and_every_rank_sees_the_group(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, scheduler={"worker_devices": ["2", "3", "cpu", "cpu"], "gpus_per_job": 2})
+    assert worker_ids(settings, "77.ab12", "box") == ["box:77.ab12:0", "box:77.ab12:1"]
+    assert [group_env(g) for g in settings.scheduler.worker_groups] == [
+        {"CUDA_VISIBLE_DEVICES": "2,3"}, {"CUDA_VISIBLE_DEVICES": ""},
+    ]
+    assert [backend_for(g) for g in settings.scheduler.worker_groups] == ["nccl", "gloo"]
+    spec = GroupSpec(1, 2, 29500, "gloo")
+    assert GroupSpec.parse(spec.arg()) == spec
+    for bad in ("2,2,29500,gloo", "0,2,0,gloo", "0,2,29500,mpi", "0,2"):
+        with pytest.raises(ValueError):
+            GroupSpec.parse(bad)
+
+
+def test_a_render_job_travels_to_the_followers_unchanged(tmp_path: Path) -> None:
+    from generator.engine.api import RenderJob
+    from generator.request import GenerationRequest
+
+    req = GenerationRequest(mode="i2v", prompt="a cat", seed=9, frames=9, steps=3, loras="ink:0.5")
+    for job in (RenderJob(7, req, tmp_path / "in.png", tmp_path / "out.mp4", "tiny", 4.0),
+                RenderJob(8, req.replace(mode="t2v"), None, tmp_path / "o.mp4")):
+        assert job_from_json(job_to_json(job)) == job
+
+
+def test_the_leader_announces_jobs_in_order_and_the_last_reader_clears_them(tmp_path: Path) -> None:
+    import dataclasses
+
+    from torch.distributed import HashStore
+
+    from generator.engine.api import RenderJob
+    from generator.request import GenerationRequest
+    from generator.scheduler.group import GroupLink
+
+    store = HashStore()
+    leader, *followers = (GroupLink(GroupSpec(r, 3, 29500, "gloo"), store) for r in range(3))
+    jobs = [RenderJob(n, GenerationRequest(mode="t2v", prompt=f"p{n}", seed=n), None, tmp_path / f"{n}.mp4",
+                      preview_interval_s=4.0) for n in (1, 2)]
+    for job in jobs:
+        leader.announce(job)
+    for f in followers:  # previews are the leader's alone: the followers are told not to make them
+        assert [f.next_job(), f.next_job()] == [dataclasses.replace(j, preview_interval_s=None) for j in jobs]
+    assert not store.check(["job/1"]) and not store.check(["job/2"]) and not store.check(["read/2"])
 
 
 def test_settings_survive_the_pipe_to_the_worker(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from generator.params import PARAMS, Limits
-from turbobot.config import ConfigError, Settings, load_settings, read_secret
+from turbobot.config import ConfigError, Settings, check_worker_groups, load_settings, read_secret
 
 log = logging.getLogger("turbobot")
 
@@ -584,6 +584,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         settings = dataclasses.replace(
             settings, scheduler=dataclasses.replace(settings.scheduler, worker_devices=args.devices)
         )
+        check_worker_groups(settings.scheduler)  # --devices must still split into gpus_per_job groups
     if settings.store.backend == "local" and settings.database.url.startswith("sqlite"):
         log.info("worker host on a local database and local files: this is a one-machine setup")
     stop = asyncio.Event()

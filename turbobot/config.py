@@ -146,13 +146,20 @@ class SchedulerSettings:
     poll_seconds: float = 0.5
     progress_interval_seconds: float = 1.0
     worker_devices: tuple[str, ...] = ("auto",)  # one worker per entry: "auto", "cpu", or a CUDA index
-    # GPUs that render one video together (context parallelism). Only 1 until worker groups exist: the engine
-    # supports more for a process group its caller sets up (bench/context_parallel.py).
+    # GPUs that render one video together (context parallelism): with N > 1, each N consecutive entries of
+    # worker_devices are one worker (a group of N processes, one per device; see ``worker_groups``).
     gpus_per_job: int = 1
     worker_start_timeout_seconds: float = 300.0
     watchdog_seconds: float = 120.0  # a worker silent this long is killed and restarted
     previews: bool = True  # live previews of running jobs in the status messages and the console
     preview_interval_seconds: float = 4.0  # at most one preview per job per this many seconds
+
+    @property
+    def worker_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The devices of each worker: consecutive runs of ``gpus_per_job`` entries of ``worker_devices``
+        (one entry each when ``gpus_per_job`` is 1)."""
+        n = max(1, self.gpus_per_job)
+        return tuple(tuple(self.worker_devices[i:i + n]) for i in range(0, len(self.worker_devices), n))
 
 
 @dataclass(frozen=True)
@@ -543,11 +550,7 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("scheduler.max_attempts must be at least 1.")
     if not settings.scheduler.worker_devices:
         raise ConfigError("scheduler.worker_devices must list at least one device (e.g. [\"auto\"]).")
-    if settings.scheduler.gpus_per_job != 1:
-        raise ConfigError(
-            f"scheduler.gpus_per_job = {settings.scheduler.gpus_per_job} is not supported yet: workers do not "
-            "run as GPU groups so far, so every job renders on one device; set it to 1."
-        )
+    check_worker_groups(settings.scheduler)
     for key in ("header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
         if getattr(settings.web, key) <= 0:
             raise ConfigError(f"web.{key} must be more than 0 (got {getattr(settings.web, key)}).")
@@ -564,6 +567,39 @@ def _validate(settings: Settings) -> None:
                           f"(got {settings.moderation.held_days:g}).")
     if not 0 < settings.web.port < 65536:
         raise ConfigError(f"web.port must be from 1 to 65535 (got {settings.web.port}).")
+
+
+def check_worker_groups(cfg: SchedulerSettings) -> None:
+    """``gpus_per_job`` and ``worker_devices`` together: every group is N named devices of one kind (also for
+    a device list given on the command line)."""
+    n, devices = cfg.gpus_per_job, cfg.worker_devices
+    if n < 1:
+        raise ConfigError(f"scheduler.gpus_per_job must be at least 1 (got {n}).")
+    if n == 1:
+        return
+    if len(devices) % n:
+        raise ConfigError(
+            f"scheduler.gpus_per_job = {n} needs scheduler.worker_devices to list a multiple of {n} devices "
+            f"(each {n} consecutive entries are one worker); it lists {len(devices)}: {list(devices)}."
+        )
+    for group in cfg.worker_groups:
+        if "auto" in group:
+            raise ConfigError(
+                f"scheduler.worker_devices: \"auto\" cannot be part of a group of scheduler.gpus_per_job = {n} "
+                f"devices; name the GPUs (e.g. [\"0\", \"1\"]) or use \"cpu\" entries (got {list(group)})."
+            )
+        if not (all(d == "cpu" for d in group) or all(d.isdigit() for d in group)):
+            raise ConfigError(
+                f"scheduler.worker_devices: the group {list(group)} mixes CPU and GPU entries; with "
+                f"scheduler.gpus_per_job = {n} each group must be {n} CUDA indices or {n} \"cpu\" entries."
+            )
+    gpus = [d for d in devices if d.isdigit()]
+    repeated = sorted({d for d in gpus if gpus.count(d) > 1})
+    if repeated:
+        raise ConfigError(
+            f"scheduler.worker_devices names GPU {', '.join(repeated)} more than once; with "
+            f"scheduler.gpus_per_job = {n} every rank needs a GPU of its own."
+        )
 
 
 def settings_from_dict(data: dict[str, Any], *, source: str = "", base_dir: str = ".") -> Settings:

@@ -13,7 +13,14 @@ Wire protocol with the supervisor (hints only; the database is the truth):
 
 Failures: ``OutOfMemory`` / ``torch.cuda.OutOfMemoryError`` fail that job and the worker keeps serving; any
 other CUDA error poisons the process: it exits with code 3 without touching the job, and the supervisor
-restarts it and requeues the job. The render runs in one dedicated thread so the asyncio loop keeps
+restarts it and requeues the job.
+
+Worker groups (``--group``, ``scheduler.gpus_per_job`` > 1): this process is rank 0 of the group
+(``generator.scheduler.group``); it announces each job to the followers just before rendering it. Only a
+cancel and an ``EngineError`` (a refusal every rank meets alike) leave the group serving; an out-of-memory
+error fails the job and then ends the process (code 5: the other ranks may be out of step), and any other
+error ends it without touching the job (code 5, e.g. a rank died mid-exchange): the supervisor restarts the
+whole group and the lease requeues the job. The render runs in one dedicated thread so the asyncio loop keeps
 heartbeating; a render that stops calling back for ``watchdog_seconds`` is reported stalled and its lease
 is no longer extended, so the supervisor kills the process.
 """
@@ -53,6 +60,7 @@ from generator.scheduler.api import Phase
 from generator.scheduler.disk import storage_problem
 from generator.scheduler.estimate import Shape, StepStats
 from generator.scheduler.filestore import make_store
+from generator.scheduler.group import GroupLink, GroupSpec
 from generator.scheduler.health import fresh_seconds
 from generator.scheduler.image_moderation import BLOCKED_OUTPUT_MESSAGE, ImageModerator, image_moderator
 from generator.scheduler.previews import PreviewPublisher
@@ -69,6 +77,7 @@ EXIT_CUDA_FATAL = 3
 PARTIAL_PREFIX = ".partial-job"
 ROW_HEARTBEAT_MIN_SECONDS = 2.0
 EXIT_LOAD_FAILED = 4
+EXIT_GROUP_BROKEN = 5
 # Engine stages -> the phase front ends show (the engine knows nothing of the scheduler's words).
 PHASE_OF_STAGE: dict[str, Phase] = {"text": "text", "denoise": "sampling", "decode": "decoding", "encode": "encoding"}
 
@@ -211,8 +220,11 @@ class RunningJob:
 
 class Worker:
     def __init__(
-        self, settings: Settings, worker_id: str, device: str, send: Callable[[protocol.WorkerMessage], None], restarts: int = 0
+        self, settings: Settings, worker_id: str, device: str, send: Callable[[protocol.WorkerMessage], None],
+        restarts: int = 0, group: GroupSpec | None = None,
     ) -> None:
+        self.group = group  # rank 0 of a worker group, or None for a worker of one device
+        self.link: GroupLink | None = None  # joined on the render thread, before the engine is built
         self.settings = settings
         self.restarts = restarts  # times the supervisor restarted this slot since the service started
         self.cfg = settings.scheduler
@@ -321,6 +333,8 @@ class Worker:
         os._exit(EXIT_LOAD_FAILED)
 
     def _build_engine(self) -> None:
+        if self.group is not None:  # the engine's context parallelism runs over the group's default group
+            self.link = GroupLink.join(self.group, timeout_s=self.cfg.worker_start_timeout_seconds)
         factory = load_factory(factory_spec())
         self.engine = factory(self.settings)
         self.engine.load()
@@ -481,6 +495,8 @@ class Worker:
             job.last_activity = time.monotonic()
             return job.cancel.is_set()
 
+        if self.link is not None:
+            self.link.announce(rj)  # here, on the render thread: the followers start exactly the jobs we render
         return self.engine.render(rj, progress=on_progress, cancelled=is_cancelled)
 
     async def _run(self, claimed: queue.Claimed) -> None:
@@ -527,6 +543,7 @@ class Worker:
         pump = asyncio.create_task(self._pump(job, events))
         watch = asyncio.create_task(self._watch(job))
         outcome: tuple[str, Any] = ("", None)
+        leave_group = False  # a group whose ranks may be out of step ends after the job is recorded
         try:
             if request.mode == "i2v" and (image is None or not image.exists()):
                 outcome = ("fail", ("input_missing", "The input image of this job is no longer stored."))
@@ -548,11 +565,18 @@ class Worker:
                 await self.loop.run_in_executor(self.executor, free_gpu_memory)
                 msg = exc.user_message if isinstance(exc, EngineError) else OOM_MESSAGE
                 outcome = ("fail", ("out_of_memory", msg))
+                leave_group = self.link is not None
             elif is_fatal_cuda(exc):
                 log.critical("worker %s: CUDA error in job %s; exiting: %s", self.worker_id, job.job_id, exc)
                 unlink_quietly(tmp)
                 sys.stderr.flush()
                 os._exit(EXIT_CUDA_FATAL)
+            elif self.link is not None and not isinstance(exc, EngineError):
+                log.critical("worker %s: job %s broke off in the group; restarting the group:\n%s",
+                             self.worker_id, job.job_id, traceback.format_exc())
+                unlink_quietly(tmp)
+                sys.stderr.flush()
+                os._exit(EXIT_GROUP_BROKEN)
             elif isinstance(exc, EngineError):
                 outcome = ("fail", (exc.code, exc.user_message))
             else:
@@ -575,6 +599,10 @@ class Worker:
             self.send(protocol.JobChanged(job.job_id, "done", fenced=not accepted))
             if job.previews is not None:  # the job no longer shows them: delete its preview files
                 await job.previews.close()
+        if leave_group:
+            log.error("worker %s: ran out of memory in a group job; restarting the group", self.worker_id)
+            sys.stderr.flush()
+            os._exit(EXIT_GROUP_BROKEN)
         if job.step_seconds:
             await self._save_worker_row()  # after the hint: the terminal event need not wait for this
             self.send(protocol.StatsUpdated())  # new step-time averages: ETAs can use them now
@@ -785,6 +813,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--restarts", type=int, default=0, help="restarts of this slot so far (from the supervisor)")
+    parser.add_argument("--group", default="", help="rank,size,port,backend: rank 0 of a worker group")
     args = parser.parse_args(argv)
 
     # Keep the protocol stream private: stray prints from libraries go to stderr.
@@ -797,7 +826,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.app.log_level, settings.app.log_format, sys.stderr, process=f"worker[{args.worker_id}]")
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
         os.environ.setdefault(name, "1")
-    worker = Worker(settings, args.worker_id, args.device, wire.send, restarts=args.restarts)
+    group = GroupSpec.parse(args.group) if args.group else None
+    worker = Worker(settings, args.worker_id, args.device, wire.send, restarts=args.restarts, group=group)
     threading.Thread(target=_watch_stdin, args=(worker,), daemon=True, name="stdin").start()
     try:
         asyncio.run(worker.run())
