@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from generator.request import GenerationRequest
 from generator.scheduler.api import DeliveryTarget, JobEvent, Requester
+from generator.scheduler.service import Scheduler
 from storage.db import Database
 from storage.models import Base
 from turbobot.config import Settings, settings_from_dict
@@ -40,6 +42,20 @@ async def make_db(settings: Settings) -> Database:
     async with db.engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
     return db
+
+
+@contextlib.asynccontextmanager
+async def scheduler_with_workers(settings: Settings, engine_factory: str = ENGINE_SPEC,
+                                 env: dict[str, str] | None = None) -> AsyncIterator[Scheduler]:
+    """A started Scheduler with its worker processes on a fresh database; stopped and disposed on exit."""
+    db = await make_db(settings)
+    sched = Scheduler(settings, db=db, engine_factory=engine_factory, worker_env=env or {})
+    await sched.start(run_workers=True)
+    try:
+        yield sched
+    finally:
+        await sched.stop()
+        await db.dispose()
 
 
 def t2v(prompt: str = "a red fox", **fields: Any) -> GenerationRequest:

@@ -17,10 +17,10 @@ from moderation_support import models, moderation
 from PIL import Image
 from s3_support import MotoServer, moto_server, set_creds, store_section
 from scheduler_support import (
-    ENGINE_SPEC,
     Recorder,
     make_db,
     make_settings,
+    scheduler_with_workers,
     session_mp4,
     until,
     where,
@@ -133,14 +133,8 @@ async def _running(
 ) -> AsyncIterator[Scheduler]:
     server.make_bucket(bucket)
     settings = make_settings(tmp_path, store=store_section(server, bucket), **sections)
-    db = await make_db(settings)
-    sched = Scheduler(settings, db=db, engine_factory=ENGINE_SPEC, worker_env={"TURBOBOT_TEST_MP4": str(base_mp4)})
-    await sched.start(run_workers=True)
-    try:
+    async with scheduler_with_workers(settings, env={"TURBOBOT_TEST_MP4": str(base_mp4)}) as sched:
         yield sched
-    finally:
-        await sched.stop()
-        await db.dispose()
 
 
 async def test_i2v_through_the_bucket_delivery_forget_and_sweep(

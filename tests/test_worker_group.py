@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scheduler_support import HERE, make_db, make_settings, t2v, until, where, who
+from scheduler_support import HERE, make_settings, scheduler_with_workers, t2v, until, where, who
 
 from generator import media
 from generator.engine.api import RenderJob
@@ -38,15 +38,8 @@ START_LIMIT = 90.0  # two interpreters importing torch and diffusers on a busy 2
 
 @contextlib.asynccontextmanager
 async def group_running(tmp_path: Path, env: dict[str, str] | None = None) -> AsyncIterator[Scheduler]:
-    settings = make_settings(tmp_path, scheduler=GROUP)
-    db = await make_db(settings)
-    sched = Scheduler(settings, db=db, engine_factory=GROUP_ENGINE, worker_env=env or {})
-    await sched.start(run_workers=True)
-    try:
+    async with scheduler_with_workers(make_settings(tmp_path, scheduler=GROUP), GROUP_ENGINE, env) as sched:
         yield sched
-    finally:
-        await sched.stop()
-        await db.dispose()
 
 
 async def finished(sched: Scheduler, job_id: int, limit: float = START_LIMIT + 60) -> Any:
