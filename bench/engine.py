@@ -13,7 +13,10 @@ does) and renders again; ``--max-chunks`` renders once more per value of the VAE
 (``vae.DECODE_OPTIONS.max_chunk``; the default is used everywhere else). ``--no-dense`` / ``--no-stock`` skip
 the dense-attention job and the stock transformer / stock VAE comparisons.
 ``--precision fp8`` builds the DiTs with fp8 block linears (``generator.engine.fp8``). ``--tiny`` then renders the
-1.3B jobs again with a tiny (TAEHV-layout) decoder at the published widths, random weights.
+1.3B jobs again with a tiny (TAEHV-layout) decoder at the published widths, random weights. ``--lora 32,128``
+writes one random LoRA per rank (all ten linears of every block) into a LoRA folder, runs the engine's warm-up
+(which compiles each fp8 side-branch variant) and renders 1.3B jobs with each: fp8 runs the side branch, bf16
+the fused weights. Each job records how many graphs dynamo compiled during it (0 after a complete warm-up).
 Random weights give honest timings, never quality. Prints a table last, writes DIR/engine.json.
 """
 
@@ -101,7 +104,8 @@ def cuda_ms(fn: Any, reps: int = 3) -> float:
 
 
 def render(engine: TurboEngine, name: str, resolution: str, *, attention: str, steps: int = 4, seed: int = 1,
-           prompt: str, out: Path, decoder: str | None = None, preview: float | None = None) -> dict[str, Any]:
+           prompt: str, out: Path, decoder: str | None = None, preview: float | None = None,
+           loras: str = "") -> dict[str, Any]:
     """One job, prompt to mp4 bytes. ``preview``: the live-preview interval (0 = after every step but the last);
     previews are GIF-encoded in another thread as the worker does, and the job's time includes the last encode."""
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -109,7 +113,7 @@ def render(engine: TurboEngine, name: str, resolution: str, *, attention: str, s
     from generator.scheduler.previews import encode_gif
 
     req = GenerationRequest(mode="t2v", prompt=prompt, model=name, resolution=resolution, aspect="16:9", frames=81,
-                            steps=steps, seed=seed, attention=attention)
+                            steps=steps, seed=seed, attention=attention, loras=loras)
     pool = ThreadPoolExecutor(1)
     pending: list[Future[bytes]] = []
 
@@ -117,8 +121,11 @@ def render(engine: TurboEngine, name: str, resolution: str, *, attention: str, s
         if getattr(p, "preview", None) is not None:
             pending.append(pool.submit(encode_gif, p.preview))
 
+    from torch._dynamo.utils import counters
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    graphs = counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()
     res = engine.render(RenderJob(job_id=seed, request=req, output_path=out, decoder=decoder,
                                   preview_interval_s=preview), progress=progress, cancelled=lambda: False)
@@ -127,6 +134,7 @@ def render(engine: TurboEngine, name: str, resolution: str, *, attention: str, s
     wall = time.perf_counter() - t0
     pool.shutdown()
     return {"attention": engine.last_attention, "steps": steps, "wall_s": round(wall, 3), "previews": len(pending),
+            "loras": loras, "graphs_compiled": counters["stats"]["unique_graphs"] - graphs,
             "timings": {k: round(v, 4) for k, v in res.timings.items()}, "bytes": res.bytes,
             "peak_gib": gib(torch.cuda.max_memory_allocated()), "size": f"{res.width}x{res.height}"}
 
@@ -161,6 +169,39 @@ def vae_compare(vae: AutoencoderKLWan, lat_shape: tuple[int, ...]) -> dict[str, 
             "max_abs_diff": float((a - b).abs().max())}
 
 
+def lora_jobs(engine: TurboEngine, dit: Any, ranks: list[int], case: dict[str, Any], out: Path, tag: str) -> None:
+    """Random LoRAs (ranks as given, every block linear) in the engine's LoRA folder, the engine's warm-up
+    (compiles the fp8 branch variants when the DiT is compiled), then two jobs per LoRA."""
+    from safetensors.torch import save_file
+
+    from generator.engine.fp8 import BLOCK_LINEARS
+
+    folder = engine.options.lora_folder
+    assert folder is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    mods = dict(dit.named_modules())
+    g = torch.Generator().manual_seed(7)
+    for rank in ranks:
+        sd = {}
+        for i in range(len(dit.blocks)):
+            for leaf in BLOCK_LINEARS:
+                m, key = mods[f"blocks.{i}.{leaf}"], f"transformer.blocks.{i}.{leaf}"
+                sd[f"{key}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.01
+                sd[f"{key}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+        save_file({k: v.to(BF16) for k, v in sd.items()}, str(folder / f"r{rank}.safetensors"))
+    engine.check_loras()
+    t0 = time.perf_counter()
+    engine.warm_up()
+    case[f"lora_warm_up_s{tag}"] = round(time.perf_counter() - t0, 1)
+    print("LoRA warm-up", case[f"lora_warm_up_s{tag}"], "s", flush=True)
+    for rank in ranks:
+        for i in range(2):
+            r = render(engine, "b13", "480p", attention="sla", prompt=f"a fox running in snow l{i}", seed=60 + i,
+                       out=out / "b13l.mp4", loras=f"r{rank}:0.8")
+            case[f"job_{i}_sla{tag}_lora{rank}"] = r
+            print(f"1.3B 480p LoRA rank {rank}", r, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -173,6 +214,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="then render with a tiny (TAEHV) decoder too")
     ap.add_argument("--previews", action="store_true",
                     help="then the same jobs with a live preview after every step but the last (the worst case)")
+    ap.add_argument("--lora", default="", help="comma list of ranks: then 1.3B jobs with a random LoRA of each")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +224,7 @@ def main() -> int:
     print(f"card {props.name}, torch {torch.__version__}", flush=True)
 
     options = EngineOptions(
-        device="cuda", offload="none",
+        device="cuda", offload="none", lora_folder=out / "loras" if args.lora else None,
         models={
             "b13": ModelOptions(kind="wan2.1-t2v-1.3b", label="1.3B random"),
             "b14": ModelOptions(kind="wan2.1-t2v-14b", label="14B random"),
@@ -222,6 +264,7 @@ def main() -> int:
     if args.compile:
         t0 = time.perf_counter()
         dit.compile_repeated_blocks(fullgraph=False)
+        dit.turbo_compiled = True  # as engine._compile marks it: warm_up then covers it
         render(engine, "b13", "480p", attention="sla", steps=1, prompt="warm up compiled", out=out / "w.mp4")
         case["compile_warmup_s"] = round(time.perf_counter() - t0, 1)
         tag = "_compiled"
@@ -253,6 +296,9 @@ def main() -> int:
             case[f"job_{i}_sla{tag}_previews"] = r
             print("1.3B 480p with previews", r, flush=True)
             (out / "engine.json").write_text(json.dumps(results, indent=2))
+    if args.lora:
+        lora_jobs(engine, dit, [int(v) for v in args.lora.split(",")], case, out, tag)
+        (out / "engine.json").write_text(json.dumps(results, indent=2))
     default_decode = vae_ops.DECODE_OPTIONS
     for mc in (int(v) for v in args.max_chunks.split(",") if v):
         vae_ops.DECODE_OPTIONS = replace(default_decode, max_chunk=mc)

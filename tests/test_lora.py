@@ -145,13 +145,74 @@ def test_fp8_side_branch_matches_float_reference(tmp_path: Path) -> None:
     # the branch itself is float: output minus the plain fp8 output is exactly the LoRA term (float32 tol)
     a, b = layers["blocks.0.ffn.net.0.proj"]
     torch.testing.assert_close(out - plain_q, 1.5 * 0.5 * (x @ a.t() @ b.t()), rtol=1e-4, atol=1e-5)
-    # the whole model runs with the hooks
+    # the rank is padded to the smallest bucket with zeros, and the whole model runs with the branches
+    assert lin_q.lora_down is not None and lin_q.lora_down.shape == (lo.MIN_BRANCH_RANK, lin_q.in_features)
     with torch.no_grad():
         q_model(**_inputs(), return_dict=False)
     ra.restore()
     rq.restore()
-    assert not lin_q._forward_hooks
+    assert lin_q.lora_down is None and lin_q.lora_up is None
+    assert not any(k.startswith("lora") or ".lora_" in k for k in q_model.state_dict())
     torch.testing.assert_close(lin_q(x), plain_q, rtol=0, atol=0)
+
+
+def test_fp8_branch_shapes_agree_across_blocks(tmp_path: Path) -> None:
+    """A LoRA on block 0's q only: every block's q gets a (zero) branch of the same padded rank, so compiled
+    blocks share one variant; other linears get none, and block 1's output is unchanged."""
+    torch.manual_seed(0)
+    q_model = build_transformer(TINY, attention="dense", precision="fp8")
+    g = torch.Generator().manual_seed(1)
+    q0 = q_model.blocks[0].attn1.to_q
+    layers = {"blocks.0.attn1.to_q": (torch.randn(20, q0.in_features, generator=g) * 0.1,
+                                      torch.randn(q0.out_features, 20, generator=g) * 0.1)}
+    f = lo.read_lora(write_lora(tmp_path / "q.safetensors", layers, "diffusers"))
+    assert lo.branch_signature([f]) == (32, frozenset({"attn1.to_q"}))
+    q1 = q_model.blocks[1].attn1.to_q
+    x = torch.randn(3, q1.in_features, generator=g)
+    before = q1(x)
+    applied = lo.apply_loras(q_model, [(f, 1.0)])
+    for blk in q_model.blocks:
+        assert blk.attn1.to_q.lora_down.shape == (32, q0.in_features)
+        assert blk.attn1.to_q.lora_up.shape == (q0.out_features, 32)
+        assert blk.attn1.to_k.lora_down is None
+    torch.testing.assert_close(q1(x), before, rtol=0, atol=0)  # zero branch: x @ 0 adds exact zeros
+    applied.restore()
+    assert all(blk.attn1.to_q.lora_down is None for blk in q_model.blocks)
+
+
+def test_fp8_branch_is_used_by_compiled_blocks(tmp_path: Path) -> None:
+    """Regionally compiled fp8 blocks (the Hopper default) run the LoRA: same output as the eager model with
+    the same LoRA, and LoRAs of ranks 4, 8 and 4+8 share one compiled variant (one rank bucket)."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    compiled = build_transformer(TINY, attention="dense", precision="fp8")
+    eager = copy.deepcopy(compiled)
+    f4 = lo.read_lora(write_lora(tmp_path / "a.safetensors", synth_layers(compiled, 4, 1), "wan", alpha=2.0))
+    f8 = lo.read_lora(write_lora(tmp_path / "b.safetensors", synth_layers(compiled, 8, 2), "kohya"))
+    counter = CompileCounter()  # the "eager" backend that counts compiled frames: dynamo's guards are real
+    compiled.compile_repeated_blocks(backend=counter)
+    inputs = _inputs()
+    with torch.no_grad():
+        plain = compiled(**inputs, return_dict=False)[0]
+        frames = None
+        for chosen in ([(f4, 1.0)], [(f8, 0.7)], [(f4, 1.0), (f8, 0.5)]):
+            a, b = lo.apply_loras(compiled, chosen), lo.apply_loras(eager, chosen)
+            try:
+                got = compiled(**inputs, return_dict=False)[0]
+                want = eager(**inputs, return_dict=False)[0]
+            finally:
+                a.restore()
+                b.restore()
+            # Same float32 ops in the same order (the counting backend runs the captured graph as is); the
+            # tolerance only allows a different reduction order, ~1e-6 relative at these magnitudes.
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert float((got - plain).abs().max()) > 1e-3, "the LoRA did not change the compiled output"
+            frames = counter.frame_count if frames is None else frames
+            assert counter.frame_count == frames, "a LoRA of another rank in the same bucket recompiled"
+        torch.testing.assert_close(compiled(**inputs, return_dict=False)[0], plain, rtol=0, atol=0)
 
 
 def _inputs() -> dict[str, torch.Tensor]:

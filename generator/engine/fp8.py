@@ -86,7 +86,15 @@ class Fp8Linear(nn.Module):
 
     ``weight`` [out, in] e4m3 and ``weight_scale`` [out, 1] float32 are buffers (state-dict keys
     ``weight`` / ``weight_scale``); ``bias`` stays in the model's dtype. Output dtype: ``out_dtype``.
+
+    ``lora_down`` [R, in] / ``lora_up`` [out, R] (None unless a job's LoRA is applied, see ``engine.lora``)
+    add ``(x A^T) B^T`` to the output. They are buffers, not a forward hook, because a block compiled
+    before a hook is added never calls it; a buffer going from None to a tensor is a guard, so the
+    compiled block is re-specialised instead of silently skipping the LoRA. Not in the state dict.
     """
+
+    lora_down: torch.Tensor | None
+    lora_up: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  out_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
@@ -100,6 +108,8 @@ class Fp8Linear(nn.Module):
             nn.Parameter(torch.empty(out_features, dtype=out_dtype, device=device), requires_grad=False)
             if bias else None
         )
+        self.register_buffer("lora_down", None, persistent=False)
+        self.register_buffer("lora_up", None, persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 -> {self.out_dtype}"
@@ -135,8 +145,10 @@ class Fp8Linear(nn.Module):
             out = dequantize_rows(xq, xs) @ dequantize_rows(self.weight, self.weight_scale).t()
             if self.bias is not None:
                 out = out + self.bias.float()
-            out = out.to(self.out_dtype)
-        return out.reshape(*lead, self.out_features)
+        down, up = self.lora_down, self.lora_up
+        if down is not None and up is not None:  # the branch runs in its buffers' dtype, on the unquantized x
+            out = out + ((x2.to(down.dtype) @ down.t()) @ up.t()).to(out.dtype)
+        return out.to(self.out_dtype).reshape(*lead, self.out_features)
 
 
 def block_linear_names(model: nn.Module) -> list[str]:

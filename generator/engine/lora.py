@@ -8,8 +8,13 @@ Wan names go through the same table as the checkpoints (``checkpoints.turbo_to_d
 
 Applying: a plain float ``nn.Linear`` gets ``W += scale * alpha / rank * B @ A`` (computed in float32, cast
 back); the original weight tensor is kept and put back after the job, so restoring is bit-exact. An
-``Fp8Linear`` (weights quantized, a merge would re-quantize) gets the LoRA as a side branch added to its
-output by a forward hook, removed after the job. Fusing costs one matmul per layer per job and nothing per
+``Fp8Linear`` (weights quantized, a merge would re-quantize) gets the LoRA as a side branch held in its
+``lora_down`` / ``lora_up`` buffers (scale and alpha / rank folded into ``down``, several LoRAs stacked along
+the rank), reset after the job. Buffers, not forward hooks: regionally compiled blocks never call a hook
+added after they were compiled, so a hook LoRA was silently dropped on fp8 + compile. The rank is padded with
+zeros to a power of two (at least ``MIN_BRANCH_RANK``) and every block gets a branch (zero where the LoRA has
+none) on the same linears, so all blocks share one compiled variant per rank bucket and the compiler's
+recompile limit is not spent on per-LoRA ranks. Fusing costs one matmul per layer per job and nothing per
 step; the side branch costs two thin matmuls per step: at 1-4 steps both are small next to the DiT itself.
 """
 
@@ -30,6 +35,7 @@ from generator.engine.checkpoints import turbo_to_diffusers_key
 from generator.engine.fp8 import BLOCK_LINEARS, Fp8Linear
 
 SUFFIX = ".safetensors"
+MIN_BRANCH_RANK = 16  # smallest fp8 side-branch rank bucket; buckets double from here
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
 _PARTS = {
     "lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up",
@@ -197,16 +203,16 @@ class Applied:
     """What ``apply_loras`` changed; ``restore()`` undoes it (idempotent)."""
 
     weights: list[tuple[nn.Linear, torch.Tensor]] = field(default_factory=list)  # (layer, original tensor)
-    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    branches: list[tuple[Fp8Linear, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
 
     def restore(self) -> None:
         with torch.no_grad():
             for lin, original in self.weights:  # .to: an offloaded model may have moved meanwhile
                 lin.weight.data = original.to(lin.weight.device)
-        for h in self.hooks:
-            h.remove()
+        for mod, down, up in reversed(self.branches):
+            mod.lora_down, mod.lora_up = down, up
         self.weights.clear()
-        self.hooks.clear()
+        self.branches.clear()
 
 
 def lora_delta(layers: Iterable[tuple[LoraLayer, float]], device: torch.device) -> torch.Tensor:
@@ -219,13 +225,70 @@ def lora_delta(layers: Iterable[tuple[LoraLayer, float]], device: torch.device) 
     return total
 
 
-def _side_branch(branches: list[tuple[torch.Tensor, torch.Tensor, float]]):  # type: ignore[no-untyped-def]
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        x = args[0].float()
-        extra = sum((x @ a.t()) @ b.t() * f for a, b, f in branches)
-        return (output.float() + extra).to(output.dtype)
+def branch_rank(rank: int) -> int:
+    """The padded side-branch rank for a stacked LoRA rank: the next power of two, at least MIN_BRANCH_RANK."""
+    return max(MIN_BRANCH_RANK, 1 << max(0, rank - 1).bit_length())
 
-    return hook
+
+def branch_signature(loras: Sequence[LoraFile]) -> tuple[int, frozenset[str]]:
+    """(padded rank, block linears with a branch) of these LoRAs stacked on fp8 experts: equal signatures
+    mean equal buffer shapes in every block, so one compiled variant serves both."""
+    ranks: dict[str, int] = {}
+    for lora in loras:
+        for layer in lora.layers.values():
+            hit = _block_leaf(layer.module)
+            if hit is not None and hit[1] in BLOCK_LINEARS:  # the fp8 ones; the others are fused
+                ranks[layer.module] = ranks.get(layer.module, 0) + layer.rank
+    leaves = frozenset(hit[1] for hit in map(_block_leaf, ranks) if hit is not None)
+    return branch_rank(max(ranks.values(), default=1)), leaves
+
+
+def _branch_dtype(mod: Fp8Linear) -> torch.dtype:
+    # On the GPU the branch runs in the model dtype (bf16 tensor cores, error far below fp8's); the CPU path
+    # is float32 throughout, the reference of the GPU one.
+    return mod.out_dtype if mod.weight.device.type == "cuda" else torch.float32
+
+
+def _block_leaf(name: str) -> tuple[int, str] | None:
+    head, _, rest = name.partition(".")
+    idx, _, leaf = rest.partition(".")
+    return (int(idx), leaf) if head == "blocks" and idx.isdigit() and leaf else None
+
+
+@torch.no_grad()
+def _apply_branches(model: nn.Module, targets: dict[str, tuple[Fp8Linear, list[tuple[LoraLayer, float]]]],
+                    applied: Applied) -> None:
+    rank = branch_rank(max(sum(lay.rank for lay, _ in layers) for _, layers in targets.values()))
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, (mod, layers) in targets.items():
+        dev, dt = mod.weight.device, _branch_dtype(mod)
+        down = torch.zeros(rank, mod.in_features, device=dev, dtype=torch.float32)
+        up = torch.zeros(mod.out_features, rank, device=dev, dtype=torch.float32)
+        at = 0
+        for lay, s in layers:
+            down[at:at + lay.rank] = lay.down.to(dev, torch.float32) * (s * lay.factor)
+            up[:, at:at + lay.rank] = lay.up.to(dev, torch.float32)
+            at += lay.rank
+        stacks[name] = (down.to(dt), up.to(dt))
+    # Zero branches on the same linears of the other blocks: identical shapes in every block, one variant.
+    leaves = {hit[1] for hit in map(_block_leaf, targets) if hit is not None}
+    zeros: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, Fp8Linear):
+            continue
+        if name in stacks:
+            down, up = stacks[name]
+        else:
+            hit = _block_leaf(name)
+            if hit is None or hit[1] not in leaves:
+                continue
+            key = (mod.in_features, mod.out_features, mod.weight.device, _branch_dtype(mod))
+            if key not in zeros:  # shared: read-only, one copy per shape
+                zeros[key] = (torch.zeros(rank, key[0], device=key[2], dtype=key[3]),
+                              torch.zeros(key[1], rank, device=key[2], dtype=key[3]))
+            down, up = zeros[key]
+        applied.branches.append((mod, mod.lora_down, mod.lora_up))
+        mod.lora_down, mod.lora_up = down, up
 
 
 @torch.no_grad()
@@ -237,14 +300,12 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]]) -> Ap
         for layer in lora.layers.values():
             by_module.setdefault(layer.module, []).append((layer, float(scale)))
     modules = dict(model.named_modules())
+    fp8_targets: dict[str, tuple[Fp8Linear, list[tuple[LoraLayer, float]]]] = {}
     try:
         for name, layers in by_module.items():
             mod = modules[name]
             if isinstance(mod, Fp8Linear):
-                dev = mod.weight.device
-                branches = [(lay.down.to(dev, torch.float32), lay.up.to(dev, torch.float32), s * lay.factor)
-                            for lay, s in layers]
-                applied.hooks.append(mod.register_forward_hook(_side_branch(branches)))
+                fp8_targets[name] = (mod, layers)
             elif isinstance(mod, nn.Linear):
                 original = mod.weight.data
                 merged = (original.float() + lora_delta(layers, original.device)).to(original.dtype)
@@ -252,6 +313,8 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraFile, float]]) -> Ap
                 applied.weights.append((mod, original))
             else:
                 raise LoraError(f"{name} is not a linear layer; the LoRA cannot be applied.")
+        if fp8_targets:
+            _apply_branches(model, fp8_targets, applied)
     except BaseException:
         applied.restore()
         raise

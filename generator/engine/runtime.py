@@ -43,6 +43,7 @@ from generator.engine.api import (  # noqa: E402
     RenderJob,
     RenderResult,
 )
+from generator.engine.fp8 import Fp8Linear  # noqa: E402
 from generator.engine.options import EngineOptions, ModelOptions  # noqa: E402
 from generator.engine.text import TextEncoder, load_text_encoder, load_tokenizer  # noqa: E402
 from generator.request import GenerationRequest  # noqa: E402
@@ -58,6 +59,7 @@ OOM_TEXT = (
     "The GPU ran out of memory making this video, even after freeing memory and decoding in tiles. "
     "Try 480p, fewer frames, or a smaller model."
 )
+RECOMPILE_LIMIT = 64  # compiled variants of the block code kept before dynamo falls back to eager
 WEIGHT_BUDGET = 0.70  # share of GPU memory that resident weights may take; the rest is for activations
 
 
@@ -482,6 +484,11 @@ class TurboEngine:
             os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
         except OSError as exc:  # no cache is slower to start, not wrong
             log.warning("compile cache %s unusable (%s); compiling without it", cache, exc)
+        # One block code serves static + dynamic shapes, each with and without an fp8 LoRA branch per rank
+        # bucket (and per expert of a two-expert model); past the default limit of 8 dynamo silently falls
+        # back to eager for the rest of the process.
+        dyn = torch._dynamo.config
+        dyn.recompile_limit = max(int(dyn.recompile_limit), RECOMPILE_LIMIT)
         try:
             model.compile_repeated_blocks(fullgraph=False)
             model.turbo_compiled = True
@@ -502,26 +509,62 @@ class TurboEngine:
 
     def warm_up(self) -> None:
         """Run every compiled transformer once per warm-up shape (random inputs), so compile and kernel tuning
-        happen now, before the worker reports ready, and not in a user's first job."""
+        happen now, before the worker reports ready, and not in a user's first job. On fp8 experts each
+        usable LoRA whose side-branch shape is new runs once more: its branch is a compiled variant too."""
         for name, b in self._bundles.items():
             if b.is_demo or not any(getattr(m, "turbo_compiled", False) for m in b.experts):
                 continue
             t0 = time.perf_counter()
-            text_dim = int(b.experts[0].config.text_dim)
-            for width, height, frames in self.warm_up_shapes():
-                for i, model in enumerate(b.experts):
-                    cfg = model.config
-                    lat = (1, int(cfg.in_channels), 1 + (frames - 1) // 4, height // 8, width // 8)
-                    x = torch.randn(lat, device=self.device, dtype=b.dtype)
-                    emb = torch.randn(1, 512, text_dim, device=self.device, dtype=b.dtype)
-                    ts = torch.tensor([900.0], device=self.device, dtype=b.dtype)
-                    with torch.no_grad():
-                        self._forward(b, i, x[:, : cfg.out_channels], ts, emb,
-                                      x[:, cfg.out_channels:] if cfg.in_channels > cfg.out_channels else None)
-                    del x, emb
+            shapes = self.warm_up_shapes()
+            for shape in shapes:
+                self._warm_pass(b, *shape)
+            variants = self._lora_variants(b)
+            for lora in variants:
+                applied = [lora_ops.apply_loras(m, [(lora, 1.0)]) for m in b.experts]
+                try:
+                    self._warm_pass(b, *shapes[0])
+                finally:
+                    for a in applied:
+                        a.restore()
             torch.cuda.synchronize(self.device)
-            log.info("model %s warmed up in %.1fs", name, time.perf_counter() - t0)
+            log.info("model %s warmed up in %.1fs (%d LoRA branch variant(s))", name, time.perf_counter() - t0,
+                     len(variants))
         self.free_memory()
+
+    def _warm_pass(self, b: Bundle, width: int, height: int, frames: int) -> None:
+        text_dim = int(b.experts[0].config.text_dim)
+        for i, model in enumerate(b.experts):
+            cfg = model.config
+            lat = (1, int(cfg.in_channels), 1 + (frames - 1) // 4, height // 8, width // 8)
+            x = torch.randn(lat, device=self.device, dtype=b.dtype)
+            emb = torch.randn(1, 512, text_dim, device=self.device, dtype=b.dtype)
+            ts = torch.tensor([900.0], device=self.device, dtype=b.dtype)
+            with torch.no_grad():
+                self._forward(b, i, x[:, : cfg.out_channels], ts, emb,
+                              x[:, cfg.out_channels:] if cfg.in_channels > cfg.out_channels else None)
+            del x, emb
+
+    def _lora_variants(self, b: Bundle) -> list[lora_ops.LoraFile]:
+        """One usable LoRA per distinct fp8 side-branch signature for ``b`` ([] for bf16 experts: fused LoRAs
+        change no shape, so they need no compile)."""
+        if not any(isinstance(mod, Fp8Linear) for mod in b.experts[0].modules()):
+            return []
+        files = lora_ops.discover(self.options.lora_folder) if self.options.lora_folder else {}
+        seen: set[tuple[int, frozenset[str]]] = set()
+        out = []
+        for name, why in sorted(self.lora_status.items()):
+            if why or name not in files:
+                continue
+            try:
+                lora = self._lora_cache.get(files[name], name)
+                lora_ops.check_lora(lora, b.experts[0], b.label)
+            except lora_ops.LoraError:
+                continue  # a LoRA for the other model
+            sig = lora_ops.branch_signature([lora])
+            if sig not in seen:
+                seen.add(sig)
+                out.append(lora)
+        return out
 
     # --- memory -------------------------------------------------------------------------------------
     def free_memory(self) -> None:
