@@ -363,3 +363,31 @@ def test_engine_start_lists_bad_files_as_unavailable(tmp_path: Path) -> None:
     assert isinstance(status, dict) and status["good"] == ""
     assert "big.safetensors is for another model size" in status["big"]
     assert "junk.safetensors is not a readable safetensors file" in status["junk"]
+
+
+def test_warm_up_compiles_one_branch_variant_per_signature(tmp_path: Path) -> None:
+    """The worker's warm-up runs one usable LoRA per fp8 branch signature (padded rank, linears): ranks 4 and 8
+    on the same linears share one; a LoRA on other linears is another; unusable files and bf16 experts none."""
+    from generator.engine import tiny
+    from generator.engine.options import EngineOptions
+    from generator.engine.runtime import TurboEngine
+    from generator.engine.tiny import tiny_transformer_config
+
+    cfg = tiny_transformer_config("tiny-t2v")
+    torch.manual_seed(0)
+    fp8_model = build_transformer(cfg, attention="dense", precision="fp8")
+    write_lora(tmp_path / "a.safetensors", synth_layers(fp8_model, 4, 1), "kohya")
+    write_lora(tmp_path / "b.safetensors", synth_layers(fp8_model, 8, 2), "wan")
+    q = fp8_model.blocks[0].attn1.to_q
+    g = torch.Generator().manual_seed(3)
+    write_lora(tmp_path / "q.safetensors", {"blocks.0.attn1.to_q": (torch.randn(4, q.in_features, generator=g),
+                                                                   torch.randn(q.out_features, 4, generator=g))},
+               "diffusers")
+    (tmp_path / "junk.safetensors").write_bytes(b"nope")
+    engine = TurboEngine(EngineOptions(device="cpu", compile=False, lora_folder=tmp_path), device="cpu")
+    parts = {"text_encoder": tiny.tiny_text_encoder(), "tokenizer": tiny.tiny_tokenizer(), "vae": tiny.tiny_vae()}
+    bundle = engine.adopt("tiny-t2v", experts=[fp8_model], **parts)
+    engine.check_loras()
+    assert [lora.name for lora in engine._lora_variants(bundle)] == ["a", "q"]
+    plain = engine.adopt("tiny-t2v", experts=[build_transformer(cfg, attention="dense")], **parts)
+    assert engine._lora_variants(plain) == []  # fused LoRAs change no shape: nothing to compile
