@@ -39,7 +39,9 @@ def _select_kernel(S, LUT, NK, KB, NK_PAD: tl.constexpr):  # type: ignore[no-unt
     valid = offs < NK
     x = tl.load(S + row * NK + offs, mask=valid, other=0.0)
     bits = x.to(tl.uint64, bitcast=True)
-    key = tl.where((bits >> 63) == 1, ~bits, bits | (1 << 63))  # larger float <=> larger unsigned key
+    # larger float <=> larger unsigned key. XOR with all ones rather than ``~``: the interpreter's ``~``
+    # builds -1 as uint64, which NumPy >= 2.4 refuses (OverflowError); the GPU emits the same instruction.
+    key = tl.where((bits >> 63) == 1, bits ^ 0xFFFFFFFFFFFFFFFF, bits | (1 << 63))
     hi = (key >> 32).to(tl.uint32)
     lo = (key & 0xFFFFFFFF).to(tl.uint32)
     t_hi = _kth_largest(hi, valid, KB, 32)
