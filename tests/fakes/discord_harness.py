@@ -146,12 +146,7 @@ class Env:
 
     async def delivered(self, interaction_id: str, within: float = 30) -> dict[str, Any]:
         """The status message of a job once it carries the result attachment (not a live preview)."""
-        def done() -> dict[str, Any] | None:
-            msg = self.server.original(interaction_id)
-            results = [a for a in (msg or {}).get("attachments", []) if a["filename"] != "preview.gif"]
-            return msg if msg is not None and results else None
-
-        return await self.server.wait_for(done, within)
+        return await self.server.delivered(interaction_id, within)
 
 
 def file_bytes(path: str | Path) -> bytes:

@@ -474,6 +474,16 @@ class FakeDiscord:
         mid = self.interactions[interaction_id].original_message_id
         return self.messages.get(mid) if mid else None
 
+    async def delivered(self, interaction_id: str, within: float = 30) -> dict[str, Any]:
+        """The status message of a job once it carries the result attachment (not a live preview)."""
+
+        def done() -> dict[str, Any] | None:
+            msg = self.original(interaction_id)
+            results = [a for a in (msg or {}).get("attachments", []) if a["filename"] != "preview.gif"]
+            return msg if msg is not None and results else None
+
+        return await self.wait_for(done, within)
+
     # --- app ----------------------------------------------------------------------------------
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=200 * 1024 * 1024)
